@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Create .venv and install w2s with its dev tools. Safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+. .venv/bin/activate
+pip install --quiet --upgrade pip
+# Pin torch first: a CPU machine takes the local 2.13.0 wheel instead of GBs of CUDA wheels.
+pip install --quiet "torch==2.13.0"
+pip install --quiet -e '.[dev]'

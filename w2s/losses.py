@@ -1,0 +1,357 @@
+"""Loss functions for training a binary classifier on soft (weak) labels.
+
+Every loss is a small frozen dataclass whose fields are its parameters, registered by name with
+:func:`register_loss`, and called as ``loss(logits, labels, step_frac)``:
+
+* ``logits``: ``(batch, 2)`` float, the student's class logits;
+* ``labels``: ``(batch, 2)`` soft-label probabilities (each row sums to 1; one-hot for ground truth);
+* ``step_frac``: fraction of training done, in ``[0, 1]`` (for warm-up schedules).
+
+The result is a scalar tensor, the mean over the batch. All losses compute in float32 so that bf16/fp16
+logits do not lose precision in the softmax.
+
+Sources of the definitions:
+
+* ``xent``, ``logconf``, ``product``: openai/weak-to-strong, ``weak_to_strong/loss.py``
+  (``xent_loss``, ``logconf_loss_fn``, ``product_loss_fn``).
+* ``window``, ``entropy``, ``kl``: EleutherAI/w2s, ``w2s/loss.py`` (``confidence_window_loss``,
+  ``log_confidence_loss(..., harden=False)`` as dispatched for ``"entropy"`` in ``w2s/sft.py``,
+  ``kl_divergence_loss``), adapted from training steps to ``step_frac`` and from 1-D to ``(batch, 2)``
+  labels.
+
+Custom losses::
+
+    @register_loss("mine")
+    @dataclass(frozen=True)
+    class MyLoss:
+        \"\"\"One-line description shown by `w2s losses`.\"\"\"
+
+        scale: float = 1.0
+
+        def __call__(self, logits, labels, step_frac):
+            ...
+
+    loss = build_loss("mine", {"scale": 2.0})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "EntropyLoss",
+    "KLLoss",
+    "LogConfLoss",
+    "Loss",
+    "ProductLoss",
+    "WindowLoss",
+    "XentLoss",
+    "build_loss",
+    "describe_loss",
+    "loss_names",
+    "loss_params",
+    "register_loss",
+]
+
+
+@runtime_checkable
+class Loss(Protocol):
+    """A training loss: ``(logits (B, 2), labels (B, 2), step_frac) -> scalar tensor``."""
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, step_frac: float) -> torch.Tensor: ...
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Registry
+# ----------------------------------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register_loss(name: str) -> Callable[[type], type]:
+    """Class decorator registering a loss class under ``name``.
+
+    The class should be a (frozen) dataclass whose fields are its parameters; a plain class taking no
+    constructor arguments also works (it then has no parameters). Registering a name twice is an error.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"loss name must be a non-empty string, got {name!r}")
+
+    def decorator(cls: type) -> type:
+        if not inspect.isclass(cls):
+            raise TypeError(f"register_loss({name!r}) decorates a class, got {cls!r}")
+        if name in _REGISTRY:
+            raise ValueError(f"loss {name!r} is already registered (by {_REGISTRY[name].__qualname__})")
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def loss_names() -> list[str]:
+    """Sorted names of all registered losses."""
+    return sorted(_REGISTRY)
+
+
+def _lookup(name: str) -> type:
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown loss {name!r}; choose one of: {', '.join(loss_names())}") from None
+
+
+def _fields(cls: type) -> tuple[dataclasses.Field[Any], ...]:
+    return dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ()
+
+
+def loss_params(name: str) -> dict[str, Any]:
+    """The parameters of loss ``name`` and their defaults (for docs and the CLI)."""
+    cls = _lookup(name)
+    params: dict[str, Any] = {}
+    for f in _fields(cls):
+        if f.default is not dataclasses.MISSING:
+            params[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            params[f.name] = f.default_factory()
+        else:
+            params[f.name] = None  # required parameter without a default
+    return params
+
+
+def describe_loss(name: str) -> str:
+    """One-line description of loss ``name`` (the first line of its docstring)."""
+    doc = inspect.cleandoc(_lookup(name).__doc__ or "")
+    return doc.splitlines()[0].strip() if doc else ""
+
+
+def _check_param_type(loss: str, field: str, hint: Any, value: Any) -> Any:
+    """Check (and lightly normalise) one parameter value against its annotated type."""
+    if hint is float:
+        # bool is an int subclass: reject it explicitly, True is not a coefficient.
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"loss {loss!r}: {field} must be a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"loss {loss!r}: {field} must be an integer, got {value!r}")
+        return value
+    if hint in (bool, str) and not isinstance(value, hint):
+        raise ValueError(f"loss {loss!r}: {field} must be a {hint.__name__}, got {value!r}")
+    return value  # other annotations: left to the class's own __post_init__ checks
+
+
+def build_loss(name: str, params: Mapping[str, Any] | None = None) -> Loss:
+    """Instantiate the loss registered as ``name`` with ``params`` overriding its defaults.
+
+    Raises ValueError for an unknown loss name, an unknown parameter, or a parameter of the wrong type or
+    out of range (the message names the offending field).
+    """
+    cls = _lookup(name)
+    params = dict(params or {})
+    fields = {f.name: f for f in _fields(cls) if f.init}
+    unknown = sorted(set(params) - set(fields))
+    if unknown:
+        allowed = ", ".join(sorted(fields)) or "(none)"
+        raise ValueError(f"unknown parameter {unknown[0]!r} for loss {name!r}; allowed: {allowed}")
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # unresolvable annotations on a custom class: skip the generic type check
+        hints = {}
+    checked = {key: _check_param_type(name, key, hints.get(key), value) for key, value in params.items()}
+    try:
+        return cls(**checked)
+    except TypeError as exc:  # e.g. a required parameter left out
+        raise ValueError(f"loss {name!r}: {exc}") from exc
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared helpers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _require_finite(field: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise ValueError(f"{field} must be finite, got {value!r}")
+
+
+def _require_range(field: str, value: float, lo: float, hi: float = math.inf) -> None:
+    _require_finite(field, value)
+    if not lo <= value <= hi:
+        bounds = f"[{lo}, {hi}]" if math.isfinite(hi) else f">= {lo}"
+        raise ValueError(f"{field} must be in {bounds}, got {value!r}")
+
+
+def _prepare(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate shapes and upcast to float32. Returns (logits (B, 2), labels (B, 2))."""
+    if logits.ndim != 2 or logits.shape[-1] != 2:
+        raise ValueError(f"logits must have shape (batch, 2), got {tuple(logits.shape)}")
+    if labels.shape != logits.shape:
+        raise ValueError(
+            f"labels must have the shape of logits {tuple(logits.shape)}, got {tuple(labels.shape)}"
+        )
+    if logits.shape[0] == 0:
+        raise ValueError("empty batch")
+    return logits.float(), labels.float()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------------------
+
+
+@register_loss("xent")
+@dataclass(frozen=True)
+class XentLoss:
+    """Cross entropy against the (soft) labels: mean_i -sum_c labels[i,c] * log softmax(logits)[i,c]."""
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, step_frac: float) -> torch.Tensor:
+        logits, labels = _prepare(logits, labels)
+        # F.cross_entropy accepts class probabilities as the target: (B, 2) x (B, 2) -> scalar mean.
+        return F.cross_entropy(logits, labels)
+
+
+@register_loss("logconf")
+@dataclass(frozen=True)
+class LogConfLoss:
+    """Auxiliary confidence loss (Burns et al.): mix weak labels with the student's own hardened predictions.
+
+    As openai/weak-to-strong ``logconf_loss_fn``, including its warm-up schedule: the coefficient is
+    ``aux_coef * step_frac`` while ``step_frac <= warmup_frac`` and jumps to ``aux_coef`` afterwards (it is
+    not ``step_frac / warmup_frac``; reproduced as published).
+    """
+
+    aux_coef: float = 0.5
+    """Weight of the student's hardened predictions in the target, once warm-up is over (in [0, 1])."""
+    warmup_frac: float = 0.1
+    """Fraction of training (in [0, 1]) during which the coefficient is ramped up."""
+
+    def __post_init__(self) -> None:
+        _require_range("aux_coef", self.aux_coef, 0.0, 1.0)
+        _require_range("warmup_frac", self.warmup_frac, 0.0, 1.0)
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, step_frac: float) -> torch.Tensor:
+        logits, labels = _prepare(logits, labels)
+        coef = (1.0 if step_frac > self.warmup_frac else step_frac) * self.aux_coef
+        preds = torch.softmax(logits, dim=-1)  # (B, 2)
+        # Threshold the student at the quantile that reproduces the weak labels' class balance: if a
+        # fraction m of the weak mass is on class 1, the m-quantile of P(class 0) splits the batch so that
+        # about m of it is hardened to class 1.
+        mean_weak = labels.mean(dim=0)  # (2,)
+        threshold = torch.quantile(preds[:, 0], mean_weak[1])  # scalar
+        strong_preds = torch.stack([preds[:, 0] >= threshold, preds[:, 0] < threshold], dim=1)  # (B, 2)
+        # Hardened predictions are a target, not a path for gradients.
+        target = labels * (1 - coef) + strong_preds.detach().float() * coef  # (B, 2)
+        return F.cross_entropy(logits, target)
+
+
+@register_loss("product")
+@dataclass(frozen=True)
+class ProductLoss:
+    """Cross entropy against the normalised product of student predictions and weak labels.
+
+    As openai/weak-to-strong ``product_loss_fn``: target = preds**beta * labels**alpha, renormalised per
+    row and detached. ``warmup_frac`` is accepted for parity with that implementation, which does not use it.
+    """
+
+    alpha: float = 1.0
+    """Exponent on the weak labels (how much to trust the weak model), >= 0."""
+    beta: float = 1.0
+    """Exponent on the student's predictions (how much to trust the strong model), >= 0."""
+    warmup_frac: float = 0.1
+    """Unused (kept for parity with openai/weak-to-strong), in [0, 1]."""
+
+    def __post_init__(self) -> None:
+        _require_range("alpha", self.alpha, 0.0)
+        _require_range("beta", self.beta, 0.0)
+        _require_range("warmup_frac", self.warmup_frac, 0.0, 1.0)
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, step_frac: float) -> torch.Tensor:
+        logits, labels = _prepare(logits, labels)
+        preds = torch.softmax(logits, dim=-1)  # (B, 2)
+        target = torch.pow(preds, self.beta) * torch.pow(labels, self.alpha)  # (B, 2), unnormalised
+        target = target / target.sum(dim=-1, keepdim=True)
+        return F.cross_entropy(logits, target.detach())
+
+
+@register_loss("window")
+@dataclass(frozen=True)
+class WindowLoss:
+    """Cross entropy only on examples where the student is uncertain (max prob < 0.5 + radius).
+
+    As EleutherAI/w2s ``confidence_window_loss``: the per-example losses of the confident examples are
+    dropped but the sum is still divided by the full batch size. EleutherAI's ``"midweak"`` radius (median
+    weak-label confidence of the train set) needs the data set and is not offered here; a radius above 0.5
+    keeps every example (EleutherAI uses 0.51 for that).
+    """
+
+    radius: float = 0.15
+    """Half-width of the uncertainty window around 0.5, >= 0."""
+
+    def __post_init__(self) -> None:
+        _require_range("radius", self.radius, 0.0)
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, step_frac: float) -> torch.Tensor:
+        logits, labels = _prepare(logits, labels)
+        preds = torch.softmax(logits, dim=-1)  # (B, 2)
+        # The mask is a selection, not something to differentiate through.
+        uncertain = (preds.max(dim=-1).values < 0.5 + self.radius).detach()  # (B,) bool
+        per_example = F.cross_entropy(logits, labels, reduction="none")  # (B,)
+        # Masking (rather than indexing) keeps a graph even when no example is uncertain.
+        return (per_example * uncertain.float()).sum() / logits.shape[0]
+
+
+@register_loss("entropy")
+@dataclass(frozen=True)
+class EntropyLoss:
+    """Like logconf but mixing in the student's soft (unhardened) predictions: an entropy-minimisation term.
+
+    As EleutherAI/w2s ``log_confidence_loss(..., harden=False)`` (dispatched for ``"entropy"`` in
+    ``w2s/sft.py``), without its optional batch balancing: target = labels*(1-coef) + preds.detach()*coef,
+    with coef = aux_coef * min(1, step_frac / warmup_frac) (a linear ramp; coef = aux_coef when
+    warmup_frac = 0). Defaults follow EleutherAI's LogEntropyLossConfig (weight 0.5); its warm-up is in
+    steps and is expressed here as a fraction of training.
+    """
+
+    aux_coef: float = 0.5
+    """Weight of the student's own (detached) predictions in the target after warm-up, in [0, 1]."""
+    warmup_frac: float = 0.1
+    """Fraction of training (in [0, 1]) over which the coefficient ramps linearly from 0 to aux_coef."""
+
+    def __post_init__(self) -> None:
+        _require_range("aux_coef", self.aux_coef, 0.0, 1.0)
+        _require_range("warmup_frac", self.warmup_frac, 0.0, 1.0)
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, step_frac: float) -> torch.Tensor:
+        logits, labels = _prepare(logits, labels)
+        ramp = min(1.0, step_frac / self.warmup_frac) if self.warmup_frac > 0 else 1.0
+        coef = self.aux_coef * ramp
+        preds = torch.softmax(logits, dim=-1)  # (B, 2)
+        # Cross entropy against a target containing the student's own distribution pulls it towards lower
+        # entropy (more confident predictions); detaching keeps the target fixed within the step.
+        target = labels * (1 - coef) + preds.detach() * coef  # (B, 2)
+        return F.cross_entropy(logits, target)
+
+
+@register_loss("kl")
+@dataclass(frozen=True)
+class KLLoss:
+    """KL(labels || student): cross entropy minus the labels' entropy, so a perfect fit scores 0.
+
+    As EleutherAI/w2s ``kl_divergence_loss``: ``F.kl_div(log_softmax(logits), labels, "batchmean")``, i.e.
+    the forward direction sum_c labels * (log labels - log preds), averaged over the batch (0 * log 0 = 0).
+    """
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, step_frac: float) -> torch.Tensor:
+        logits, labels = _prepare(logits, labels)
+        log_preds = F.log_softmax(logits, dim=-1)  # (B, 2)
+        # kl_div(input=log q, target=p) = sum p * (log p - log q); "batchmean" divides by B.
+        return F.kl_div(log_preds, labels, reduction="batchmean")

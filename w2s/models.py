@@ -1,0 +1,195 @@
+"""Backbones, pooling and the classification head.
+
+Any ``transformers.AutoModel`` works. Decoder LMs are pooled at the last *real* token, found through
+the attention mask so it works with left or right padding and never mistakes a real token id 0
+(GPT-2's "!") for padding; encoders are mean-pooled over real tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from w2s.spec import ModelSpec, TrainConfig
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def is_decoder_lm(config: Any) -> bool:
+    """True for causal LMs (GPT-2, Llama, ...). BERT-likes also have a causal-LM class, so a model
+    counts as a decoder only if it has no masked-LM class."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    model_type = getattr(config, "model_type", "")
+    return (
+        model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    )
+
+
+def last_token_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The hidden state of each row's last real token, for either padding side.
+
+    hidden: (batch, seq, dim); attention_mask: (batch, seq) of 0/1. Returns (batch, dim).
+    """
+    seq_len = attention_mask.shape[1]
+    # Position of the last 1: flip, find the first 1, map back.
+    last = seq_len - 1 - attention_mask.flip(dims=[1]).to(torch.int64).argmax(dim=1)  # (batch,)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the hidden states of real tokens. hidden: (batch, seq, dim) -> (batch, dim)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (batch, seq, 1)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+POOLERS = {"last": last_token_pool, "mean": mean_pool}
+
+
+class Classifier(nn.Module):
+    """A backbone, a pooling rule and a two-class linear head initialised at zero.
+
+    The zero head makes every run start from the same uninformative 50/50 prediction, as in the
+    reference code.
+    """
+
+    def __init__(self, backbone: nn.Module, hidden_size: int, pooling: str):
+        super().__init__()
+        self.backbone = backbone
+        self.pooling = pooling
+        self.head = nn.Linear(hidden_size, 2)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return POOLERS[self.pooling](hidden, attention_mask)  # (batch, hidden)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        features = self.features(input_ids, attention_mask)
+        return self.head(features.float())  # (batch, 2); the head runs in float32
+
+
+class ProbeHead(nn.Module):
+    """A linear head on cached features. Features are standardised with the training set's
+    statistics so one learning rate suits every backbone's feature scale."""
+
+    def __init__(self, train_features: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", train_features.mean(dim=0))
+        self.register_buffer("std", train_features.std(dim=0).clamp(min=1e-6))
+        self.head = nn.Linear(train_features.shape[1], 2)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head((features.float() - self.mean) / self.std)
+
+
+@dataclass
+class LoadedModel:
+    model: Classifier
+    tokenizer: Any
+    pooling: str
+
+
+def resolve_model_source(spec: ModelSpec) -> str:
+    """A local directory (expanded) or the hub id unchanged; a missing local path is an error."""
+    path = Path(spec.model).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    if spec.model.startswith((".", "/", "~")):
+        raise ValueError(f"model: local directory {spec.model!r} does not exist")
+    return spec.model
+
+
+def load_tokenizer(spec: ModelSpec) -> Any:
+    from transformers import AutoTokenizer
+
+    source = resolve_model_source(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
+    except OSError as error:
+        raise ValueError(f"model: cannot load tokenizer for {spec.model!r}: {error}") from None
+    if tokenizer.pad_token_id is None:
+        # Decoder LMs often ship without a pad token; padding is masked out, so eos is safe.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_classifier(spec: ModelSpec, config: TrainConfig) -> LoadedModel:
+    """Build the classifier for ``spec``; LoRA adapters are added in lora mode."""
+    from transformers import AutoConfig, AutoModel
+
+    source = resolve_model_source(spec)
+    try:
+        model_config = AutoConfig.from_pretrained(
+            source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
+    except OSError as error:
+        raise ValueError(f"model: cannot load {spec.model!r}: {error}") from None
+    if getattr(model_config, "is_encoder_decoder", False):
+        raise ValueError(f"model: {spec.model!r} is an encoder-decoder model; use an encoder or a decoder LM")
+    tokenizer = load_tokenizer(spec)
+    pooling = spec.pooling if spec.pooling != "auto" else ("last" if is_decoder_lm(model_config) else "mean")
+    backbone = AutoModel.from_pretrained(
+        source, revision=spec.revision, trust_remote_code=spec.trust_remote_code, config=model_config
+    )
+    backbone.config.pad_token_id = tokenizer.pad_token_id
+    if config.gradient_checkpointing:
+        backbone.gradient_checkpointing_enable()
+    if config.mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules="all-linear"
+        )
+        backbone = get_peft_model(backbone, lora)
+    hidden_size = int(model_config.hidden_size)
+    return LoadedModel(Classifier(backbone, hidden_size, pooling), tokenizer, pooling)
+
+
+def model_fingerprint(spec: ModelSpec) -> dict[str, Any]:
+    """What identifies a model's weights, for stage keys: a content hash for local directories,
+    the hub id and revision otherwise."""
+    path = Path(spec.model).expanduser()
+    if path.is_dir():
+        return {"local_sha256": _directory_sha256(str(path.resolve()), _directory_stamp(path))}
+    return {"hub": spec.model, "revision": spec.revision or "main"}
+
+
+def _directory_stamp(path: Path) -> tuple[tuple[str, int, int], ...]:
+    return tuple(
+        (str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _directory_sha256(path: str, stamp: tuple[tuple[str, int, int], ...]) -> str:
+    # Hash config, tokenizer and weight files; the stamp makes the cache notice changed files.
+    digest = hashlib.sha256()
+    for relative, size, _ in stamp:
+        digest.update(json.dumps([relative, size]).encode())
+        with open(os.path.join(path, relative), "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()

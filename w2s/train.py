@@ -1,0 +1,314 @@
+"""The training loop: length-bucketed batches, accumulation, schedule, autocast, evaluation.
+
+``fit`` trains any module whose ``forward(**batch)`` returns (batch, 2) logits on any
+:class:`TrainData` (tokenised texts, or cached features in probe mode), so full fine-tuning, LoRA
+and probes share one loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from w2s.losses import Loss
+from w2s.spec import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+# Chunks of this many batches are sorted by length before batching: batches hold texts of similar
+# length (little padding) while the order of batches stays random.
+BUCKET_BATCHES = 64
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the progress callback sees after every optimizer step."""
+
+    step: int
+    total_steps: int
+    loss: float
+    train_accuracy: float
+    lr: float
+    eval_accuracy: float | None = None
+
+
+# Return False to stop training cooperatively (cancellation); None or True to go on.
+ProgressCallback = Callable[[Progress], bool | None]
+
+
+class TrainData(Protocol):
+    """Rows that can be batched: a length per row and a collate function."""
+
+    lengths: Sequence[int]
+
+    def collate(self, indices: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]: ...
+
+
+@dataclass
+class TokenData:
+    """Tokenised texts, padded per batch to the batch's longest row (dynamic padding)."""
+
+    ids: list[list[int]]
+    pad_id: int
+    padding_side: str = "right"
+    lengths: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lengths = [len(row) for row in self.ids]
+
+    def collate(self, indices: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
+        width = max(self.lengths[i] for i in indices)
+        input_ids = torch.full((len(indices), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(indices), width), dtype=torch.long)
+        for row, i in enumerate(indices):
+            n = self.lengths[i]
+            cols = slice(width - n, width) if self.padding_side == "left" else slice(0, n)
+            input_ids[row, cols] = torch.tensor(self.ids[i], dtype=torch.long)
+            attention_mask[row, cols] = 1
+        return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+
+
+@dataclass
+class FeatureData:
+    """Cached backbone features (probe mode): every row has the same length."""
+
+    features: torch.Tensor  # (n, hidden)
+    lengths: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lengths = [1] * len(self.features)
+
+    def collate(self, indices: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
+        return {"features": self.features[list(indices)].to(device)}
+
+
+def tokenize(tokenizer: object, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids per text, truncated, without padding (batches pad themselves)."""
+    limit = min(max_length, getattr(tokenizer, "model_max_length", max_length) or max_length)
+    encoded = tokenizer(list(texts), truncation=True, max_length=limit, padding=False)  # type: ignore[operator]
+    return [ids if ids else [tokenizer.pad_token_id] for ids in encoded["input_ids"]]  # type: ignore[attr-defined]
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def length_bucketed_batches(
+    lengths: Sequence[int], batch_size: int, rng: np.random.Generator
+) -> list[list[int]]:
+    """One epoch of batches: shuffle, sort chunks by length, cut into batches, shuffle batches."""
+    order = rng.permutation(len(lengths))
+    chunk = batch_size * BUCKET_BATCHES
+    batches: list[list[int]] = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start : start + chunk].tolist(), key=lambda i: lengths[i])  # stable
+        batches.extend(part[j : j + batch_size] for j in range(0, len(part), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adafactor":
+        return torch.optim.Adafactor(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def lr_factor(step: int, total_steps: int, config: TrainConfig) -> float:
+    """Linear warmup, then constant or cosine decay to zero."""
+    warmup = int(config.warmup_frac * total_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if config.lr_schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: bf16 where the hardware supports it for "auto", else as asked."""
+    if dtype == "float32":
+        return None
+    if dtype == "bfloat16":
+        return torch.bfloat16
+    if dtype == "float16":
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[object]:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class FitResult:
+    steps: int
+    stopped: bool
+    final_loss: float
+    seconds: float
+    examples: int
+
+
+def total_steps(n_rows: int, config: TrainConfig) -> int:
+    return max(1, math.ceil(n_rows * config.epochs / config.batch_size))
+
+
+def _batch_stream(
+    data: TrainData, config: TrainConfig, rng: np.random.Generator, steps: int
+) -> Iterator[list[int]]:
+    emitted = 0
+    while emitted < steps:
+        for batch in length_bucketed_batches(data.lengths, config.batch_size, rng):
+            yield batch
+            emitted += 1
+            if emitted == steps:
+                return
+
+
+def fit(
+    model: nn.Module,
+    data: TrainData,
+    soft_labels: torch.Tensor,
+    config: TrainConfig,
+    loss_fn: Loss,
+    *,
+    device: torch.device,
+    seed: int,
+    evaluate: Callable[[], float] | None = None,
+    callback: ProgressCallback | None = None,
+) -> FitResult:
+    """Train ``model`` on ``data`` against ``soft_labels`` (n, 2). Returns after the configured
+    number of steps or when ``callback`` returns False."""
+    started = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    steps = total_steps(len(data.lengths), config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, config))
+    amp_dtype = autocast_dtype(config.dtype, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    logger.info(
+        "training %d steps: batch %d (minibatch %d, %d accumulation steps), lr %g, %s",
+        steps, config.batch_size, config.minibatch_size,
+        config.batch_size // config.minibatch_size, config.lr, config.mode,
+    )  # fmt: skip
+    labels = soft_labels.to(device=device, dtype=torch.float32)
+    model.train()
+    step, loss_value, stopped, examples = 0, float("nan"), False, 0
+    for step, batch in enumerate(_batch_stream(data, config, rng, steps)):
+        step_frac = step / steps
+        batch_loss, correct = 0.0, 0
+        for start in range(0, len(batch), config.minibatch_size):
+            minibatch = batch[start : start + config.minibatch_size]
+            inputs = data.collate(minibatch, device)
+            targets = labels[minibatch]  # (minibatch, 2)
+            with autocast(device, amp_dtype):
+                logits = model(**inputs)
+            loss = loss_fn(logits.float(), targets, step_frac)
+            # Weight by size so a short last minibatch counts for what it holds.
+            scaler.scale(loss * (len(minibatch) / len(batch))).backward()
+            batch_loss += loss.item() * len(minibatch) / len(batch)
+            correct += int((logits.argmax(dim=1) == targets.argmax(dim=1)).sum())
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        examples += len(batch)
+        loss_value = batch_loss
+        eval_accuracy = None
+        is_last = step + 1 == steps
+        if evaluate is not None and config.eval_every and ((step + 1) % config.eval_every == 0 or is_last):
+            eval_accuracy = evaluate()
+            model.train()
+        if callback is not None:
+            progress = Progress(
+                step=step + 1,
+                total_steps=steps,
+                loss=batch_loss,
+                train_accuracy=correct / len(batch),
+                lr=optimizer.param_groups[0]["lr"],
+                eval_accuracy=eval_accuracy,
+            )
+            if callback(progress) is False:
+                stopped = True
+                break
+    model.eval()
+    return FitResult(
+        steps=step + 1, stopped=stopped, final_loss=loss_value,
+        seconds=time.perf_counter() - started, examples=examples,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def predict_proba(
+    model: nn.Module,
+    data: TrainData,
+    *,
+    batch_size: int,
+    device: torch.device,
+    dtype: str = "auto",
+) -> np.ndarray:
+    """P(label = 1) for every row, in row order. Batches are length-sorted to minimise padding."""
+    was_training = model.training
+    model.eval()
+    amp_dtype = autocast_dtype(dtype, device)
+    order = sorted(range(len(data.lengths)), key=lambda i: data.lengths[i])
+    probs = np.empty(len(order), dtype=np.float64)
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        with autocast(device, amp_dtype):
+            logits = model(**data.collate(indices, device))
+        probs[indices] = torch.softmax(logits.float(), dim=-1)[:, 1].cpu().numpy()
+    model.train(was_training)
+    return probs
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module,
+    data: TokenData,
+    *,
+    batch_size: int,
+    device: torch.device,
+    dtype: str = "auto",
+) -> torch.Tensor:
+    """Pooled backbone features (n, hidden) in float32, computed once without gradients."""
+    model.eval()
+    amp_dtype = autocast_dtype(dtype, device)
+    order = sorted(range(len(data.lengths)), key=lambda i: data.lengths[i])
+    features: torch.Tensor | None = None
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        with autocast(device, amp_dtype):
+            batch_features = model.features(**data.collate(indices, device)).float().cpu()
+        if features is None:
+            features = torch.empty((len(order), batch_features.shape[1]), dtype=torch.float32)
+        features[indices] = batch_features
+    if features is None:
+        raise ValueError("cannot extract features from an empty dataset")
+    return features
+
+
+def one_hot(labels: Sequence[int]) -> torch.Tensor:
+    """Hard labels as (n, 2) probabilities."""
+    return torch.nn.functional.one_hot(torch.tensor(list(labels), dtype=torch.long), 2).float()
+
+
+def soft(probs_pos: np.ndarray) -> torch.Tensor:
+    """P(label = 1) as (n, 2) probabilities."""
+    p = torch.as_tensor(probs_pos, dtype=torch.float32)
+    return torch.stack([1 - p, p], dim=1)
