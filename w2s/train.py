@@ -223,6 +223,7 @@ def fit(
             scaler.scale(loss * (len(minibatch) / len(batch))).backward()
             batch_loss += loss.item() * len(minibatch) / len(batch)
             correct += int((logits.argmax(dim=1) == targets.argmax(dim=1)).sum())
+        step_lr = optimizer.param_groups[0]["lr"]  # the rate this step used, before the schedule moves
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -240,7 +241,7 @@ def fit(
                 total_steps=steps,
                 loss=batch_loss,
                 train_accuracy=correct / len(batch),
-                lr=optimizer.param_groups[0]["lr"],
+                lr=step_lr,
                 eval_accuracy=eval_accuracy,
             )
             if callback(progress) is False:

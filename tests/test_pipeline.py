@@ -1,0 +1,174 @@
+"""The whole experiment with tiny random models: every mode and loss, cache, probe features, cancel."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from conftest import offline_model_dir, shared_data_dir
+from w2s import stages, train
+from w2s.losses import loss_names
+from w2s.pipeline import load_dataset_for, run_experiment
+from w2s.spec import parse_spec
+from w2s.stages import STAGES, StageCancelled, plan_weak, run_stage
+from w2s.store import ArtifactStore
+
+
+def tiny_spec(weak: Path, strong: Path, mode: str = "full", **overrides: Any) -> dict[str, Any]:
+    options = {"mode": mode, "epochs": 2, "lr": 1e-3, "batch_size": 16, "max_length": 32}
+    spec: dict[str, Any] = {
+        "dataset": {"name": "sst2", "n_train": 120, "n_test": 40, "seed": 0},
+        "weak": {"model": str(weak), **options},
+        "strong": {"model": str(strong), **options},
+        "losses": ["xent"],
+        "seeds": [0],
+    }
+    spec.update(overrides)
+    return spec
+
+
+def check_results_shape(results: dict[str, Any], losses: list[str], seeds: int) -> None:
+    for model in ("weak", "ceiling"):
+        assert 0.0 <= results[model]["accuracy"] <= 1.0
+        assert "auroc" in results[model] and "accuracy_ci" in results[model]
+    assert sorted(results["students"]) == sorted(losses)
+    for figures in results["students"].values():
+        assert {"accuracy", "auroc", "pgr", "agreement_with_weak"} <= set(figures)
+    assert results["seeds"] == seeds and len(results["per_seed"]) == seeds
+    assert isinstance(results["flags"], list) and results["timings"]["total"] > 0
+    json.dumps(results)  # the API serves this document as is
+
+
+def test_full_pipeline_gpt2_weak_bert_strong_every_loss(
+    tiny_gpt2: Path, tiny_bert: Path, sst2_dir: Path, tmp_path: Path
+) -> None:
+    spec = parse_spec(tiny_spec(tiny_gpt2, tiny_bert, losses=loss_names(), seeds=[0, 1]))
+    experiment = run_experiment(spec, store=ArtifactStore(str(tmp_path / "store")), data_dir=sst2_dir)
+    check_results_shape(experiment.results, loss_names(), seeds=2)
+    assert len(experiment.stages) == 2 * (2 + len(loss_names()))
+    assert not any(stage.cached for stage in experiment.stages)
+    manifest = experiment.manifest
+    assert manifest["seeds"] == [0, 1] and manifest["dataset"]["splits"]["train_a"]["size"] == 60
+    assert len({s["key"] for s in manifest["stages"]}) == len(experiment.stages)
+
+
+@pytest.mark.parametrize("mode", ["probe", "lora"])
+def test_probe_and_lora_modes(
+    mode: str, tiny_gpt2: Path, tiny_bert: Path, sst2_dir: Path, tmp_path: Path
+) -> None:
+    spec = parse_spec(tiny_spec(tiny_bert, tiny_gpt2, mode=mode, losses=["xent", "logconf"]))
+    experiment = run_experiment(spec, store=ArtifactStore(str(tmp_path / "store")), data_dir=sst2_dir)
+    check_results_shape(experiment.results, ["xent", "logconf"], seeds=1)
+
+
+def test_same_spec_same_results_and_cache_hits_skip_work(
+    tiny_gpt2: Path, tiny_bert: Path, sst2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = parse_spec(tiny_spec(tiny_bert, tiny_gpt2, losses=["xent", "product"]))
+    first = run_experiment(spec, store=ArtifactStore(str(tmp_path / "a")), data_dir=sst2_dir)
+    fresh = run_experiment(spec, store=ArtifactStore(str(tmp_path / "b")), data_dir=sst2_dir)
+    assert first.results["per_seed"] == fresh.results["per_seed"]  # seeded: identical in a new store
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a cached stage was trained again")
+
+    monkeypatch.setattr(stages, "fit", no_training)
+    again = run_experiment(spec, store=ArtifactStore(str(tmp_path / "a")), data_dir=sst2_dir)
+    assert all(stage.cached for stage in again.stages)
+    assert again.results["per_seed"] == first.results["per_seed"]
+
+
+def test_changed_hyperparameter_misses_the_cache(
+    tiny_gpt2: Path, tiny_bert: Path, sst2_dir: Path, tmp_path: Path
+) -> None:
+    store = ArtifactStore(str(tmp_path / "store"))
+    run_experiment(parse_spec(tiny_spec(tiny_bert, tiny_gpt2)), store=store, data_dir=sst2_dir)
+    changed = tiny_spec(tiny_bert, tiny_gpt2)
+    changed["strong"]["lr"] = 5e-4
+    rerun = run_experiment(parse_spec(changed), store=store, data_dir=sst2_dir)
+    cached = {stage.kind: stage.cached for stage in rerun.stages}
+    assert cached == {"weak": True, "ceiling": False, "student:xent": False}
+
+
+def test_probe_mode_computes_features_once(
+    tiny_gpt2: Path, tiny_bert: Path, sst2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real = stages.extract_features
+
+    def counting(model: Any, data: train.TokenData, **kwargs: Any) -> Any:
+        calls.append(len(data.lengths))
+        return real(model, data, **kwargs)
+
+    monkeypatch.setattr(stages, "extract_features", counting)
+    losses = ["xent", "logconf", "product"]
+    spec = parse_spec(tiny_spec(tiny_bert, tiny_gpt2, mode="probe", losses=losses, seeds=[0, 1, 2]))
+    run_experiment(spec, store=ArtifactStore(str(tmp_path / "store")), data_dir=sst2_dir)
+    # Weak: halves A and B and the test set; strong: half B and the test set. Once each, for
+    # 3 seeds x (weak + ceiling + 3 students) = 15 stages.
+    assert sorted(calls) == sorted([60, 60, 40, 60, 40])
+
+
+def test_cancel_through_the_callback_stores_nothing(tiny_bert: Path, sst2_dir: Path, tmp_path: Path) -> None:
+    spec_dict = tiny_spec(tiny_bert, tiny_bert)
+    spec_dict["weak"]["epochs"] = 5
+    spec = parse_spec(spec_dict)
+    store = ArtifactStore(str(tmp_path / "store"))
+    plan = plan_weak(spec, 0, load_dataset_for(spec, sst2_dir))
+    seen: list[int] = []
+
+    def stop_after_two(progress: train.Progress) -> bool:
+        seen.append(progress.step)
+        return progress.step < 2
+
+    with pytest.raises(StageCancelled):
+        run_stage(plan, store, callback=stop_after_two)
+    assert seen == [1, 2]
+    assert store.get_record(STAGES, plan.key) is None
+
+
+def test_progress_reports_steps_loss_and_eval(tiny_bert: Path, sst2_dir: Path, tmp_path: Path) -> None:
+    spec_dict = tiny_spec(tiny_bert, tiny_bert)
+    spec_dict["weak"]["eval_every"] = 2
+    spec = parse_spec(spec_dict)
+    plan = plan_weak(spec, 0, load_dataset_for(spec, sst2_dir))
+    events: list[train.Progress] = []
+    result = run_stage(plan, ArtifactStore(str(tmp_path / "s")), callback=lambda p: events.append(p) is None)
+    assert [e.step for e in events] == list(range(1, result.steps + 1))
+    assert all(e.total_steps == result.steps and np.isfinite(e.loss) and e.lr > 0 for e in events)
+    expected_evals = list(range(2, result.steps + 1, 2)) + ([result.steps] if result.steps % 2 else [])
+    assert [e.step for e in events if e.eval_accuracy is not None] == expected_evals
+
+
+def test_unknown_model_directory_and_unreadable_model(tmp_path: Path, sst2_dir: Path) -> None:
+    bogus = tmp_path / "not-a-model"
+    bogus.mkdir()
+    spec = parse_spec(tiny_spec(bogus, bogus))
+    plan = plan_weak(spec, 0, load_dataset_for(spec, sst2_dir))
+    with pytest.raises(ValueError, match="model: cannot load"):
+        run_stage(plan, ArtifactStore(str(tmp_path / "store")))
+
+
+@pytest.mark.slow
+def test_real_minilm_end_to_end_on_sst2(tmp_path: Path) -> None:
+    data_dir, minilm = shared_data_dir(), offline_model_dir("all-MiniLM-L6-v2")
+    if data_dir is None or minilm is None:
+        pytest.skip("needs ../shared/data and `w2s models prepare-offline models all-MiniLM-L6-v2`")
+    options = {"model": str(minilm), "max_length": 64}
+    spec = parse_spec(
+        {
+            "dataset": {"name": "sst2", "n_train": 300, "n_test": 200},
+            "weak": {**options, "mode": "probe"},
+            "strong": {**options, "mode": "full", "epochs": 1, "lr": 5e-5, "batch_size": 16},
+            "losses": ["xent", "logconf"],
+        }
+    )
+    experiment = run_experiment(spec, store=ArtifactStore(str(tmp_path / "store")), data_dir=data_dir)
+    results = experiment.results
+    check_results_shape(results, ["xent", "logconf"], seeds=1)
+    # Pretrained sentence features separate sentiment well above chance even with 150 examples.
+    assert results["weak"]["accuracy"] > 0.6
