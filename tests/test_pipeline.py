@@ -172,3 +172,19 @@ def test_real_minilm_end_to_end_on_sst2(tmp_path: Path) -> None:
     check_results_shape(results, ["xent", "logconf"], seeds=1)
     # Pretrained sentence features separate sentiment well above chance even with 150 examples.
     assert results["weak"]["accuracy"] > 0.6
+
+
+def test_checkpoint_is_stored_and_loads(tiny_bert: Path, sst2_dir: Path, tmp_path: Path) -> None:
+    import io
+
+    import torch
+
+    spec_dict = tiny_spec(tiny_bert, tiny_bert, mode="lora")
+    spec_dict["weak"]["save_checkpoint"] = True
+    spec = parse_spec(spec_dict)
+    store = ArtifactStore(str(tmp_path / "store"))
+    result = run_stage(plan_weak(spec, 0, load_dataset_for(spec, sst2_dir)), store)
+    assert result.checkpoint is not None
+    state = torch.load(io.BytesIO(store.get_bytes(result.checkpoint)))
+    assert "head.weight" in state and any("lora" in name for name in state)
+    assert not any(name.endswith("base_layer.weight") for name in state)  # frozen weights left out

@@ -113,6 +113,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     Console().print(results_table(experiment.results))
     for flag in experiment.results["flags"]:
         console.print(f"[yellow]flag[/] {flag}: {FLAG_DESCRIPTIONS.get(flag, '')}")
+    splits = experiment.manifest["dataset"]["splits"]
+    console.print(
+        "data: "
+        + ", ".join(f"{name} {split['size']} (labels {split['balance']})" for name, split in splits.items())
+    )
     timings = experiment.results["timings"]
     console.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     if args.out:

@@ -294,12 +294,9 @@ def run_stage(
 
 
 def _save_checkpoint(model: torch.nn.Module, store: ArtifactStore) -> str:
-    # Only trainable tensors (the head, LoRA adapters, or everything in full mode) and buffers.
-    state = {
-        name: tensor.detach().cpu()
-        for name, tensor in model.state_dict().items()
-        if name in dict(model.named_buffers()) or dict(model.named_parameters())[name].requires_grad
-    }
+    """The trained tensors (everything in full mode; the head and adapters otherwise) and buffers."""
+    frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
+    state = {name: t.detach().cpu() for name, t in model.state_dict().items() if name not in frozen}
     buffer = io.BytesIO()
     torch.save(state, buffer)
     return store.put_bytes(buffer.getvalue())
