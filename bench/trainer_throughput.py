@@ -90,8 +90,15 @@ def main() -> None:
     print(f"w2s.train.fit, lengths 20-120: {fit_best:7.1f} examples/s  runs {np.round(fit_rates, 1)}")
     print(f"packed bound, 32 x 70 tokens:  {bound_best:7.1f} examples/s  runs {np.round(bound_rates, 1)}")
     print(f"fit / bound: {fit_best / bound_best:.1%} (target >= 85%)")
-    print(json.dumps({"fit_examples_per_s": fit_best, "bound_examples_per_s": bound_best,
-                      "ratio": fit_best / bound_best}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "fit_examples_per_s": fit_best,
+                "bound_examples_per_s": bound_best,
+                "ratio": fit_best / bound_best,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

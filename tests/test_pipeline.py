@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import offline_model_dir, shared_data_dir
+from helpers import offline_model_dir, shared_data_dir
 from w2s import stages, train
 from w2s.losses import loss_names
 from w2s.pipeline import load_dataset_for, run_experiment

@@ -92,9 +92,12 @@ def results_table(results: dict[str, Any]) -> Table:
     )
     for loss, figures in results["students"].items():
         table.add_row(
-            f"student: {loss}", _fmt(figures, "accuracy"), _fmt(figures, "auroc"),
-            _fmt(figures, "pgr"), _fmt(figures, "agreement_with_weak"),
-        )  # fmt: skip
+            f"student: {loss}",
+            _fmt(figures, "accuracy"),
+            _fmt(figures, "auroc"),
+            _fmt(figures, "pgr"),
+            _fmt(figures, "agreement_with_weak"),
+        )
     return table
 
 

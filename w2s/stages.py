@@ -133,27 +133,43 @@ XENT = LossSpec(name="xent")
 def plan_weak(spec: JobSpec, seed: int, splits: DatasetSplits) -> StagePlan:
     """The weak supervisor: ground truth on half A; predicts soft labels on half B."""
     return StagePlan(
-        kind="weak", seed=seed, model=spec.weak, config=resolve_training(spec.weak),
-        train=splits.train_a, test=splits.test, loss=XENT, predict=splits.train_b,
-    )  # fmt: skip
+        kind="weak",
+        seed=seed,
+        model=spec.weak,
+        config=resolve_training(spec.weak),
+        train=splits.train_a,
+        test=splits.test,
+        loss=XENT,
+        predict=splits.train_b,
+    )
 
 
 def plan_ceiling(spec: JobSpec, seed: int, splits: DatasetSplits) -> StagePlan:
     """The strong ceiling: ground truth on half B."""
     return StagePlan(
-        kind="ceiling", seed=seed, model=spec.strong, config=resolve_training(spec.strong),
-        train=splits.train_b, test=splits.test, loss=XENT,
-    )  # fmt: skip
+        kind="ceiling",
+        seed=seed,
+        model=spec.strong,
+        config=resolve_training(spec.strong),
+        train=splits.train_b,
+        test=splits.test,
+        loss=XENT,
+    )
 
 
 def plan_student(spec: JobSpec, loss: LossSpec, seed: int, splits: DatasetSplits) -> StagePlan:
     """A strong student: the weak model's soft labels on half B, with ``loss``."""
     student = spec.student_options()
     return StagePlan(
-        kind=f"student:{loss.label}", seed=seed, model=student, config=resolve_training(student),
-        train=splits.train_b, test=splits.test, loss=loss,
+        kind=f"student:{loss.label}",
+        seed=seed,
+        model=student,
+        config=resolve_training(student),
+        train=splits.train_b,
+        test=splits.test,
+        loss=loss,
         weak_key=plan_weak(spec, seed, splits).key,
-    )  # fmt: skip
+    )
 
 
 def pick_device() -> torch.device:
@@ -207,9 +223,12 @@ def cached_features(backbone: _Backbone, texts: LabeledTexts, store: ArtifactSto
         return torch.from_numpy(store.get_array(record["blob"]))
     started = time.perf_counter()
     features = extract_features(
-        backbone.loaded.model, backbone.tokens(texts),
-        batch_size=plan.config.minibatch_size, device=backbone.device, dtype=plan.config.dtype,
-    )  # fmt: skip
+        backbone.loaded.model,
+        backbone.tokens(texts),
+        batch_size=plan.config.minibatch_size,
+        device=backbone.device,
+        dtype=plan.config.dtype,
+    )
     store.put_record(
         FEATURES, key, {"blob": store.put_array(features.numpy()), "shape": list(features.shape)}
     )
@@ -267,9 +286,16 @@ def run_stage(
         return metrics.accuracy(probabilities(test_data), np.asarray(plan.test.labels))
 
     outcome = fit(
-        model, train_data, labels, config, build_loss(plan.loss.name, plan.loss.params),
-        device=device, seed=plan.seed, evaluate=evaluate, callback=callback,
-    )  # fmt: skip
+        model,
+        train_data,
+        labels,
+        config,
+        build_loss(plan.loss.name, plan.loss.params),
+        device=device,
+        seed=plan.seed,
+        evaluate=evaluate,
+        callback=callback,
+    )
     if outcome.stopped:
         raise StageCancelled(f"{plan.kind} seed {plan.seed} stopped at step {outcome.steps}")
 

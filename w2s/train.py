@@ -203,9 +203,13 @@ def fit(
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     logger.info(
         "training %d steps: batch %d (minibatch %d, %d accumulation steps), lr %g, %s",
-        steps, config.batch_size, config.minibatch_size,
-        config.batch_size // config.minibatch_size, config.lr, config.mode,
-    )  # fmt: skip
+        steps,
+        config.batch_size,
+        config.minibatch_size,
+        config.batch_size // config.minibatch_size,
+        config.lr,
+        config.mode,
+    )
     labels = soft_labels.to(device=device, dtype=torch.float32)
     model.train()
     step, loss_value, stopped, examples = 0, float("nan"), False, 0
@@ -249,9 +253,12 @@ def fit(
                 break
     model.eval()
     return FitResult(
-        steps=step + 1, stopped=stopped, final_loss=loss_value,
-        seconds=time.perf_counter() - started, examples=examples,
-    )  # fmt: skip
+        steps=step + 1,
+        stopped=stopped,
+        final_loss=loss_value,
+        seconds=time.perf_counter() - started,
+        examples=examples,
+    )
 
 
 @torch.no_grad()

@@ -1,0 +1,176 @@
+"""/v1/jobs: submit, list, read, metrics (JSON or a live SSE stream), logs, cancel, retry."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
+from fastapi.responses import StreamingResponse
+from sqlalchemy import select
+
+from api.deps import JobDep, SessionDep, SettingsDep, TeamDep
+from api.schemas import (
+    JobCreate,
+    JobPublic,
+    JobsPublic,
+    LogLinePublic,
+    LogsPublic,
+    MetricSeries,
+    MetricsPublic,
+    job_public,
+    job_summary,
+)
+from service import jobs as job_service
+from service.db import session_scope
+from service.models import Job, MetricPoint
+from service.states import JOB_TERMINAL, InvalidTransition, JobStatus
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
+def submit_job(
+    body: JobCreate,
+    session: SessionDep,
+    team: TeamDep,
+    settings: SettingsDep,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JobPublic:
+    """Queue a job. A repeat with the same ``Idempotency-Key`` returns the first job (200)."""
+    spec = job_service.resolve_spec(session, team=team, raw=body.spec(), settings=settings)
+    job, created = job_service.create_job(
+        session, team=team, spec=spec, name=body.name, priority=body.priority, idempotency_key=idempotency_key
+    )
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return job_public(job)
+
+
+@router.get("", response_model=JobsPublic)
+def list_jobs(
+    session: SessionDep,
+    team: TeamDep,
+    status_: Annotated[JobStatus | None, Query(alias="status")] = None,
+    dataset: Annotated[str | None, Query(max_length=300)] = None,
+    model: Annotated[str | None, Query(max_length=300, description="weak or strong model")] = None,
+    name: Annotated[str | None, Query(max_length=200, description="substring of the job name")] = None,
+    sweep_id: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=500)] = None,
+) -> JobsPublic:
+    jobs, next_cursor = job_service.list_jobs(
+        session,
+        team_id=team.id,
+        status=status_,
+        dataset=dataset,
+        model=model,
+        name=name,
+        sweep_id=sweep_id,
+        limit=limit,
+        cursor=cursor,
+    )
+    return JobsPublic(data=[job_summary(job) for job in jobs], next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def read_job(job: JobDep) -> JobPublic:
+    return job_public(job)
+
+
+def metric_series(session: SessionDep, job: Job, after_id: int = 0) -> tuple[list[MetricSeries], int]:
+    stages = {stage.id: stage for stage in job.stages}
+    points = session.execute(
+        select(MetricPoint.id, MetricPoint.stage_id, MetricPoint.name, MetricPoint.step, MetricPoint.value)
+        .where(MetricPoint.stage_id.in_(list(stages)), MetricPoint.id > after_id)
+        .order_by(MetricPoint.stage_id, MetricPoint.name, MetricPoint.step)
+    ).all()
+    series: dict[tuple[str, str], MetricSeries] = {}
+    last_id = after_id
+    for point_id, stage_id, name, step, value in points:
+        stage = stages[stage_id]
+        entry = series.setdefault(
+            (stage_id, name),
+            MetricSeries(stage_id=stage_id, kind=stage.kind, seed=stage.seed, name=name, steps=[], values=[]),
+        )
+        entry.steps.append(step)
+        entry.values.append(value)
+        last_id = max(last_id, point_id)
+    return list(series.values()), last_id
+
+
+@router.get(
+    "/{job_id}/metrics",
+    response_model=MetricsPublic,
+    responses={
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "JSON, or SSE with Accept: text/event-stream",
+        }
+    },
+)
+def read_metrics(job: JobDep, session: SessionDep, request: Request) -> MetricsPublic | StreamingResponse:
+    """Training curves per stage. With ``Accept: text/event-stream``, a Server-Sent Events stream of
+    new points and stage states until the job ends."""
+    if "text/event-stream" in request.headers.get("accept", ""):
+        return StreamingResponse(_metric_events(job.id, job.team_id, request), media_type="text/event-stream")
+    series, _ = metric_series(session, job)
+    return MetricsPublic(job_id=job.id, series=series)
+
+
+async def _metric_events(job_id: str, team_id: str, request: Request) -> AsyncIterator[str]:
+    after_id = 0
+    while not await request.is_disconnected():
+        with session_scope() as session:
+            job = job_service.get_job(session, team_id=team_id, job_id=job_id)
+            series, after_id = metric_series(session, job, after_id)
+            states = {
+                stage.id: {"kind": stage.kind, "seed": stage.seed, "status": stage.status, "step": stage.step}
+                for stage in job.stages
+            }
+            finished = job.status in JOB_TERMINAL
+            job_status = job.status
+        if series:
+            yield f"event: metrics\ndata: {json.dumps([s.model_dump() for s in series])}\n\n"
+        yield f"event: status\ndata: {json.dumps({'status': job_status, 'stages': states})}\n\n"
+        if finished:
+            yield "event: end\ndata: {}\n\n"
+            return
+        await asyncio.sleep(1.0)
+
+
+@router.get("/{job_id}/logs", response_model=LogsPublic)
+def read_logs(
+    job: JobDep,
+    session: SessionDep,
+    after_id: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
+) -> LogsPublic:
+    lines = job_service.job_logs(session, job=job, after_id=after_id, limit=limit)
+    return LogsPublic(data=[LogLinePublic.model_validate(line) for line in lines])
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic, status_code=status.HTTP_202_ACCEPTED)
+def cancel_job(job: JobDep, session: SessionDep) -> JobPublic:
+    """Cancel: waiting stages stop now; running ones stop at their next training step."""
+    try:
+        job_service.cancel_job(session, job=job)
+    except InvalidTransition as error:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"cannot cancel a {error.current} job") from None
+    return job_public(job)
+
+
+@router.post("/{job_id}/retry", response_model=JobPublic, status_code=status.HTTP_202_ACCEPTED)
+def retry_job(job: JobDep, session: SessionDep) -> JobPublic:
+    """Run a failed or cancelled job's unfinished stages again; finished stages are kept."""
+    try:
+        job_service.retry_job(session, job=job)
+    except InvalidTransition as error:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"only failed or cancelled jobs can be retried; this one is {error.current}",
+        ) from None
+    return job_public(job)

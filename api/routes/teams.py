@@ -1,0 +1,42 @@
+"""Teams and keys (admin), and a team's own usage."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, status
+
+from api.deps import AdminDep, SessionDep, SettingsDep, TeamDep
+from api.schemas import ApiKeyCreate, ApiKeyCreated, TeamCreate, TeamPublic, UsagePublic
+from service import auth
+from service.models import Team
+from service.usage import team_usage
+
+router = APIRouter(tags=["teams"])
+
+
+@router.post("/teams", status_code=status.HTTP_201_CREATED, response_model=TeamPublic)
+def create_team(body: TeamCreate, session: SessionDep, _: AdminDep) -> Team:
+    """Admin only."""
+    try:
+        return auth.create_team(session, **body.model_dump())
+    except ValueError as error:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
+
+
+@router.post("/teams/{team_id}/keys", status_code=status.HTTP_201_CREATED, response_model=ApiKeyCreated)
+def create_key(team_id: str, body: ApiKeyCreate, session: SessionDep, _: AdminDep) -> ApiKeyCreated:
+    """Admin only. The key is in this response and nowhere else."""
+    team = session.get(Team, team_id)
+    if team is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"team {team_id} not found")
+    row, key = auth.create_api_key(session, team=team, name=body.name)
+    return ApiKeyCreated(id=row.id, team_id=team.id, name=row.name, prefix=row.prefix, key=key)
+
+
+@router.get("/teams/me", response_model=TeamPublic)
+def read_my_team(team: TeamDep) -> Team:
+    return team
+
+
+@router.get("/teams/me/usage", response_model=UsagePublic)
+def read_usage(team: TeamDep, session: SessionDep, settings: SettingsDep) -> UsagePublic:
+    return UsagePublic(**team_usage(session, team=team, settings=settings))

@@ -1,0 +1,253 @@
+"""Request and response schemas. Secrets never appear in a ``*Public`` schema."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class JobCreate(BaseModel):
+    """The w2s job spec plus optional ``name`` and ``priority``."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "example": {
+                "name": "minilm-to-mpnet-sst2",
+                "priority": 0,
+                "dataset": {"name": "sst2", "n_train": 4000, "seed": 0},
+                "weak": {"model": "./models/all-MiniLM-L6-v2", "mode": "probe"},
+                "strong": {"model": "./models/all-mpnet-base-v2", "mode": "probe"},
+                "losses": ["xent", {"name": "logconf", "aux_coef": 0.5}, "product"],
+                "seeds": [0, 1, 2],
+            }
+        },
+    )
+
+    name: str = Field("", max_length=200)
+    priority: int = Field(0, ge=-100, le=100, description="higher runs first")
+
+    def spec(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class StagePublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    kind: str
+    seed: int
+    status: str
+    attempts: int
+    stage_key: str | None
+    gpu_class: str | None
+    memory_gb: float | None = Field(None, description="estimated GPU memory need, used for routing")
+    worker: str | None
+    gpu: str | None
+    step: int
+    total_steps: int | None
+    progress: float | None = Field(None, description="fraction of training steps done")
+    metrics: dict[str, Any] | None
+    error: str | None
+    gpu_seconds: float
+    queued_at: dt.datetime | None
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    duration_s: float | None = None
+
+
+class JobPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str
+    status: str
+    priority: int
+    error: str | None
+    dataset: str
+    weak_model: str
+    strong_model: str
+    sweep_id: str | None
+    spec: dict[str, Any]
+    results: dict[str, Any] | None = Field(None, description="the w2s results document")
+    gpu_seconds: float
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    stages: list[StagePublic]
+
+
+class JobSummary(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str
+    status: str
+    priority: int
+    dataset: str
+    weak_model: str
+    strong_model: str
+    created_at: dt.datetime
+    finished_at: dt.datetime | None
+    progress: float = Field(description="fraction of stages finished")
+
+
+class JobsPublic(BaseModel):
+    data: list[JobSummary]
+    next_cursor: str | None = Field(None, description="pass as ?cursor= for the next page")
+
+
+class MetricSeries(BaseModel):
+    stage_id: str
+    kind: str
+    seed: int
+    name: str
+    steps: list[int]
+    values: list[float]
+
+
+class MetricsPublic(BaseModel):
+    job_id: str
+    series: list[MetricSeries]
+
+
+class LogLinePublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    created_at: dt.datetime
+    level: str
+    stage_id: str | None
+    message: str
+
+
+class LogsPublic(BaseModel):
+    data: list[LogLinePublic]
+
+
+class TeamCreate(BaseModel):
+    name: str = Field(..., min_length=1, max_length=100)
+    weight: float = Field(1.0, gt=0, le=1000, description="fair-share weight")
+    gpu_quota: int | None = Field(
+        None, ge=0, le=10000, description="concurrent GPU stages (default from settings)"
+    )
+    allow_trust_remote_code: bool = False
+
+
+class TeamPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str
+    weight: float
+    gpu_quota: int | None
+    allow_trust_remote_code: bool
+    created_at: dt.datetime
+
+
+class ApiKeyCreate(BaseModel):
+    name: str = Field("", max_length=100)
+
+
+class ApiKeyCreated(BaseModel):
+    id: str
+    team_id: str
+    name: str
+    prefix: str
+    key: str = Field(description="shown once; only its hash is stored")
+
+
+class UsagePublic(BaseModel):
+    team_id: str
+    gpu_seconds_total: float
+    gpu_seconds_window: float
+    window_hours: float
+    running_stages: int
+    queued_stages: int
+    pending_stages: int
+    gpu_quota: int
+
+
+class DatasetPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str
+    format: str
+    text_column: str
+    label_column: str
+    n_rows: int
+    balance: dict[str, Any]
+    size_bytes: int
+    sha256: str
+    created_at: dt.datetime
+    spec_name: str = Field("", description="use as dataset.name in a job spec")
+
+
+class SweepCreate(BaseModel):
+    """A grid on one dataset: every weak x strong pair becomes one job with all losses and seeds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("", max_length=200)
+    priority: int = Field(0, ge=-100, le=100)
+    dataset: dict[str, Any]
+    weak_models: list[dict[str, Any] | str] = Field(..., min_length=1, max_length=20)
+    strong_models: list[dict[str, Any] | str] = Field(..., min_length=1, max_length=20)
+    transfer: dict[str, Any] = Field(default_factory=dict)
+    losses: list[Any] = Field(default_factory=lambda: ["xent"], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, max_length=20)
+
+
+class SweepRow(BaseModel):
+    job_id: str
+    weak_model: str
+    strong_model: str
+    status: str
+    weak_accuracy: float | None
+    ceiling_accuracy: float | None
+    students: dict[str, dict[str, float | None]]
+
+
+class SweepPublic(BaseModel):
+    id: str
+    name: str
+    created_at: dt.datetime
+    status: str
+    grid: dict[str, Any]
+    jobs: list[str]
+    table: list[SweepRow]
+    pgr_summary: dict[str, dict[str, float | None]] = Field(
+        description="per loss: mean, min, max PGR over the grid"
+    )
+
+
+def _seconds(start: dt.datetime | None, end: dt.datetime | None) -> float | None:
+    if start is None or end is None:
+        return None
+    start = start if start.tzinfo else start.replace(tzinfo=dt.UTC)
+    end = end if end.tzinfo else end.replace(tzinfo=dt.UTC)
+    return (end - start).total_seconds()
+
+
+def stage_public(stage: Any) -> StagePublic:
+    public = StagePublic.model_validate(stage)
+    if stage.total_steps:
+        public.progress = min(1.0, stage.step / stage.total_steps)
+    if stage.status in ("succeeded", "cached"):
+        public.progress = 1.0
+    public.duration_s = _seconds(stage.started_at, stage.finished_at)
+    return public
+
+
+def job_public(job: Any) -> JobPublic:
+    data = {name: getattr(job, name) for name in JobPublic.model_fields if name != "stages"}
+    return JobPublic(**data, stages=[stage_public(stage) for stage in job.stages])
+
+
+def job_summary(job: Any) -> JobSummary:
+    done = sum(stage.status in ("succeeded", "cached") for stage in job.stages)
+    data = {name: getattr(job, name) for name in JobSummary.model_fields if name != "progress"}
+    return JobSummary(**data, progress=done / len(job.stages) if job.stages else 0.0)

@@ -1,0 +1,257 @@
+"""Job service functions: create, list, read, cancel, retry. They take keyword arguments, raise
+``ValueError``/``LookupError`` a caller can show, and know nothing of HTTP."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, selectinload
+
+from service.models import Dataset, Job, LogLine, Stage, Team, new_id, utcnow
+from service.settings import Settings
+from service.states import JobStatus, StageStatus, check_job_transition, check_stage_transition
+from w2s.spec import CustomDatasetSpec, JobSpec, SpecError, parse_spec
+
+UPLOAD_PREFIX = "upload:"
+
+
+class NotFound(LookupError):
+    """The object does not exist for this team (another team's objects are 'not found' too)."""
+
+
+@dataclass(frozen=True)
+class StageTemplate:
+    kind: str
+    seed: int
+    order: int
+    depends_on_kind: str | None  # students need the weak stage of their seed
+
+
+def expand_stages(spec: JobSpec) -> list[StageTemplate]:
+    """The stages of a job in run order: per seed, weak, ceiling, one student per loss."""
+    templates: list[StageTemplate] = []
+    for seed in spec.seeds:
+        templates.append(StageTemplate("weak", seed, len(templates), None))
+        templates.append(StageTemplate("ceiling", seed, len(templates), None))
+        for loss in spec.losses:
+            templates.append(StageTemplate(f"student:{loss.label}", seed, len(templates), "weak"))
+    return templates
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    resolved = path.resolve()
+    return any(resolved.is_relative_to(root.resolve()) for root in roots)
+
+
+def resolve_spec(session: Session, *, team: Team, raw: dict[str, Any], settings: Settings) -> JobSpec:
+    """Validate a spec for ``team``: uploaded datasets by id, file paths only inside the data
+    directory, and ``trust_remote_code`` only where an admin allowed it."""
+    raw = json.loads(json.dumps(raw))  # a private copy: we rewrite the dataset reference below
+    errors: list[tuple[str, str]] = []
+    dataset = raw.get("dataset")
+    name = dataset.get("name") if isinstance(dataset, dict) else None
+    if isinstance(name, str) and name.startswith(UPLOAD_PREFIX):
+        upload = session.get(Dataset, name.removeprefix(UPLOAD_PREFIX))
+        if upload is None or upload.team_id != team.id:
+            raise SpecError(
+                [("dataset.name", f"no uploaded dataset {name!r}; list yours with GET /v1/datasets")]
+            )
+        dataset["name"] = {"path": upload.path, "text": upload.text_column, "label": upload.label_column}
+    spec = parse_spec(raw)
+    if isinstance(spec.dataset.name, CustomDatasetSpec):
+        roots = [settings.uploads_dir] + ([settings.data_dir] if settings.data_dir else [])
+        for field in ("path", "test_path"):
+            value = getattr(spec.dataset.name, field)
+            if value is not None and not _inside(Path(value), roots):
+                errors.append(
+                    (
+                        f"dataset.name.{field}",
+                        f"{value!r} is outside the allowed data directories; "
+                        "upload the file with POST /v1/datasets and use its id as 'upload:<id>'",
+                    )
+                )
+    allowed = settings.allow_trust_remote_code or team.allow_trust_remote_code
+    for role in ("weak", "strong"):
+        if getattr(spec, role).trust_remote_code and not allowed:
+            errors.append(
+                (
+                    f"{role}.trust_remote_code",
+                    "running model code from the hub is off for your team; ask an admin",
+                )
+            )
+    if errors:
+        raise SpecError(errors)
+    return spec
+
+
+def dataset_label(spec: JobSpec) -> str:
+    name = spec.dataset.name
+    return name if isinstance(name, str) else Path(name.path).name
+
+
+def create_job(
+    session: Session,
+    *,
+    team: Team,
+    spec: JobSpec,
+    name: str = "",
+    priority: int = 0,
+    idempotency_key: str | None = None,
+    sweep_id: str | None = None,
+) -> tuple[Job, bool]:
+    """Create a queued job and its pending stages. With an idempotency key that the team used
+    before, return that job instead; the bool says whether a job was created."""
+    if idempotency_key:
+        existing = session.scalar(
+            select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key)
+        )
+        if existing is not None:
+            return existing, False
+    job = Job(
+        team_id=team.id,
+        sweep_id=sweep_id,
+        name=name,
+        priority=priority,
+        spec=spec.model_dump(mode="json"),
+        dataset=dataset_label(spec),
+        weak_model=spec.weak.model,
+        strong_model=spec.strong.model,
+        idempotency_key=idempotency_key,
+        status=JobStatus.queued,
+    )
+    by_kind_seed: dict[tuple[str, int], Stage] = {}
+    for template in expand_stages(spec):
+        # Ids are set here, not at flush, so students can point at their weak stage right away.
+        stage = Stage(
+            id=new_id(),
+            kind=template.kind,
+            seed=template.seed,
+            order=template.order,
+            status=StageStatus.pending,
+        )
+        if template.depends_on_kind:
+            stage.depends_on_id = by_kind_seed[template.depends_on_kind, template.seed].id
+        by_kind_seed[template.kind, template.seed] = stage
+        job.stages.append(stage)
+    session.add(job)
+    try:
+        session.flush()
+    except IntegrityError:
+        # Two requests with the same idempotency key raced; the other one won.
+        session.rollback()
+        existing = session.scalar(
+            select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key)
+        )
+        if existing is None:
+            raise
+        return existing, False
+    log(session, job_id=job.id, message=f"job created with {len(job.stages)} stages")
+    return job, True
+
+
+def get_job(session: Session, *, team_id: str, job_id: str) -> Job:
+    job = session.scalar(
+        select(Job).options(selectinload(Job.stages)).where(Job.id == job_id, Job.team_id == team_id)
+    )
+    if job is None:
+        raise NotFound(f"job {job_id} not found")
+    return job
+
+
+def encode_cursor(job: Job) -> str:
+    raw = json.dumps([job.created_at.isoformat(), job.id])
+    return base64.urlsafe_b64encode(raw.encode()).decode()
+
+
+def decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
+    try:
+        created, job_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        return dt.datetime.fromisoformat(created), str(job_id)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            "cursor: not a cursor from a previous page; omit it to start at the first page"
+        ) from error
+
+
+def list_jobs(
+    session: Session,
+    *,
+    team_id: str,
+    status: str | None = None,
+    dataset: str | None = None,
+    model: str | None = None,
+    name: str | None = None,
+    sweep_id: str | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> tuple[list[Job], str | None]:
+    """Newest first, keyset-paginated on (created_at, id): deep pages cost what the first does."""
+    query = select(Job).options(selectinload(Job.stages)).where(Job.team_id == team_id)
+    if status:
+        query = query.where(Job.status == JobStatus(status))
+    if dataset:
+        query = query.where(Job.dataset == dataset)
+    if model:
+        query = query.where(or_(Job.weak_model == model, Job.strong_model == model))
+    if name:
+        query = query.where(Job.name.contains(name, autoescape=True))
+    if sweep_id:
+        query = query.where(Job.sweep_id == sweep_id)
+    if cursor:
+        created, job_id = decode_cursor(cursor)
+        query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))
+    jobs = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    next_cursor = encode_cursor(jobs[limit - 1]) if len(jobs) > limit else None
+    return jobs[:limit], next_cursor
+
+
+def cancel_job(session: Session, *, job: Job) -> Job:
+    """Cancel now: pending and queued stages stop here; running ones stop at their next step."""
+    check_job_transition(job.status, JobStatus.cancelled)
+    job.status = JobStatus.cancelled
+    job.cancel_requested = True
+    job.finished_at = utcnow()
+    for stage in job.stages:
+        if stage.status in (StageStatus.pending, StageStatus.queued):
+            check_stage_transition(stage.status, StageStatus.cancelled)
+            stage.status = StageStatus.cancelled
+            stage.finished_at = utcnow()
+    log(session, job_id=job.id, message="cancel requested")
+    return job
+
+
+def retry_job(session: Session, *, job: Job) -> Job:
+    """Run the failed and cancelled stages of a failed or cancelled job again."""
+    check_job_transition(job.status, JobStatus.queued)
+    job.status = JobStatus.queued
+    job.cancel_requested = False
+    job.error = None
+    job.finished_at = None
+    job.results = None
+    for stage in job.stages:
+        if stage.status in (StageStatus.failed, StageStatus.cancelled):
+            check_stage_transition(stage.status, StageStatus.pending)
+            stage.status = StageStatus.pending
+            stage.attempts = 0
+            stage.error = None
+            stage.finished_at = None
+    log(session, job_id=job.id, message="retry requested")
+    return job
+
+
+def log(
+    session: Session, *, job_id: str, message: str, stage_id: str | None = None, level: str = "info"
+) -> None:
+    session.add(LogLine(job_id=job_id, stage_id=stage_id, message=message, level=level))
+
+
+def job_logs(session: Session, *, job: Job, after_id: int = 0, limit: int = 1000) -> list[LogLine]:
+    query = select(LogLine).where(LogLine.job_id == job.id, LogLine.id > after_id).order_by(LogLine.id)
+    return list(session.scalars(query.limit(limit)))

@@ -1,0 +1,208 @@
+"""Database tables (SQLAlchemy 2). Every change here comes with an Alembic migration."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from service.states import JobStatus, StageStatus
+
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+# SQLite only auto-increments INTEGER primary keys.
+BigIntId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        dict[str, Any]: JSONType,
+        dt.datetime: DateTime(timezone=True),
+    }
+
+
+class Team(Base):
+    __tablename__ = "teams"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    weight: Mapped[float] = mapped_column(Float, default=1.0)  # fair-share weight
+    gpu_quota: Mapped[int | None] = mapped_column(Integer)  # concurrent GPU stages; None = default
+    allow_trust_remote_code: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(100), default="")
+    key_hash: Mapped[str] = mapped_column(
+        String(64), unique=True
+    )  # sha256 of the key; the key is never stored
+    prefix: Mapped[str] = mapped_column(String(16))  # shown in listings so a user can tell keys apart
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[dt.datetime | None]
+
+    team: Mapped[Team] = relationship()
+
+
+class Sweep(Base):
+    __tablename__ = "sweeps"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    grid: Mapped[dict[str, Any]]
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("team_id", "idempotency_key", name="uq_jobs_team_idempotency_key"),
+        Index("ix_jobs_team_created", "team_id", "created_at", "id"),
+        Index("ix_jobs_status", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"))
+    sweep_id: Mapped[str | None] = mapped_column(ForeignKey("sweeps.id", ondelete="SET NULL"), index=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.queued)
+    error: Mapped[str | None] = mapped_column(Text)
+    spec: Mapped[dict[str, Any]]
+    # Denormalised from the spec for filtering.
+    dataset: Mapped[str] = mapped_column(String(300), index=True)
+    weak_model: Mapped[str] = mapped_column(String(300))
+    strong_model: Mapped[str] = mapped_column(String(300))
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    planned: Mapped[bool] = mapped_column(Boolean, default=False)  # stage keys computed
+    results: Mapped[dict[str, Any] | None]
+    manifest: Mapped[dict[str, Any] | None]
+    gpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[dt.datetime | None]
+    finished_at: Mapped[dt.datetime | None]
+
+    team: Mapped[Team] = relationship()
+    stages: Mapped[list[Stage]] = relationship(
+        back_populates="job",
+        order_by="Stage.order",
+        cascade="all, delete-orphan",
+        foreign_keys="Stage.job_id",
+    )
+
+
+class Stage(Base):
+    __tablename__ = "stages"
+    __table_args__ = (
+        UniqueConstraint("job_id", "kind", "seed", name="uq_stages_job_kind_seed"),
+        Index("ix_stages_status", "status"),
+        Index("ix_stages_stage_key", "stage_key"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    order: Mapped[int] = mapped_column(Integer)  # run order within the job
+    kind: Mapped[str] = mapped_column(String(200))  # weak | ceiling | student:<loss label>
+    seed: Mapped[int] = mapped_column(Integer)
+    depends_on_id: Mapped[str | None] = mapped_column(ForeignKey("stages.id", ondelete="SET NULL"))
+    stage_key: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), default=StageStatus.pending)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    gpu_class: Mapped[str | None] = mapped_column(String(32))
+    memory_gb: Mapped[float | None] = mapped_column(Float)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    gpu: Mapped[str | None] = mapped_column(String(200))
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    total_steps: Mapped[int | None] = mapped_column(Integer)
+    metrics: Mapped[dict[str, Any] | None]  # accuracy, auroc, latest loss ...
+    result: Mapped[dict[str, Any] | None]  # the w2s StageResult record
+    error: Mapped[str | None] = mapped_column(Text)
+    gpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    queued_at: Mapped[dt.datetime | None]
+    started_at: Mapped[dt.datetime | None]
+    finished_at: Mapped[dt.datetime | None]
+    heartbeat_at: Mapped[dt.datetime | None]
+
+    job: Mapped[Job] = relationship(back_populates="stages", foreign_keys=[job_id])
+
+
+class MetricPoint(Base):
+    __tablename__ = "metric_points"
+    __table_args__ = (Index("ix_metric_points_stage_name_step", "stage_id", "name", "step"),)
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    stage_id: Mapped[str] = mapped_column(ForeignKey("stages.id", ondelete="CASCADE"))
+    step: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(64))
+    value: Mapped[float] = mapped_column(Float)
+
+
+class Artifact(Base):
+    """Where a stage key's outputs live in the artifact store."""
+
+    __tablename__ = "artifacts"
+
+    stage_key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)  # result | test_probs | soft_labels | ...
+    uri: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class LogLine(Base):
+    __tablename__ = "log_lines"
+    __table_args__ = (Index("ix_log_lines_job_id", "job_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    stage_id: Mapped[str | None] = mapped_column(ForeignKey("stages.id", ondelete="CASCADE"))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    level: Mapped[str] = mapped_column(String(10), default="info")
+    message: Mapped[str] = mapped_column(Text)
+
+
+class Dataset(Base):
+    """A dataset a team uploaded; usable in specs as {"dataset": {"name": "upload:<id>"}}."""
+
+    __tablename__ = "datasets"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    format: Mapped[str] = mapped_column(String(10))
+    path: Mapped[str] = mapped_column(Text)
+    text_column: Mapped[str] = mapped_column(String(100))
+    label_column: Mapped[str] = mapped_column(String(100))
+    n_rows: Mapped[int] = mapped_column(Integer)
+    balance: Mapped[dict[str, Any]]
+    size_bytes: Mapped[int] = mapped_column(BigIntId)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

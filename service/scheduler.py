@@ -1,0 +1,101 @@
+"""Admission: which ready stages get the free worker slots. Pure functions, no database.
+
+Order: higher job priority first; then the team with the fewest recent GPU-seconds per unit of
+fair-share weight (stages it already has in flight count as an estimated cost, so one round of
+admissions interleaves teams); then the oldest job. A team never has more stages in flight than
+its quota (concurrent GPUs; on a CPU-only deployment, worker slots), and a stage whose key is
+already queued or running elsewhere waits for that result instead of computing it twice.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+# What one in-flight stage counts for in fair share before its real GPU-seconds are known.
+IN_FLIGHT_COST_S = 600.0
+
+
+@dataclass(frozen=True)
+class Candidate:
+    stage_id: str
+    job_id: str
+    team_id: str
+    priority: int
+    created_at: dt.datetime  # the job's
+    order: int  # the stage's position in its job
+    queue: str
+    stage_key: str | None
+
+
+@dataclass
+class TeamShare:
+    team_id: str
+    weight: float
+    quota: int  # concurrent stages in flight
+    active: int = 0  # stages queued or running now
+    recent_gpu_seconds: float = 0.0
+
+    def share(self) -> float:
+        return (self.recent_gpu_seconds + self.active * IN_FLIGHT_COST_S) / max(self.weight, 1e-9)
+
+
+@dataclass
+class Admission:
+    admitted: list[Candidate] = field(default_factory=list)
+    waiting_on_duplicate: list[Candidate] = field(default_factory=list)
+    over_quota: list[Candidate] = field(default_factory=list)
+
+
+def admit(
+    candidates: list[Candidate],
+    teams: dict[str, TeamShare],
+    free_slots: dict[str, int],
+    busy_keys: set[str],
+) -> Admission:
+    """Choose which candidates to enqueue now. Mutates nothing it was given."""
+    teams = {tid: TeamShare(**vars(share)) for tid, share in teams.items()}
+    slots = dict(free_slots)
+    busy = set(busy_keys)
+    remaining = list(candidates)
+    result = Admission()
+    while remaining:
+        remaining.sort(key=lambda c: (-c.priority, teams[c.team_id].share(), c.created_at, c.job_id, c.order))
+        chosen = None
+        for candidate in remaining:
+            team = teams[candidate.team_id]
+            if slots.get(candidate.queue, 0) <= 0:
+                continue
+            if candidate.stage_key is not None and candidate.stage_key in busy:
+                continue
+            if team.active >= team.quota:
+                continue
+            chosen = candidate
+            break
+        if chosen is None:
+            break
+        remaining.remove(chosen)
+        result.admitted.append(chosen)
+        slots[chosen.queue] -= 1
+        teams[chosen.team_id].active += 1
+        if chosen.stage_key is not None:
+            busy.add(chosen.stage_key)
+    for candidate in remaining:
+        if candidate.stage_key is not None and candidate.stage_key in busy:
+            result.waiting_on_duplicate.append(candidate)
+        elif teams[candidate.team_id].active >= teams[candidate.team_id].quota:
+            result.over_quota.append(candidate)
+    return result
+
+
+def route_queue(memory_gb: float | None, queue_slots: dict[str, int], gpu_classes: dict[str, float]) -> str:
+    """The smallest configured GPU class the estimate fits (with 10% headroom); the largest when it
+    fits none or is unknown; the CPU queue when the deployment has no GPU queues."""
+    gpu_queues = sorted((size, name) for name, size in gpu_classes.items() if name in queue_slots)
+    if not gpu_queues:
+        return "cpu"
+    if memory_gb is not None:
+        for size, name in gpu_queues:
+            if memory_gb * 1.1 <= size:
+                return name
+    return gpu_queues[-1][1]

@@ -1,0 +1,73 @@
+"""The one settings object of the service, read from the environment with the prefix ``W2S_``.
+
+With nothing set, everything is embedded: SQLite and a filesystem Celery transport under ``.w2s/``,
+so one command runs the whole service on a laptop. Production sets ``W2S_DATABASE_URL``
+(Postgres) and ``W2S_BROKER_URL`` (Redis).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+
+from w2s.settings import LibrarySettings
+
+# GPU memory classes, smallest first; a stage goes to the smallest class its estimate fits.
+DEFAULT_GPU_CLASSES = {"gpu-24g": 24.0, "gpu-80g": 80.0}
+
+
+class Settings(LibrarySettings):
+    environment: str = Field("development", description="development | production")
+    state_dir: Path = Field(Path(".w2s"), description="where the embedded database, broker and store live")
+    database_url: str = Field("", description="SQLAlchemy URL; empty = SQLite in state_dir")
+    broker_url: str = Field("", description="Celery broker URL; empty = filesystem transport in state_dir")
+    admin_key: str = Field("dev-admin-key", description="bearer key of the administrator")
+    allow_trust_remote_code: bool = Field(False, description="let specs run model code from the hub")
+    # Slots per queue the dispatcher may fill: one per worker process (one per GPU).
+    queue_slots: dict[str, int] = Field(default_factory=lambda: {"cpu": 1})
+    gpu_classes: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_GPU_CLASSES))
+    default_gpu_quota: int = Field(4, ge=0, description="concurrent GPU stages per team unless set")
+    max_stage_attempts: int = Field(3, ge=1, description="a stage that fails this often stops")
+    stage_timeout_s: int = Field(6 * 3600, description="longest stage; the broker redelivers after it")
+    fair_share_window_h: float = Field(24.0, description="GPU-seconds this recent count for fair share")
+    dispatch_interval_s: float = Field(0.5, gt=0)
+    max_upload_mb: int = Field(50, ge=1)
+    uploads_dir: Path = Field(
+        Path(""), description="where uploaded datasets are kept; empty = state_dir/uploads"
+    )
+    progress_flush_s: float = Field(2.0, description="how often workers write progress to the database")
+
+    @model_validator(mode="after")
+    def _embedded_defaults(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(self.state_dir / 'service.db').resolve()}"
+        if not self.broker_url:
+            self.broker_url = "filesystem://"
+        if self.uploads_dir == Path(""):
+            self.uploads_dir = self.state_dir / "uploads"
+        return self
+
+    @model_validator(mode="after")
+    def _refuse_default_secret(self) -> Settings:
+        if self.environment == "production" and self.admin_key == "dev-admin-key":
+            raise ValueError("W2S_ADMIN_KEY must be set to a secret in production")
+        return self
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url.startswith("filesystem://")
+
+    @property
+    def broker_dir(self) -> Path:
+        return (self.state_dir / "broker").resolve()
+
+    @property
+    def store_uri(self) -> str:
+        return self.artifact_store
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

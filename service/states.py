@@ -1,0 +1,97 @@
+"""The job and stage state machines: the one place that says which status may follow which.
+
+Job:   queued -> running -> succeeded | failed | cancelled; failed or cancelled -> queued (retry).
+Stage: pending -> queued -> running -> succeeded | failed | cancelled, or cached when its stage key
+       already has a result; failed or cancelled -> pending (retry). A running stage may start
+       running again (the broker redelivered it after its worker died) or go back to queued (a
+       transient error; the task retries with backoff, keeping its slot).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+class StageStatus(StrEnum):
+    pending = "pending"
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+    cached = "cached"
+
+
+JOB_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.queued: frozenset(
+        {JobStatus.running, JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled}
+    ),
+    JobStatus.running: frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled}),
+    JobStatus.succeeded: frozenset(),
+    JobStatus.failed: frozenset({JobStatus.queued}),
+    JobStatus.cancelled: frozenset({JobStatus.queued}),
+}
+
+STAGE_TRANSITIONS: dict[StageStatus, frozenset[StageStatus]] = {
+    StageStatus.pending: frozenset(
+        {StageStatus.queued, StageStatus.cached, StageStatus.cancelled, StageStatus.failed}
+    ),
+    StageStatus.queued: frozenset(
+        {
+            StageStatus.running,
+            StageStatus.cached,
+            StageStatus.cancelled,
+            StageStatus.failed,
+            StageStatus.pending,
+        }
+    ),
+    StageStatus.running: frozenset(
+        {
+            StageStatus.running,
+            StageStatus.queued,
+            StageStatus.succeeded,
+            StageStatus.cached,
+            StageStatus.failed,
+            StageStatus.cancelled,
+        }
+    ),
+    StageStatus.succeeded: frozenset(),
+    StageStatus.cached: frozenset(),
+    StageStatus.failed: frozenset({StageStatus.pending}),
+    StageStatus.cancelled: frozenset({StageStatus.pending}),
+}
+
+JOB_TERMINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
+STAGE_DONE = frozenset({StageStatus.succeeded, StageStatus.cached})  # has a result
+STAGE_TERMINAL = STAGE_DONE | {StageStatus.failed, StageStatus.cancelled}
+STAGE_ACTIVE = frozenset({StageStatus.queued, StageStatus.running})  # holds a slot
+
+
+class InvalidTransition(ValueError):
+    def __init__(self, what: str, current: str, new: str, allowed: frozenset[Any]):
+        choices = ", ".join(sorted(allowed)) or "none: it is final"
+        super().__init__(f"{what} cannot go from {current} to {new} (allowed: {choices})")
+        self.current, self.new = current, new
+
+
+def check_job_transition(current: str, new: str) -> JobStatus:
+    allowed = JOB_TRANSITIONS[JobStatus(current)]
+    if JobStatus(new) not in allowed:
+        raise InvalidTransition("job", current, new, allowed)
+    return JobStatus(new)
+
+
+def check_stage_transition(current: str, new: str) -> StageStatus:
+    allowed = STAGE_TRANSITIONS[StageStatus(current)]
+    if StageStatus(new) not in allowed:
+        raise InvalidTransition("stage", current, new, allowed)
+    return StageStatus(new)

@@ -1,0 +1,99 @@
+"""Service fixtures: a fresh Postgres database per test session (migrated with Alembic), settings
+pointing at it, table truncation between tests, an API client and team factories."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+from alembic import command
+from alembic.config import Config
+from fastapi.testclient import TestClient
+from sqlalchemy import text
+
+from service.auth import create_api_key, create_team
+from service.db import get_engine, reset_caches, session_scope
+from service.models import Base
+
+ROOT = Path(__file__).resolve().parents[2]
+PG_ADMIN_URL = os.environ.get("W2S_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/test")
+ADMIN_KEY = "test-admin-key"
+
+
+def alembic_config(url: str) -> Config:
+    config = Config(str(ROOT / "alembic.ini"))
+    config.attributes["database_url"] = url
+    config.attributes["configure_logger"] = False
+    return config
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    name = f"w2s_test_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    url = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{name}"
+    command.upgrade(alembic_config(url), "head")
+    yield url
+    reset_caches()
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def service_env(pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """Settings for one test: the session's Postgres, a private state dir, store and data dir."""
+    from helpers import write_sst2_like
+
+    data_dir = write_sst2_like(tmp_path / "data")
+    env = {
+        "W2S_DATABASE_URL": pg_url,
+        "W2S_STATE_DIR": str(tmp_path / "state"),
+        "W2S_ARTIFACT_STORE": str(tmp_path / "store"),
+        "W2S_DATA_DIR": str(data_dir),
+        "W2S_ADMIN_KEY": ADMIN_KEY,
+        "W2S_PROGRESS_FLUSH_S": "0.2",
+        "W2S_DISPATCH_INTERVAL_S": "0.2",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    reset_caches()
+    yield env
+    with get_engine().begin() as connection:
+        tables = ", ".join(f'"{table.name}"' for table in Base.metadata.sorted_tables)
+        connection.execute(text(f"TRUNCATE {tables} CASCADE"))
+    reset_caches()
+
+
+@pytest.fixture
+def client(service_env: dict[str, str]) -> Iterator[TestClient]:
+    from api.main import create_app
+
+    with TestClient(create_app()) as test_client:
+        yield test_client
+
+
+@dataclass
+class TeamKey:
+    team_id: str
+    key: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+
+@pytest.fixture
+def make_team(service_env: dict[str, str]):  # type: ignore[no-untyped-def]
+    def factory(name: str | None = None, **options: object) -> TeamKey:
+        with session_scope() as session:
+            team = create_team(session, name=name or f"team-{uuid.uuid4().hex[:6]}", **options)  # type: ignore[arg-type]
+            _, key = create_api_key(session, team=team)
+            return TeamKey(team.id, key)
+
+    return factory

@@ -1,0 +1,62 @@
+"""The Celery app, built from the service settings.
+
+One worker process per GPU (``CUDA_VISIBLE_DEVICES``), concurrency 1, prefetch 1, late acks, and a
+fresh child process per task so a stage's GPU memory is returned when it ends. Queues are listed
+explicitly and unknown queues are an error, so a typo fails loudly instead of parking work.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from service.settings import Settings, get_settings
+
+STAGE_TASK = "w2s.run_stage"
+
+
+def broker_options(settings: Settings) -> dict[str, object]:
+    if settings.embedded_broker:
+        folder = settings.broker_dir
+        for sub in ("queue", "processed", "control"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        # Producer and consumer share one folder: what the API writes, the worker reads.
+        return {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "control_folder": str(folder / "control"),
+            "store_processed": False,
+        }
+    # Redis redelivers an unacknowledged task after this long: it must exceed the longest stage,
+    # or a healthy long stage would be started twice.
+    return {"visibility_timeout": settings.stage_timeout_s + 600}
+
+
+def queue_names(settings: Settings) -> list[str]:
+    return sorted(set(settings.queue_slots) | set(settings.gpu_classes) | {"cpu"})
+
+
+def make_celery(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    app = Celery("w2s", broker=settings.broker_url, include=["worker.tasks"])
+    app.conf.update(
+        broker_transport_options=broker_options(settings),
+        broker_connection_retry_on_startup=True,
+        task_queues=[Queue(name, routing_key=name) for name in queue_names(settings)],
+        task_create_missing_queues=False,
+        task_default_queue="cpu",
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        worker_prefetch_multiplier=1,
+        worker_concurrency=1,
+        worker_max_tasks_per_child=1,
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+app = make_celery()
