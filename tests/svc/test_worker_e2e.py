@@ -1,0 +1,237 @@
+"""Jobs end to end through a real Celery worker process and the dispatcher process.
+
+Postgres + Redis (the production configuration) for most tests, and the embedded default
+(SQLite + filesystem transport, no servers) for one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from service.db import reset_caches, session_scope
+from service.models import MetricPoint, Stage
+from w2s.store import ArtifactStore
+
+ROOT = Path(__file__).resolve().parents[2]
+REDIS_DB = 15
+
+
+def tiny_job(weak: Path, strong: Path, **overrides: Any) -> dict[str, Any]:
+    options = {"epochs": 1, "lr": 1e-3, "batch_size": 16, "max_length": 32}
+    body: dict[str, Any] = {
+        "dataset": {"name": "sst2", "n_train": 64, "n_test": 32},
+        "weak": {"model": str(weak), **options},
+        "strong": {"model": str(strong), **options},
+        "losses": ["xent"],
+        "seeds": [0],
+    }
+    body.update(overrides)
+    return body
+
+
+class Stack:
+    """A worker process and a dispatcher process with the test's settings."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path):
+        self.env = {**os.environ, **env}
+        self.log_dir = log_dir
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def start(self, *args: str) -> None:
+        log = open(self.log_dir / f"{args[0]}-{len(self.processes)}.log", "wb")  # noqa: SIM115
+        command = [sys.executable, "-m", "w2s_service.cli", *args]
+        self.processes.append(subprocess.Popen(command, env=self.env, cwd=ROOT, stdout=log, stderr=log))
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    def logs(self) -> str:
+        return "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.log_dir.glob("*.log")))
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, stack: Stack, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.3)
+    pytest.fail(f"timed out waiting for {what}\n{stack.logs()}")
+
+
+@pytest.fixture
+def stack(service_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
+    redis.Redis(db=REDIS_DB).flushdb()
+    env = {
+        **service_env,
+        "W2S_BROKER_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
+        "W2S_QUEUE_SLOTS": '{"cpu": 1}',
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    reset_caches()
+    (tmp_path / "logs").mkdir()
+    running = Stack(env, tmp_path / "logs")
+    running.start("worker", "--queue", "cpu")
+    running.start("dispatcher")
+    yield running
+    running.stop()
+
+
+def job_status(client: TestClient, headers: dict[str, str], job_id: str) -> dict[str, Any]:
+    return client.get(f"/v1/jobs/{job_id}", headers=headers).json()
+
+
+def finished(client: TestClient, headers: dict[str, str], job_id: str) -> dict[str, Any] | None:
+    job = job_status(client, headers, job_id)
+    return job if job["status"] in ("succeeded", "failed", "cancelled") else None
+
+
+def test_full_job_through_a_celery_worker(
+    stack: Stack, client: TestClient, make_team, tiny_bert: Path, tiny_gpt2: Path
+) -> None:  # type: ignore[no-untyped-def]
+    team = make_team()
+    job_id = client.post(
+        "/v1/jobs", json=tiny_job(tiny_bert, tiny_gpt2, losses=["xent", "logconf"]), headers=team.headers
+    ).json()["id"]
+    job = wait_for(lambda: finished(client, team.headers, job_id), 180, stack, "the job to finish")
+    assert job["status"] == "succeeded", stack.logs()
+    results = job["results"]
+    assert set(results["students"]) == {"xent", "logconf"} and 0 <= results["weak"]["accuracy"] <= 1
+    assert all(stage["status"] == "succeeded" and stage["attempts"] == 1 for stage in job["stages"])
+    assert all(
+        stage["worker"] and stage["gpu_class"] == "cpu" and stage["gpu_seconds"] > 0
+        for stage in job["stages"]
+    )
+    with session_scope() as session:
+        points = session.scalars(select(MetricPoint).join(Stage).where(Stage.job_id == job_id)).all()
+        assert {point.name for point in points} >= {"loss", "train_accuracy", "lr"}
+    metrics = client.get(f"/v1/jobs/{job_id}/metrics", headers=team.headers).json()
+    assert {series["name"] for series in metrics["series"]} >= {"loss", "lr"}
+    usage = client.get("/v1/teams/me/usage", headers=team.headers).json()
+    assert usage["gpu_seconds_total"] == pytest.approx(sum(s["gpu_seconds"] for s in job["stages"]))
+
+
+def test_two_jobs_sharing_a_weak_stage_train_it_once(
+    stack: Stack, client: TestClient, make_team, tiny_bert: Path, tiny_gpt2: Path
+) -> None:  # type: ignore[no-untyped-def]
+    team = make_team()
+    first = tiny_job(tiny_bert, tiny_gpt2)
+    second = tiny_job(tiny_bert, tiny_gpt2)
+    second["strong"]["lr"] = 5e-4  # a different ceiling and student, the same weak stage
+    ids = [client.post("/v1/jobs", json=body, headers=team.headers).json()["id"] for body in (first, second)]
+    jobs = [wait_for(lambda i=i: finished(client, team.headers, i), 240, stack, "both jobs") for i in ids]
+    assert [job["status"] for job in jobs] == ["succeeded", "succeeded"], stack.logs()
+    weak = [next(s for s in job["stages"] if s["kind"] == "weak") for job in jobs]
+    assert weak[0]["stage_key"] == weak[1]["stage_key"]
+    assert sorted(stage["status"] for stage in weak) == ["cached", "succeeded"]
+    assert sum(stage["attempts"] for stage in weak) == 1  # trained once, never started twice
+    assert jobs[0]["results"]["weak"] == jobs[1]["results"]["weak"]
+
+
+def test_cancel_while_running(
+    stack: Stack, client: TestClient, make_team, tiny_bert: Path, service_env: dict[str, str]
+) -> None:  # type: ignore[no-untyped-def]
+    team = make_team()
+    body = tiny_job(tiny_bert, tiny_bert)
+    body["weak"]["epochs"] = 400  # long enough to be caught running
+    job_id = client.post("/v1/jobs", json=body, headers=team.headers).json()["id"]
+
+    def weak_training() -> bool:
+        weak = job_status(client, team.headers, job_id)["stages"][0]
+        return weak["status"] == "running" and weak["step"] > 0
+
+    wait_for(weak_training, 120, stack, "the weak stage to train")
+    assert client.post(f"/v1/jobs/{job_id}/cancel", headers=team.headers).json()["status"] == "cancelled"
+    weak = wait_for(
+        lambda: (s := job_status(client, team.headers, job_id)["stages"][0])["status"] == "cancelled" and s,
+        60,
+        stack,
+        "the running stage to stop",
+    )
+    assert weak["step"] < weak["total_steps"]
+    assert ArtifactStore(service_env["W2S_ARTIFACT_STORE"]).get_record("stages", weak["stage_key"]) is None
+    assert {s["status"] for s in job_status(client, team.headers, job_id)["stages"]} == {"cancelled"}
+
+
+def test_retry_after_failure(
+    stack: Stack, client: TestClient, make_team, tiny_bert: Path, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    team = make_team()
+    broken = tmp_path / "model-being-copied"
+    broken.mkdir()  # exists, so the spec is valid, but holds no model yet
+    job_id = client.post("/v1/jobs", json=tiny_job(broken, tiny_bert), headers=team.headers).json()["id"]
+    job = wait_for(lambda: finished(client, team.headers, job_id), 120, stack, "the job to fail")
+    assert job["status"] == "failed" and "cannot" in job["error"], job
+    weak = job["stages"][0]
+    assert weak["status"] == "failed" and "cannot load" in weak["error"]
+    shutil.rmtree(broken)
+    shutil.copytree(tiny_bert, broken)  # the model arrives: the same spec now works
+    assert client.post(f"/v1/jobs/{job_id}/retry", headers=team.headers).json()["status"] == "queued"
+    job = wait_for(lambda: finished(client, team.headers, job_id), 180, stack, "the retried job")
+    assert job["status"] == "succeeded", stack.logs()
+
+
+def test_embedded_default_runs_a_job_with_no_servers(
+    tmp_path: Path, tiny_bert: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from api.main import create_app
+    from helpers import write_sst2_like
+    from service.auth import create_api_key, create_team
+
+    env = {
+        "W2S_STATE_DIR": str(tmp_path / "state"),
+        "W2S_ARTIFACT_STORE": str(tmp_path / "state" / "store"),
+        "W2S_DATA_DIR": str(write_sst2_like(tmp_path / "data")),
+        "W2S_DISPATCH_INTERVAL_S": "0.2",
+    }
+    for key in ("W2S_DATABASE_URL", "W2S_BROKER_URL", "W2S_QUEUE_SLOTS"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    reset_caches()
+    subprocess.run(
+        [sys.executable, "-m", "w2s_service.cli", "migrate"],
+        env={**os.environ, **env},
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    (tmp_path / "logs").mkdir()
+    embedded = Stack(env, tmp_path / "logs")
+    embedded.start("worker", "--queue", "cpu")
+    embedded.start("dispatcher")
+    try:
+        with session_scope() as session:
+            team = create_team(session, name="laptop")
+            _, key = create_api_key(session, team=team)
+        headers = {"Authorization": f"Bearer {key}"}
+        with TestClient(create_app()) as client:
+            assert client.get("/readyz").status_code == 200
+            job_id = client.post("/v1/jobs", json=tiny_job(tiny_bert, tiny_bert), headers=headers).json()[
+                "id"
+            ]
+            job = wait_for(lambda: finished(client, headers, job_id), 180, embedded, "the embedded job")
+        assert job["status"] == "succeeded", embedded.logs()
+        assert (tmp_path / "state" / "service.db").is_file()
+    finally:
+        embedded.stop()
+        reset_caches()
