@@ -120,12 +120,11 @@ def cmd_dev(args: argparse.Namespace) -> int:
     settings = get_settings()
     migrate()
     me = [sys.executable, "-m", "w2s_service.cli"]
-    commands = [me + ["api", "--host", args.host, "--port", str(args.port)], me + ["dispatcher"]]
-    commands += [me + ["worker", "--queue", queue] for queue in settings.queue_slots]
+    commands = [[*me, "api", "--host", args.host, "--port", str(args.port)], [*me, "dispatcher"]]
+    commands += [[*me, "worker", "--queue", queue] for queue in settings.queue_slots]
     children = [subprocess.Popen(command) for command in commands]
-    print(
-        f"w2s-service: API on http://{args.host}:{args.port} (docs at /docs), database {settings.database_url}"
-    )
+    print(f"w2s-service: API on http://{args.host}:{args.port} (docs at /docs)")
+    print(f"w2s-service: database {settings.database_url}, broker {settings.broker_url}")
     stop = _stop_on_signals()
     try:
         while not stop.is_set():
