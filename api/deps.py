@@ -1,5 +1,5 @@
 """Request dependencies as ``Annotated`` aliases: the session, the caller's team, the admin, and
-a job loaded for the caller's team (404 for anyone else's, in this one place)."""
+jobs, datasets and sweeps loaded for the caller's team (404 for anyone else's, in this one place)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ from sqlalchemy.orm import Session
 
 from service.auth import is_admin_key, team_for_key
 from service.db import get_sessionmaker
-from service.jobs import NotFound, get_job
-from service.models import Job, Team
+from service.jobs import get_job
+from service.models import Dataset, Job, Sweep, Team
 from service.settings import Settings, get_settings
+from service.sweeps import get_sweep
+from service.uploads import get_dataset
 
 bearer = HTTPBearer(auto_error=False, description="an API key: Authorization: Bearer w2s_...")
 
@@ -60,11 +62,22 @@ TeamDep = Annotated[Team, Depends(current_team)]
 AdminDep = Annotated[None, Depends(require_admin)]
 
 
+# Loaders of the caller's own objects. Another team's object raises service.jobs.NotFound like a
+# missing one, which the app turns into the same 404: nobody can infer what others have.
 def team_job(session: SessionDep, team: TeamDep, job_id: Annotated[str, Path(max_length=64)]) -> Job:
-    try:
-        return get_job(session, team_id=team.id, job_id=job_id)
-    except NotFound as error:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None
+    return get_job(session, team_id=team.id, job_id=job_id)
+
+
+def team_dataset(
+    session: SessionDep, team: TeamDep, dataset_id: Annotated[str, Path(max_length=64)]
+) -> Dataset:
+    return get_dataset(session, team_id=team.id, dataset_id=dataset_id)
+
+
+def team_sweep(session: SessionDep, team: TeamDep, sweep_id: Annotated[str, Path(max_length=64)]) -> Sweep:
+    return get_sweep(session, team_id=team.id, sweep_id=sweep_id)
 
 
 JobDep = Annotated[Job, Depends(team_job)]
+DatasetDep = Annotated[Dataset, Depends(team_dataset)]
+SweepDep = Annotated[Sweep, Depends(team_sweep)]

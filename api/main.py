@@ -57,7 +57,10 @@ def create_app() -> FastAPI:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SpecError)
     async def _spec_error(_: Request, error: SpecError) -> JSONResponse:
-        detail = [{"loc": ["body", *loc.split(".")], "msg": msg, "type": "spec"} for loc, msg in error.errors]
+        def location(dotted: str) -> list[str | int]:
+            return ["body", *(int(part) if part.isdigit() else part for part in dotted.split("."))]
+
+        detail = [{"loc": location(loc), "msg": msg, "type": "spec"} for loc, msg in error.errors]
         return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
     @app.exception_handler(NotFound)

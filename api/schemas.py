@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from service.jobs import UPLOAD_PREFIX
 
 
 class JobCreate(BaseModel):
@@ -170,6 +172,21 @@ class UsagePublic(BaseModel):
     gpu_quota: int
 
 
+class DatasetUploadForm(BaseModel):
+    """The form fields sent beside ``file`` in POST /v1/datasets."""
+
+    name: str = Field("", max_length=200, description="a label for listings (default: the file name)")
+    text_column: str = Field("text", min_length=1, max_length=100)
+    label_column: str = Field("label", min_length=1, max_length=100, description="0/1/true/false")
+    format: Literal["jsonl", "csv"] | None = Field(None, description="inferred from the file name")
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        # HTML forms send an empty string for an untouched field.
+        return value or None
+
+
 class DatasetPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -179,22 +196,46 @@ class DatasetPublic(BaseModel):
     text_column: str
     label_column: str
     n_rows: int
-    balance: dict[str, Any]
+    balance: dict[str, Any] = Field(description='rows per label ("0", "1") and positive_fraction')
     size_bytes: int
     sha256: str
     created_at: dt.datetime
     spec_name: str = Field("", description="use as dataset.name in a job spec")
 
+    @model_validator(mode="after")
+    def _spec_name(self) -> DatasetPublic:
+        self.spec_name = self.spec_name or f"{UPLOAD_PREFIX}{self.id}"
+        return self
+
+
+class DatasetsPublic(BaseModel):
+    data: list[DatasetPublic]
+    next_cursor: str | None = Field(None, description="pass as ?cursor= for the next page")
+
 
 class SweepCreate(BaseModel):
     """A grid on one dataset: every weak x strong pair becomes one job with all losses and seeds."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "example": {
+                "name": "sst2-grid",
+                "dataset": {"name": "sst2", "n_train": 4000, "seed": 0},
+                "weak_models": ["./models/all-MiniLM-L6-v2", {"model": "gpt2", "mode": "probe"}],
+                "strong_models": [{"model": "./models/all-mpnet-base-v2", "mode": "probe"}],
+                "losses": ["xent", {"name": "logconf", "aux_coef": 0.5}],
+                "seeds": [0, 1, 2],
+            }
+        },
+    )
 
     name: str = Field("", max_length=200)
     priority: int = Field(0, ge=-100, le=100)
     dataset: dict[str, Any]
-    weak_models: list[dict[str, Any] | str] = Field(..., min_length=1, max_length=20)
+    weak_models: list[dict[str, Any] | str] = Field(
+        ..., min_length=1, max_length=20, description="model ids, or model specs with training options"
+    )
     strong_models: list[dict[str, Any] | str] = Field(..., min_length=1, max_length=20)
     transfer: dict[str, Any] = Field(default_factory=dict)
     losses: list[Any] = Field(default_factory=lambda: ["xent"], min_length=1)
@@ -208,20 +249,33 @@ class SweepRow(BaseModel):
     status: str
     weak_accuracy: float | None
     ceiling_accuracy: float | None
-    students: dict[str, dict[str, float | None]]
+    students: dict[str, dict[str, float | None]] = Field(description="per loss: accuracy and pgr")
 
 
 class SweepPublic(BaseModel):
     id: str
     name: str
     created_at: dt.datetime
-    status: str
+    status: str = Field(description="succeeded | failed | cancelled | running | queued")
     grid: dict[str, Any]
     jobs: list[str]
     table: list[SweepRow]
     pgr_summary: dict[str, dict[str, float | None]] = Field(
-        description="per loss: mean, min, max PGR over the grid"
+        description="per loss: mean, min, max PGR over the finished jobs (None when none)"
     )
+
+
+class SweepSummary(BaseModel):
+    id: str
+    name: str
+    created_at: dt.datetime
+    status: str
+    n_jobs: int
+
+
+class SweepsPublic(BaseModel):
+    data: list[SweepSummary]
+    next_cursor: str | None = Field(None, description="pass as ?cursor= for the next page")
 
 
 def _seconds(start: dt.datetime | None, end: dt.datetime | None) -> float | None:

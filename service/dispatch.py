@@ -88,6 +88,7 @@ def fail_job(session: Session, job: Job, error: str) -> None:
     job.status = JobStatus.failed
     job.error = error
     job.finished_at = utcnow()
+    job.cancel_requested = True  # its other running stages stop at their next step
     for stage in job.stages:
         if stage.status in (StageStatus.pending, StageStatus.queued):
             stage.status = StageStatus.cancelled

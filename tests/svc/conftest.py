@@ -3,7 +3,6 @@ pointing at it, table truncation between tests, an API client and team factories
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,24 +11,15 @@ from pathlib import Path
 import psycopg
 import pytest
 from alembic import command
-from alembic.config import Config
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
 from service.auth import create_api_key, create_team
 from service.db import get_engine, reset_caches, session_scope
 from service.models import Base
+from svc_support import PG_ADMIN_URL, alembic_config
 
-ROOT = Path(__file__).resolve().parents[2]
-PG_ADMIN_URL = os.environ.get("W2S_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/test")
 ADMIN_KEY = "test-admin-key"
-
-
-def alembic_config(url: str) -> Config:
-    config = Config(str(ROOT / "alembic.ini"))
-    config.attributes["database_url"] = url
-    config.attributes["configure_logger"] = False
-    return config
 
 
 @pytest.fixture(scope="session")

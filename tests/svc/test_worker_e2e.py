@@ -126,6 +126,12 @@ def test_full_job_through_a_celery_worker(
         assert {point.name for point in points} >= {"loss", "train_accuracy", "lr"}
     metrics = client.get(f"/v1/jobs/{job_id}/metrics", headers=team.headers).json()
     assert {series["name"] for series in metrics["series"]} >= {"loss", "lr"}
+    # The live stream: metrics, the stage states, and an end event once the job is over.
+    sse = {**team.headers, "Accept": "text/event-stream"}
+    with client.stream("GET", f"/v1/jobs/{job_id}/metrics", headers=sse) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        body = "".join(stream.iter_text())
+    assert "event: metrics" in body and "event: status" in body and body.rstrip().endswith("data: {}")
     usage = client.get("/v1/teams/me/usage", headers=team.headers).json()
     assert usage["gpu_seconds_total"] == pytest.approx(sum(s["gpu_seconds"] for s in job["stages"]))
 

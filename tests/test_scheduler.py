@@ -1,0 +1,122 @@
+"""The admission rules: priority, then fair share per weight, then age; quotas; duplicate keys;
+routing by memory estimate; and the state machines."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from service.scheduler import IN_FLIGHT_COST_S, Candidate, TeamShare, admit, route_queue
+from service.states import InvalidTransition, check_job_transition, check_stage_transition
+
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+
+def candidate(
+    name: str,
+    team: str,
+    *,
+    priority: int = 0,
+    minutes: int = 0,
+    queue: str = "gpu-80g",
+    key: str | None = None,
+    order: int = 0,
+) -> Candidate:
+    return Candidate(
+        name, f"job-{name}", team, priority, T0 + dt.timedelta(minutes=minutes), order, queue, key
+    )
+
+
+def teams(**recent: float) -> dict[str, TeamShare]:
+    return {
+        name: TeamShare(name, weight=1.0, quota=10, recent_gpu_seconds=seconds)
+        for name, seconds in recent.items()
+    }
+
+
+def admitted(
+    candidates: list[Candidate], shares: dict[str, TeamShare], slots: int, busy: set[str] | None = None
+):  # type: ignore[no-untyped-def]
+    return [c.stage_id for c in admit(candidates, shares, {"gpu-80g": slots}, busy or set()).admitted]
+
+
+def test_priority_beats_fair_share_and_age() -> None:
+    candidates = [candidate("old-low", "a", minutes=0), candidate("new-high", "b", priority=5, minutes=9)]
+    assert admitted(candidates, teams(a=0.0, b=1e6), slots=1) == ["new-high"]
+
+
+def test_fair_share_prefers_the_team_with_least_recent_gpu_time_per_weight() -> None:
+    candidates = [candidate("heavy", "a", minutes=0), candidate("light", "b", minutes=5)]
+    assert admitted(candidates, teams(a=5000.0, b=100.0), slots=1) == ["light"]
+    # Weight scales the share: a team with 100x the weight counts 100x less of its usage.
+    shares = teams(a=5000.0, b=100.0)
+    shares["a"].weight = 100.0
+    assert admitted(candidates, shares, slots=1) == ["heavy"]
+
+
+def test_age_breaks_ties_and_one_round_interleaves_teams() -> None:
+    candidates = [
+        candidate("a1", "a", minutes=0),
+        candidate("a2", "a", minutes=1),
+        candidate("b1", "b", minutes=2),
+    ]
+    # Equal usage: the oldest first; then team a's in-flight stage counts against it, so b goes next.
+    assert admitted(candidates, teams(a=0.0, b=0.0), slots=2) == ["a1", "b1"]
+    assert IN_FLIGHT_COST_S > 0
+
+
+def test_quota_is_never_exceeded() -> None:
+    shares = teams(a=0.0, b=0.0)
+    shares["a"].quota = 2
+    shares["a"].active = 1
+    candidates = [candidate(f"a{i}", "a", minutes=i) for i in range(4)] + [candidate("b0", "b", minutes=9)]
+    result = admit(candidates, shares, {"gpu-80g": 5}, set())
+    # Team a already has a stage in flight, so b's goes first; a gets one more and reaches its quota.
+    assert [c.stage_id for c in result.admitted] == ["b0", "a0"]
+    assert {c.stage_id for c in result.over_quota} == {"a1", "a2", "a3"}
+
+
+def test_free_slots_per_queue() -> None:
+    candidates = [candidate("g", "a", queue="gpu-80g"), candidate("c", "a", queue="cpu", minutes=1)]
+    result = admit(candidates, teams(a=0.0), {"gpu-80g": 0, "cpu": 1}, set())
+    assert [c.stage_id for c in result.admitted] == ["c"]
+
+
+def test_identical_stage_keys_run_once() -> None:
+    candidates = [
+        candidate("x1", "a", key="k"),
+        candidate("x2", "b", key="k", minutes=1),
+        candidate("y", "b", key="j"),
+    ]
+    result = admit(candidates, teams(a=0.0, b=0.0), {"gpu-80g": 3}, set())
+    assert [c.stage_id for c in result.admitted] == ["x1", "y"]
+    assert [c.stage_id for c in result.waiting_on_duplicate] == ["x2"]
+    # Already running elsewhere: wait for it.
+    assert admitted([candidate("z", "a", key="busy")], teams(a=0.0), slots=1, busy={"busy"}) == []
+
+
+def test_admit_does_not_mutate_its_inputs() -> None:
+    shares = teams(a=0.0)
+    admit([candidate("a", "a")], shares, {"gpu-80g": 1}, set())
+    assert shares["a"].active == 0
+
+
+def test_routing_by_memory_estimate() -> None:
+    classes = {"gpu-24g": 24.0, "gpu-80g": 80.0}
+    slots = {"gpu-24g": 2, "gpu-80g": 1, "cpu": 1}
+    assert route_queue(10.0, slots, classes) == "gpu-24g"
+    assert route_queue(30.0, slots, classes) == "gpu-80g"
+    assert route_queue(22.5, slots, classes) == "gpu-80g"  # 10% headroom
+    assert route_queue(500.0, slots, classes) == "gpu-80g"  # fits nothing: the largest
+    assert route_queue(None, slots, classes) == "gpu-80g"
+    assert route_queue(10.0, {"cpu": 1}, classes) == "cpu"  # a CPU-only deployment
+
+
+def test_state_machines() -> None:
+    assert check_job_transition("queued", "running") == "running"
+    assert check_stage_transition("running", "running") == "running"  # redelivery
+    with pytest.raises(InvalidTransition, match="final"):
+        check_job_transition("succeeded", "running")
+    with pytest.raises(InvalidTransition, match="allowed: cached, cancelled, failed, queued"):
+        check_stage_transition("pending", "succeeded")
