@@ -48,7 +48,8 @@ r = job["results"]
 print(f'weak     accuracy {r["weak"]["accuracy"]:.3f}  AUROC {r["weak"]["auroc"]:.3f}')
 print(f'ceiling  accuracy {r["ceiling"]["accuracy"]:.3f}  AUROC {r["ceiling"]["auroc"]:.3f}')
 for loss, f in r["students"].items():
-    print(f'student {loss:<10} accuracy {f["accuracy"]:.3f}  PGR {f["pgr"]:.3f}  CI {f["pgr_ci"]}')
+    low, high = f["pgr_ci"] or (float("nan"), float("nan"))
+    print(f'student {loss:<10} accuracy {f["accuracy"]:.3f}  PGR {f["pgr"]:.3f} [{low:.3f}, {high:.3f}]')
 print("flags:", r["flags"] or "none")
 PY
 echo "full results: runs/job.json"
