@@ -274,7 +274,6 @@ def finish_job(session: Session, job: Job, settings: Settings, store: Any) -> No
             {"kind": s.kind, "seed": s.seed, "key": s.stage_key, "status": s.status} for s in job.stages
         ],
     }
-    job.gpu_seconds = sum(stage.gpu_seconds for stage in job.stages)
     check_job_transition(job.status, JobStatus.succeeded)
     job.status = JobStatus.succeeded
     job.finished_at = utcnow()

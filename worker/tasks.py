@@ -149,7 +149,9 @@ def _finish(
             started = (
                 stage.started_at if stage.started_at.tzinfo else stage.started_at.replace(tzinfo=now.tzinfo)
             )
-            stage.gpu_seconds += (now - started).total_seconds()
+            used = (now - started).total_seconds()
+            stage.gpu_seconds += used
+            stage.job.gpu_seconds += used  # per job as it accrues, whether the job ends well or not
         stage.status = status
         stage.error = error
         if status in STAGE_DONE or status in (StageStatus.failed, StageStatus.cancelled):

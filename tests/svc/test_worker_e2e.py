@@ -134,6 +134,7 @@ def test_full_job_through_a_celery_worker(
     assert "event: metrics" in body and "event: status" in body and body.rstrip().endswith("data: {}")
     usage = client.get("/v1/teams/me/usage", headers=team.headers).json()
     assert usage["gpu_seconds_total"] == pytest.approx(sum(s["gpu_seconds"] for s in job["stages"]))
+    assert job["gpu_seconds"] == pytest.approx(usage["gpu_seconds_total"])
 
 
 def test_two_jobs_sharing_a_weak_stage_train_it_once(
