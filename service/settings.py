@@ -23,7 +23,9 @@ class Settings(LibrarySettings):
     state_dir: Path = Field(Path(".w2s"), description="where the embedded database, broker and store live")
     database_url: str = Field("", description="SQLAlchemy URL; empty = SQLite in state_dir")
     broker_url: str = Field("", description="Celery broker URL; empty = filesystem transport in state_dir")
+    broker_key_prefix: str = Field("", description="prefix for every Redis key, to share one Redis safely")
     admin_key: str = Field("dev-admin-key", description="bearer key of the administrator")
+    session_secret: str = Field("dev-session-secret", description="signs the dashboard's session cookie")
     allow_trust_remote_code: bool = Field(False, description="let specs run model code from the hub")
     # Slots per queue the dispatcher may fill: one per worker process (one per GPU).
     queue_slots: dict[str, int] = Field(default_factory=lambda: {"cpu": 1})
@@ -53,6 +55,8 @@ class Settings(LibrarySettings):
     def _refuse_default_secret(self) -> Settings:
         if self.environment == "production" and self.admin_key == "dev-admin-key":
             raise ValueError("W2S_ADMIN_KEY must be set to a secret in production")
+        if self.environment == "production" and self.session_secret == "dev-session-secret":
+            raise ValueError("W2S_SESSION_SECRET must be set to a secret in production")
         return self
 
     @property

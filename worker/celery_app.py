@@ -30,7 +30,10 @@ def broker_options(settings: Settings) -> dict[str, object]:
         }
     # Redis redelivers an unacknowledged task after this long: it must exceed the longest stage,
     # or a healthy long stage would be started twice.
-    return {"visibility_timeout": settings.stage_timeout_s + 600}
+    options: dict[str, object] = {"visibility_timeout": settings.stage_timeout_s + 600}
+    if settings.broker_key_prefix:
+        options["global_keyprefix"] = settings.broker_key_prefix
+    return options
 
 
 def queue_names(settings: Settings) -> list[str]:

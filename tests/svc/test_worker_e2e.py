@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -79,10 +80,12 @@ def wait_for(condition: Callable[[], Any], timeout: float, stack: Stack, what: s
 
 @pytest.fixture
 def stack(service_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
-    redis.Redis(db=REDIS_DB).flushdb()
+    # A key prefix of its own, so concurrent test runs sharing this Redis never take each other's tasks.
+    prefix = f"w2s-test-{uuid.uuid4().hex[:8]}:"
     env = {
         **service_env,
         "W2S_BROKER_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
+        "W2S_BROKER_KEY_PREFIX": prefix,
         "W2S_QUEUE_SLOTS": '{"cpu": 1}',
     }
     for key, value in env.items():
@@ -94,6 +97,9 @@ def stack(service_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.Monke
     running.start("dispatcher")
     yield running
     running.stop()
+    client = redis.Redis(db=REDIS_DB)
+    for key in client.scan_iter(f"{prefix}*"):
+        client.delete(key)
 
 
 def job_status(client: TestClient, headers: dict[str, str], job_id: str) -> dict[str, Any]:
