@@ -38,13 +38,10 @@ logger = logging.getLogger(__name__)
 def _splits(dataset_json: str, data_dir: str | None) -> Any:
     from pathlib import Path
 
-    from w2s.pipeline import load_dataset_for
-    from w2s.spec import JobSpec
+    from w2s.pipeline import load_dataset
+    from w2s.spec import DatasetSpec
 
-    spec = JobSpec.model_validate(
-        {"dataset": json.loads(dataset_json), "weak": {"model": "x"}, "strong": {"model": "x"}}
-    )
-    return load_dataset_for(spec, Path(data_dir) if data_dir else None)
+    return load_dataset(DatasetSpec.model_validate_json(dataset_json), Path(data_dir) if data_dir else None)
 
 
 def load_splits_for(spec: Any, settings: Settings) -> Any:

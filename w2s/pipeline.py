@@ -20,7 +20,7 @@ import torch
 from w2s.datasets import CustomSource, DatasetSplits, load_splits
 from w2s.models import model_fingerprint
 from w2s.results import SeedPredictions, build_results
-from w2s.spec import CustomDatasetSpec, JobSpec
+from w2s.spec import CustomDatasetSpec, DatasetSpec, JobSpec
 from w2s.stages import (
     StagePlan,
     StageResult,
@@ -55,7 +55,10 @@ class Experiment:
 
 
 def load_dataset_for(spec: JobSpec, data_dir: Path | None) -> DatasetSplits:
-    dataset = spec.dataset
+    return load_dataset(spec.dataset, data_dir)
+
+
+def load_dataset(dataset: DatasetSpec, data_dir: Path | None) -> DatasetSplits:
     source = None
     if isinstance(dataset.name, CustomDatasetSpec):
         source = CustomSource(**dataset.name.model_dump())
