@@ -8,10 +8,13 @@ import time
 
 from fastapi import APIRouter, FastAPI, Request, status
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.middleware.sessions import SessionMiddleware
 
+from api import web
 from api.routes import datasets, jobs, sweeps, teams
 from service.db import get_engine, session_scope
 from service.jobs import NotFound
@@ -39,6 +42,18 @@ def create_app() -> FastAPI:
         v1.include_router(module.router)
     app.include_router(v1)
     app.include_router(ops)
+    # The dashboard. Its session cookie is read by api/web only: /v1 stays bearer-only.
+    app.include_router(web.router)
+    app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
+    settings = get_settings()
+    app.add_middleware(
+        SessionMiddleware,
+        secret_key=settings.session_secret,
+        session_cookie="w2s_session",
+        max_age=12 * 3600,
+        same_site="lax",
+        https_only=settings.environment == "production",
+    )
     _install_error_handlers(app)
 
     @app.middleware("http")

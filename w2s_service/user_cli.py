@@ -1,0 +1,615 @@
+"""The user-facing ``w2s`` command: the library's commands (run, datasets, losses, models) plus the
+commands that drive a w2s-service over its REST API.
+
+    w2s submit SPEC [--name N] [--priority P] [--idempotency-key K] [--watch]   # prints the job id
+    w2s list [--status S] [--dataset D] [--limit N]
+    w2s watch ID                       # live progress per stage, then the results table
+    w2s results ID [--json | --csv]
+    w2s cancel ID | w2s retry ID
+    w2s sweep submit GRID              # prints the sweep id
+    w2s sweep plot ID --out plot.png   # test accuracy per strong model, one line per weak model
+
+The service's URL and key come from ``--url``/``--key`` or ``W2S_URL`` (default
+http://127.0.0.1:8000) and ``W2S_API_KEY``.
+
+Exit codes: 0 done (the job succeeded), 1 the job failed, 2 bad input or usage (a 4xx from the
+API included), 3 the job was cancelled, 4 the server cannot be reached or failed (5xx). Errors are
+one line on stderr. The library's commands live in :mod:`w2s.cli`, which must not import HTTP code:
+this module adds the client commands to its parser instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn
+from rich.table import Table
+from rich.text import Text
+
+from w2s import cli as library_cli
+from w2s_service.client import DEFAULT_URL, ApiError, W2SClient
+
+EXIT_OK = 0
+EXIT_JOB_FAILED = 1
+EXIT_USAGE = 2
+EXIT_CANCELLED = 3
+EXIT_UNREACHABLE = 4
+
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL = {"succeeded": EXIT_OK, "failed": EXIT_JOB_FAILED, "cancelled": EXIT_CANCELLED}
+FIGURES = ("accuracy", "auroc", "pgr", "agreement_with_weak")
+# A server restart while watching should not end the watch: this many failed polls in a row do.
+WATCH_RETRIES = 30
+
+
+class CommandError(Exception):
+    """A problem this command reports as one line and an exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+def stderr() -> Console:
+    # Made per call, not at import: tests (capsys) and callers may swap sys.stderr.
+    return Console(stderr=True)
+
+
+def stdout() -> Console:
+    return Console()
+
+
+def print_error(message: str) -> None:
+    """One line on stderr, whatever the message holds (newlines, rich markup, a long path)."""
+    line = " ".join(message.split())
+    stderr().print(Text("error: ", style="red") + Text(line), soft_wrap=True)
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+
+
+def load_document(path: Path, what: str) -> dict[str, Any]:
+    """A JSON or YAML file holding a mapping; the server validates the contents."""
+    if not path.is_file():
+        raise CommandError(f"{what}: file {str(path)!r} not found")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise CommandError(f"{what}: {path} is not valid JSON/YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise CommandError(f"{what}: {path} must hold a mapping (JSON object), not {type(data).__name__}")
+    return data
+
+
+def make_client(args: argparse.Namespace) -> W2SClient:
+    url = args.url or os.environ.get("W2S_URL") or DEFAULT_URL
+    key = args.key or os.environ.get("W2S_API_KEY") or None
+    return W2SClient(url, key)
+
+
+# -- formatting -----------------------------------------------------------------------------------
+
+
+def short_model(model: str) -> str:
+    """A local model directory by its folder name; hub ids ("org/name") as they are."""
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        return Path(model).name or model
+    return model
+
+
+def parse_time(value: str | None) -> dt.datetime | None:
+    if not value:
+        return None
+    moment = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+
+
+def human_seconds(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{seconds // 60:.0f}m{seconds % 60:02.0f}s"
+    if seconds < 86400:
+        return f"{seconds // 3600:.0f}h{seconds % 3600 // 60:02.0f}m"
+    return f"{seconds // 86400:.0f}d{seconds % 86400 // 3600:.0f}h"
+
+
+def jobs_table(jobs: list[dict[str, Any]], now: dt.datetime | None = None) -> Table:
+    now = now or dt.datetime.now(dt.UTC)
+    table = Table(title=f"jobs ({len(jobs)})")
+    # Ids are what every other command takes: never wrap or cut them.
+    table.add_column("id", no_wrap=True, min_width=32)
+    for column in ("name", "dataset", "weak → strong", "status", "progress", "age", "duration"):
+        table.add_column(column)
+    styles = {"succeeded": "green", "failed": "red", "cancelled": "yellow", "running": "cyan"}
+    for job in jobs:
+        created, finished = parse_time(job.get("created_at")), parse_time(job.get("finished_at"))
+        age = human_seconds((now - created).total_seconds()) if created else "-"
+        # The summary has no start time: the duration is submission to end, queueing included.
+        duration = human_seconds((finished - created).total_seconds()) if created and finished else "-"
+        table.add_row(
+            job["id"],
+            job.get("name") or "",
+            job.get("dataset", ""),
+            f"{short_model(job.get('weak_model', ''))} → {short_model(job.get('strong_model', ''))}",
+            Text(job["status"], style=styles.get(job["status"], "")),
+            f"{job.get('progress', 0.0):.0%}",
+            age,
+            duration,
+        )
+    return table
+
+
+def print_results(results: dict[str, Any]) -> None:
+    """The table ``w2s run`` prints (stdout), then flags and timings (stderr)."""
+    from w2s.results import FLAG_DESCRIPTIONS
+
+    stdout().print(library_cli.results_table(results))
+    errors = stderr()
+    for flag in results.get("flags", []):
+        errors.print(f"[yellow]flag[/] {flag}: {FLAG_DESCRIPTIONS.get(flag, '')}")
+    timings = results.get("timings") or {}
+    if timings:
+        errors.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+
+
+def results_csv_rows(results: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """One row per model (weak, ceiling, student:<loss>); each figure with its std and interval."""
+    header = ["model"]
+    for figure in FIGURES:
+        header += [figure, f"{figure}_std", f"{figure}_ci_low", f"{figure}_ci_high"]
+    models = [("weak", results["weak"]), ("ceiling", results["ceiling"])]
+    models += [(f"student:{loss}", figures) for loss, figures in results["students"].items()]
+    rows = []
+    for model, figures in models:
+        row: list[Any] = [model]
+        for figure in FIGURES:
+            interval = figures.get(f"{figure}_ci") or [None, None]
+            for value in (figures.get(figure), figures.get(f"{figure}_std"), *interval):
+                row.append("" if value is None else value)
+        rows.append(row)
+    return header, rows
+
+
+def no_results(job: dict[str, Any]) -> CommandError:
+    """Why a job has no results, with the exit code its status means."""
+    job_id, status = job["id"], job["status"]
+    if status == "failed":
+        return CommandError(
+            f"job {job_id} failed: {job.get('error') or 'no error recorded'}", EXIT_JOB_FAILED
+        )
+    if status == "cancelled":
+        return CommandError(f"job {job_id} was cancelled (w2s retry {job_id} runs it again)", EXIT_CANCELLED)
+    if status == "succeeded":
+        return CommandError(f"job {job_id} succeeded but has no results document", EXIT_JOB_FAILED)
+    return CommandError(f"job {job_id} is {status}: no results yet (follow it with: w2s watch {job_id})")
+
+
+# -- watch ----------------------------------------------------------------------------------------
+
+
+class StageBars:
+    """A live progress bar per stage of a job, fed from polls of the API."""
+
+    def __init__(self, console: Console):
+        self.bars = Progress(
+            TextColumn("{task.description:<28}"),
+            BarColumn(),
+            TextColumn("{task.fields[steps]:>11}"),
+            TextColumn("{task.fields[status]}"),
+            TextColumn("{task.fields[elapsed]}"),
+            console=console,
+        )
+        self.tasks: dict[str, TaskID] = {}
+
+    def __enter__(self) -> StageBars:
+        self.bars.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bars.__exit__(*exc)  # type: ignore[arg-type]
+
+    @staticmethod
+    def describe(stage: dict[str, Any], latest: dict[str, float]) -> str:
+        status, metrics = stage["status"], stage.get("metrics") or {}
+        accuracy = metrics.get("accuracy")
+        if status in ("succeeded", "cached"):
+            # The elapsed column beside it says how long it took.
+            return (f"test acc {accuracy:.4f}  " if accuracy is not None else "") + (
+                "cached" if status == "cached" else "done"
+            )
+        if status == "failed":
+            return f"failed: {' '.join((stage.get('error') or '').split())[:80]}"
+        if status == "running":
+            loss = latest.get("loss", metrics.get("loss"))
+            parts = [f"loss {loss:.4f}"] if loss is not None else []
+            if "train_accuracy" in latest:
+                parts.append(f"train acc {latest['train_accuracy']:.3f}")
+            if "eval_accuracy" in latest:
+                parts.append(f"test acc {latest['eval_accuracy']:.3f}")
+            return "  ".join(parts) or "running"
+        return status
+
+    def update(self, job: dict[str, Any], latest: dict[str, dict[str, float]]) -> None:
+        for stage in job["stages"]:
+            total, step = stage.get("total_steps"), stage.get("step") or 0
+            if stage["status"] in ("succeeded", "cached"):
+                total = total or max(step, 1)
+                step = total
+            fields = {
+                "status": self.describe(stage, latest.get(stage["id"], {})),
+                "steps": f"{step}/{total}" if total else "",
+                "elapsed": self.elapsed(stage),
+            }
+            if stage["id"] not in self.tasks:
+                name = f"{stage['kind']} (seed {stage['seed']})"
+                self.tasks[stage["id"]] = self.bars.add_task(name, total=total, **fields)
+            self.bars.update(self.tasks[stage["id"]], completed=step, total=total, **fields)
+
+    @staticmethod
+    def elapsed(stage: dict[str, Any]) -> str:
+        # The stage's own running time from the server's timestamps, not how long we have watched.
+        started, finished = parse_time(stage.get("started_at")), parse_time(stage.get("finished_at"))
+        if started is None:
+            return ""
+        seconds = ((finished or dt.datetime.now(dt.UTC)) - started).total_seconds()
+        return str(dt.timedelta(seconds=int(max(0.0, seconds))))
+
+
+def latest_metrics(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The last value of each series, per stage id."""
+    latest: dict[str, dict[str, float]] = {}
+    for series in metrics.get("series", []):
+        if series.get("values"):
+            latest.setdefault(series["stage_id"], {})[series["name"]] = series["values"][-1]
+    return latest
+
+
+def follow(
+    client: W2SClient, job_id: str, *, interval: float, sleep: Callable[[float], None]
+) -> dict[str, Any]:
+    """Poll the job until it ends, drawing its stages; return the final job."""
+    latest: dict[str, dict[str, float]] = {}
+    fetched_at: tuple[tuple[str, int], ...] | None = None
+    failures, seen = 0, False
+    with StageBars(stderr()) as bars:
+        while True:
+            try:
+                job = client.get_job(job_id)
+                running = tuple((s["id"], s["step"]) for s in job["stages"] if s["status"] == "running")
+                # Curves only change while a stage trains: fetch them only when a step moved.
+                if running and running != fetched_at:
+                    latest = latest_metrics(client.job_metrics(job_id))
+                    fetched_at = running
+                failures, seen = 0, True
+            except ApiError as error:
+                # Before the first answer an unreachable server is an error right away; later,
+                # a restart or a database blip is waited out.
+                if not (seen and error.unreachable) or failures >= WATCH_RETRIES:
+                    raise
+                failures += 1
+                sleep(interval)
+                continue
+            bars.update(job, latest)
+            if job["status"] in TERMINAL:
+                return job
+            sleep(interval)
+
+
+def watch_job(client: W2SClient, job_id: str, interval: float) -> int:
+    job = follow(client, job_id, interval=interval, sleep=time.sleep)
+    if job["status"] == "succeeded" and job.get("results"):
+        print_results(job["results"])
+        return EXIT_OK
+    raise no_results(job)
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    spec = load_document(args.spec, "spec")
+    with make_client(args) as client:
+        job = client.submit_job(
+            spec, name=args.name, priority=args.priority, idempotency_key=args.idempotency_key
+        )
+        # Only the id on stdout, so JOB=$(w2s submit spec.json) works.
+        print(job["id"], flush=True)
+        if args.watch:
+            return watch_job(client, job["id"], args.interval)
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        page = client.list_jobs(status=args.status, dataset=args.dataset, limit=args.limit)
+    stdout().print(jobs_table(page["data"]))
+    if page.get("next_cursor"):
+        stderr().print(f"more jobs exist: raise --limit (now {args.limit}) or filter by --status/--dataset")
+    return EXIT_OK
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        return watch_job(client, args.id, args.interval)
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        job = client.get_job(args.id)
+    results = job.get("results")
+    if not results:
+        raise no_results(job)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    elif args.csv:
+        header, rows = results_csv_rows(results)
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+    else:
+        print_results(results)
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        job = client.cancel_job(args.id)
+    print(f"job {job['id']} {job['status']}")
+    return EXIT_OK
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        job = client.retry_job(args.id)
+    print(f"job {job['id']} {job['status']} again")
+    return EXIT_OK
+
+
+def cmd_sweep_submit(args: argparse.Namespace) -> int:
+    grid = load_document(args.grid, "grid")
+    if args.name is not None:
+        grid["name"] = args.name
+    if args.priority is not None:
+        grid["priority"] = args.priority
+    with make_client(args) as client:
+        sweep = client.submit_sweep(grid)
+    print(sweep["id"])
+    return EXIT_OK
+
+
+def _model_name(entry: Any) -> str:
+    return entry.get("model", "") if isinstance(entry, dict) else str(entry)
+
+
+def _ordered(*groups: list[str]) -> list[str]:
+    return list(dict.fromkeys(name for group in groups for name in group))
+
+
+def dataset_label(grid: dict[str, Any]) -> str:
+    name = (grid.get("dataset") or {}).get("name", "?")
+    return Path(str(name.get("path", "?"))).name if isinstance(name, dict) else str(name)
+
+
+def plot_sweep(sweep: dict[str, Any]) -> Any:
+    """The paper's plot: test accuracy per strong model (categorical, in grid order), one colour
+    per weak model, the xent student solid and other losses dashed, the strong ceiling in black.
+    Returns a matplotlib Figure (Agg canvas; no pyplot, so no global backend state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    grid, rows = sweep["grid"], sweep["table"]
+    strong = _ordered(
+        [_model_name(e) for e in grid.get("strong_models", [])], [r["strong_model"] for r in rows]
+    )
+    weak = _ordered([_model_name(e) for e in grid.get("weak_models", [])], [r["weak_model"] for r in rows])
+    losses = _ordered(*[list(r["students"]) for r in rows])
+    by_pair = {(r["weak_model"], r["strong_model"]): r for r in rows}
+    nan = float("nan")
+
+    def value(number: float | None) -> float:
+        return nan if number is None else number
+
+    figure = Figure(figsize=(max(6.0, 1.6 * len(strong) + 2) + 3.5, 4.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    x = list(range(len(strong)))
+    colours = [f"C{i % 10}" for i in range(len(weak))]
+    dashes = ["--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
+    for colour, weak_model in zip(colours, weak, strict=True):
+        others = 0
+        for loss in losses:
+            ys = [
+                value(by_pair.get((weak_model, s), {}).get("students", {}).get(loss, {}).get("accuracy"))
+                for s in strong
+            ]
+            if loss == "xent":
+                style = "-"
+            else:
+                style, others = dashes[others % len(dashes)], others + 1
+            axes.plot(
+                x,
+                ys,
+                color=colour,
+                linestyle=style,
+                marker="o",
+                markersize=4,
+                label=f"weak {short_model(weak_model)}, student {loss}",
+            )
+    ceiling = []
+    for s in strong:
+        values = [r["ceiling_accuracy"] for r in rows if r["strong_model"] == s and r["ceiling_accuracy"]]
+        ceiling.append(sum(values) / len(values) if values else nan)
+    axes.plot(
+        x,
+        ceiling,
+        color="black",
+        linestyle="-",
+        linewidth=2,
+        marker="s",
+        markersize=5,
+        label="strong ceiling",
+    )
+    axes.set_xticks(x, [short_model(s) for s in strong], rotation=15 if len(strong) > 3 else 0)
+    axes.set_xlabel("strong model")
+    axes.set_ylabel("test accuracy")
+    title = f"weak-to-strong on {dataset_label(grid)}"
+    axes.set_title(f"{title} ({sweep['name']})" if sweep.get("name") else title)
+    axes.grid(alpha=0.3)
+    # Outside the axes: inside, it hides the curves near the ceiling.
+    figure.legend(fontsize="small", loc="outside right upper")
+    return figure
+
+
+def cmd_sweep_plot(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        sweep = client.get_sweep(args.id)
+    rows = sweep["table"]
+    with_results = [r for r in rows if r["ceiling_accuracy"] is not None or r["weak_accuracy"] is not None]
+    if not with_results:
+        raise CommandError(
+            f"sweep {args.id} is {sweep['status']}: none of its {len(rows)} jobs has results to plot yet"
+        )
+    if len(with_results) < len(rows):
+        stderr().print(f"{len(rows) - len(with_results)} of {len(rows)} jobs have no results yet")
+    out: Path = args.out or Path(f"sweep-{sweep['id'][:8]}.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot_sweep(sweep).savefig(out, dpi=args.dpi)
+    print(f"wrote {out}")
+    return EXIT_OK
+
+
+# -- parser and main ------------------------------------------------------------------------------
+
+CLIENT_COMMANDS: set[Callable[[argparse.Namespace], int]] = {
+    cmd_submit,
+    cmd_list,
+    cmd_watch,
+    cmd_results,
+    cmd_cancel,
+    cmd_retry,
+    cmd_sweep_submit,
+    cmd_sweep_plot,
+}
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> Any:
+    # argparse allows one add_subparsers() per parser: reach the library's instead of adding one.
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    raise RuntimeError("w2s.cli.build_parser() has no subcommands")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The library's parser (run, datasets, losses, models) plus the service client commands."""
+    parser = library_cli.build_parser()
+    commands = _subcommands(parser)
+    server = argparse.ArgumentParser(add_help=False)
+    server.add_argument("--url", help=f"the service (env W2S_URL, default {DEFAULT_URL})")
+    server.add_argument("--key", help="your team's API key (env W2S_API_KEY)")
+    watching = argparse.ArgumentParser(add_help=False)
+    watching.add_argument("--interval", type=float, default=1.0, help="seconds between polls (default 1)")
+    parents = [server]
+
+    submit = commands.add_parser(
+        "submit", parents=[server, watching], help="submit a job spec (JSON or YAML); prints the job id"
+    )
+    submit.add_argument("spec", type=Path)
+    submit.add_argument("--name", help="a label for listings")
+    submit.add_argument("--priority", type=int, help="-100..100, higher runs first (default 0)")
+    submit.add_argument("--idempotency-key", help="a repeat with the same key returns the same job")
+    submit.add_argument("--watch", action="store_true", help="then follow it like `w2s watch`")
+    submit.set_defaults(handler=cmd_submit)
+
+    listing = commands.add_parser("list", parents=parents, help="your team's jobs, newest first")
+    listing.add_argument("--status", choices=JOB_STATUSES)
+    listing.add_argument("--dataset")
+    listing.add_argument("--limit", type=int, default=50, help="at most this many (1-200, default 50)")
+    listing.set_defaults(handler=cmd_list)
+
+    watch = commands.add_parser(
+        "watch", parents=[server, watching], help="live progress of a job, then its results"
+    )
+    watch.add_argument("id")
+    watch.set_defaults(handler=cmd_watch)
+
+    results = commands.add_parser("results", parents=parents, help="a finished job's results")
+    results.add_argument("id")
+    form = results.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="the results document")
+    form.add_argument("--csv", action="store_true", help="one row per model")
+    results.set_defaults(handler=cmd_results)
+
+    cancel = commands.add_parser("cancel", parents=parents, help="cancel a queued or running job")
+    cancel.add_argument("id")
+    cancel.set_defaults(handler=cmd_cancel)
+    retry = commands.add_parser("retry", parents=parents, help="rerun a failed or cancelled job")
+    retry.add_argument("id")
+    retry.set_defaults(handler=cmd_retry)
+
+    sweeps = commands.add_parser("sweep", help="weak x strong grids on one dataset").add_subparsers(
+        dest="sweep", required=True
+    )
+    sweep_submit = sweeps.add_parser("submit", parents=parents, help="submit a grid; prints the sweep id")
+    sweep_submit.add_argument("grid", type=Path, help="JSON/YAML: the body of POST /v1/sweeps")
+    sweep_submit.add_argument("--name")
+    sweep_submit.add_argument("--priority", type=int)
+    sweep_submit.set_defaults(handler=cmd_sweep_submit)
+    plot = sweeps.add_parser("plot", parents=parents, help="plot test accuracy per strong model (PNG)")
+    plot.add_argument("id")
+    plot.add_argument("--out", type=Path, help="the PNG to write (default sweep-<id>.png)")
+    plot.add_argument("--dpi", type=int, default=150)
+    plot.set_defaults(handler=cmd_sweep_plot)
+    return parser
+
+
+def run_client_command(args: argparse.Namespace) -> int:
+    """Run a client command, turning every expected failure into one line and its exit code."""
+    try:
+        return args.handler(args)
+    except CommandError as error:
+        print_error(error.message)
+        return error.code
+    except ApiError as error:
+        if error.status == 0:
+            print_error(f"{error.message} (is the service running? w2s-service dev)")
+            return EXIT_UNREACHABLE
+        print_error(error.message)
+        return EXIT_UNREACHABLE if error.unreachable else EXIT_USAGE
+    except OSError as error:  # writing the plot, reading a spec that vanished
+        print_error(str(error))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        stderr().print("interrupted (a submitted job keeps running on the service)")
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help (0) or a usage error (2, argparse's message already shown)
+        return stop.code if isinstance(stop.code, int) else EXIT_USAGE
+    if args.handler in CLIENT_COMMANDS:
+        return run_client_command(args)
+    # run, datasets, losses, models: exactly as the library's own entry point does them.
+    return library_cli.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
