@@ -157,7 +157,8 @@ class Stage(Base):
 
 class MetricPoint(Base):
     __tablename__ = "metric_points"
-    __table_args__ = (Index("ix_metric_points_stage_name_step", "stage_id", "name", "step"),)
+    # Unique: a redelivered stage's points replace the lost attempt's (see worker/tasks.py).
+    __table_args__ = (UniqueConstraint("stage_id", "name", "step", name="uq_metric_points_stage_name_step"),)
 
     id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
     stage_id: Mapped[str] = mapped_column(ForeignKey("stages.id", ondelete="CASCADE"))

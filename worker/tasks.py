@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy.exc import OperationalError
 
-from service.db import session_scope
+from service.db import insert_ignoring_duplicates, session_scope
 from service.dispatch import record_result, stage_plans
 from service.jobs import log
 from service.models import MetricPoint, Stage, utcnow
@@ -61,10 +61,14 @@ class ProgressWriter:
                 if stage is None:
                     self.cancelled = True
                     return
-                session.add_all(
-                    MetricPoint(stage_id=self.stage_id, step=step, name=name, value=float(value))
-                    for step, name, value in self.points
-                )
+                if self.points:
+                    session.execute(
+                        insert_ignoring_duplicates(session, MetricPoint.__table__),
+                        [
+                            {"stage_id": self.stage_id, "step": step, "name": name, "value": float(value)}
+                            for step, name, value in self.points
+                        ],
+                    )
                 if self.latest is not None:
                     stage.step = self.latest.step
                     stage.total_steps = self.latest.total_steps
