@@ -3,17 +3,24 @@ dispatcher and a worker can share one file."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, Insert, Table, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.settings import get_settings
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def make_engine(url: str) -> Engine:
@@ -63,6 +70,30 @@ def insert_ignoring_duplicates(session: Session, table: Table) -> Insert:
     """INSERT ... ON CONFLICT DO NOTHING, for rows a retried or redelivered write may repeat."""
     dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
     return dialect.insert(table).on_conflict_do_nothing()
+
+
+def database_unreachable(error: BaseException) -> bool:
+    """A connection problem (retry later), as opposed to a bad statement (a bug: fail now)."""
+    return isinstance(error, OperationalError) or (
+        isinstance(error, DBAPIError) and bool(error.connection_invalidated)
+    )
+
+
+def retry_database(action: Callable[[], T], what: str, budget_s: float) -> T:
+    """Run ``action`` (its own transaction), retrying for up to ``budget_s`` while the database is
+    unreachable (Postgres restarting, a failover): 0.5 s, 1 s, 2 s ... 10 s apart."""
+    deadline = time.monotonic() + budget_s
+    wait = 0.5
+    while True:
+        try:
+            return action()
+        except DBAPIError as error:
+            if not database_unreachable(error) or time.monotonic() + wait > deadline:
+                raise
+            first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+            logger.warning("%s: database unreachable, retrying in %.1f s: %s", what, wait, first_line)
+            time.sleep(wait)
+            wait = min(wait * 2, 10.0)
 
 
 def reset_caches() -> None:

@@ -11,11 +11,11 @@ import datetime as dt
 import functools
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, selectinload
 
 from service.jobs import log
@@ -121,6 +121,7 @@ class RoundReport:
     cached: int = 0
     admitted: list[tuple[str, str]] | None = None  # (stage id, queue)
     finished: int = 0
+    resent: list[tuple[str, str]] = field(default_factory=list)  # (stage id, queue): lost, sent again
 
 
 def _ready(stage: Stage, by_id: dict[str, Stage]) -> bool:
@@ -157,9 +158,48 @@ def _team_shares(session: Session, settings: Settings, team_ids: set[str]) -> di
     return shares
 
 
+def recover_lost_stages(session: Session, settings: Settings, report: RoundReport) -> None:
+    """Send again what a fault lost, keeping each stage's slot.
+
+    A running stage whose heartbeat went silent lost its worker (killed, or its machine gone): it
+    is requeued, and the new attempt fences the old one out (worker/tasks.py). A queued stage that
+    no worker took long after it was sent lost its broker message (Redis restarted, say): it is
+    sent again. A duplicate message is harmless: the claim drops it.
+    """
+    now = utcnow()
+    silent_since = now - dt.timedelta(seconds=settings.heartbeat_timeout_s)
+    lost = session.scalars(
+        select(Stage).where(
+            Stage.status == StageStatus.running,
+            or_(Stage.heartbeat_at < silent_since, Stage.heartbeat_at.is_(None)),
+        )
+    )
+    for stage in lost:
+        check_stage_transition(stage.status, StageStatus.queued)
+        stage.status = StageStatus.queued
+        stage.sent_at = now
+        message = (
+            f"{stage.kind}/{stage.seed}: no heartbeat from {stage.worker} for "
+            f"{settings.heartbeat_timeout_s:.0f} s; requeued"
+        )
+        log(session, job_id=stage.job_id, stage_id=stage.id, message=message, level="warning")
+        report.resent.append((stage.id, stage.gpu_class or "cpu"))
+    unclaimed_since = now - dt.timedelta(seconds=settings.redeliver_after_s)
+    unclaimed = session.scalars(
+        select(Stage).where(Stage.status == StageStatus.queued, Stage.sent_at < unclaimed_since)
+    )
+    for stage in unclaimed:
+        stage.sent_at = now
+        waited = f"{settings.redeliver_after_s:.0f} s"
+        message = f"{stage.kind}/{stage.seed}: no worker took it for {waited}; sent again"
+        log(session, job_id=stage.job_id, stage_id=stage.id, message=message, level="warning")
+        report.resent.append((stage.id, stage.gpu_class or "cpu"))
+
+
 def dispatch_round(session: Session, settings: Settings, store: Any) -> RoundReport:
-    """One pass. The caller commits, then enqueues ``report.admitted``."""
+    """One pass. The caller commits, then enqueues ``report.admitted`` and ``report.resent``."""
     report = RoundReport(admitted=[])
+    recover_lost_stages(session, settings, report)
     open_jobs = list(
         session.scalars(
             select(Job)
@@ -215,7 +255,7 @@ def dispatch_round(session: Session, settings: Settings, store: Any) -> RoundRep
             stage = stages[candidate.stage_id]
             check_stage_transition(stage.status, StageStatus.queued)
             stage.status = StageStatus.queued
-            stage.queued_at = utcnow()
+            stage.queued_at = stage.sent_at = utcnow()
             report.admitted.append((stage.id, candidate.queue))
             job = stage.job
             if job.status == JobStatus.queued:

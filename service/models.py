@@ -86,6 +86,9 @@ class Job(Base):
     __table_args__ = (
         UniqueConstraint("team_id", "idempotency_key", name="uq_jobs_team_idempotency_key"),
         Index("ix_jobs_team_created", "team_id", "created_at", "id"),
+        # Filtered listings (status, dataset) seek to their page instead of filtering a team's jobs.
+        Index("ix_jobs_team_status_created", "team_id", "status", "created_at", "id"),
+        Index("ix_jobs_team_dataset_created", "team_id", "dataset", "created_at", "id"),
         Index("ix_jobs_status", "status"),
     )
 
@@ -148,6 +151,8 @@ class Stage(Base):
     error: Mapped[str | None] = mapped_column(Text)
     gpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
     queued_at: Mapped[dt.datetime | None]
+    # When its task was last sent to the broker (or is due back, for a retry with backoff).
+    sent_at: Mapped[dt.datetime | None]
     started_at: Mapped[dt.datetime | None]
     finished_at: Mapped[dt.datetime | None]
     heartbeat_at: Mapped[dt.datetime | None]

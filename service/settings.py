@@ -40,6 +40,22 @@ class Settings(LibrarySettings):
         Path(""), description="where uploaded datasets are kept; empty = state_dir/uploads"
     )
     progress_flush_s: float = Field(2.0, description="how often workers write progress to the database")
+    # Recovery from lost workers and lost broker messages (see worker/tasks.py and service/dispatch.py).
+    heartbeat_interval_s: float = Field(10.0, gt=0, description="how often a running stage says it is alive")
+    heartbeat_timeout_s: float = Field(
+        120.0, gt=0, description="a running stage silent this long lost its worker: it is requeued"
+    )
+    redeliver_after_s: float = Field(
+        300.0, gt=0, description="a queued stage no worker took this long is sent again (the broker lost it)"
+    )
+    retry_backoff_s: float = Field(
+        5.0,
+        gt=0,
+        description="first wait before retrying a stage after a transient error; doubles, up to 5 min",
+    )
+    db_retry_s: float = Field(
+        600.0, ge=0, description="how long a worker keeps retrying a database write before giving up"
+    )
 
     @model_validator(mode="after")
     def _embedded_defaults(self) -> Settings:
@@ -49,6 +65,15 @@ class Settings(LibrarySettings):
             self.broker_url = "filesystem://"
         if self.uploads_dir == Path(""):
             self.uploads_dir = self.state_dir / "uploads"
+        return self
+
+    @model_validator(mode="after")
+    def _heartbeats_fit_the_timeout(self) -> Settings:
+        if self.heartbeat_timeout_s < 3 * self.heartbeat_interval_s:
+            raise ValueError(
+                "W2S_HEARTBEAT_TIMEOUT_S must be at least 3 x W2S_HEARTBEAT_INTERVAL_S, or one slow "
+                "heartbeat would requeue a healthy stage"
+            )
         return self
 
     @model_validator(mode="after")

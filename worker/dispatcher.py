@@ -11,9 +11,9 @@ import threading
 
 from celery import Celery
 from sqlalchemy import text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError
 
-from service.db import session_scope
+from service.db import database_unreachable, session_scope
 from service.dispatch import RoundReport, dispatch_round
 from service.models import Stage
 from service.settings import Settings, get_settings
@@ -33,7 +33,7 @@ def run_round(settings: Settings, celery_app: Celery, store: ArtifactStore) -> R
             return None  # another dispatcher is in its round
         report = dispatch_round(session, settings, store)
     # Committed first, then enqueued: the task re-reads a row that exists.
-    for stage_id, queue in report.admitted or []:
+    for stage_id, queue in [*(report.admitted or []), *report.resent]:
         try:
             celery_app.send_task("w2s.run_stage", args=[stage_id], queue=queue)
         except Exception as error:  # broker down: hand the slot back, the next round tries again
@@ -59,16 +59,22 @@ def run_dispatcher(
     while not stop.is_set():
         try:
             report = run_round(settings, celery_app, store)
-            if report and (report.admitted or report.finished or report.cached or report.planned):
+            if report and (
+                report.admitted or report.finished or report.cached or report.planned or report.resent
+            ):
                 logger.info(
-                    "round: planned %d, cached %d, admitted %d, finished %d",
+                    "round: planned %d, cached %d, admitted %d, resent %d, finished %d",
                     report.planned,
                     report.cached,
                     len(report.admitted or []),
+                    len(report.resent),
                     report.finished,
                 )
-        except OperationalError as error:
-            logger.warning("database unavailable, retrying: %s", str(error).splitlines()[0])
+        except DBAPIError as error:
+            if database_unreachable(error):
+                logger.warning("database unavailable, retrying: %s", str(error).splitlines()[0])
+            else:
+                logger.exception("dispatch round failed")
         except Exception:
             logger.exception("dispatch round failed")
         stop.wait(settings.dispatch_interval_s)
