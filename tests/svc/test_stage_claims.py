@@ -1,0 +1,141 @@
+"""The rules that make redelivery safe, one at a time, without worker processes: who may claim a
+stage, whose writes count, and what the dispatcher sends again."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+from test_worker_e2e import tiny_job
+
+from service.db import session_scope
+from service.dispatch import RoundReport, recover_lost_stages
+from service.models import LogLine, MetricPoint, Stage, utcnow
+from service.settings import get_settings
+from worker.tasks import ProgressWriter, _write_outcome, claim_stage
+
+
+@pytest.fixture
+def stage_id(client: TestClient, make_team, tiny_bert: Path) -> str:  # type: ignore[no-untyped-def]
+    team = make_team()
+    job = client.post("/v1/jobs", json=tiny_job(tiny_bert, tiny_bert), headers=team.headers).json()
+    weak = job["stages"][0]
+    with session_scope() as session:
+        stage = session.get(Stage, weak["id"])
+        assert stage is not None
+        stage.status = "queued"
+        stage.gpu_class = "cpu"
+        stage.sent_at = utcnow()
+    return str(weak["id"])
+
+
+def stage_row(stage_id: str) -> Stage:
+    with session_scope() as session:
+        stage = session.get(Stage, stage_id)
+        assert stage is not None
+        return stage
+
+
+def set_stage(stage_id: str, **values: object) -> None:
+    with session_scope() as session:
+        stage = session.get(Stage, stage_id)
+        for name, value in values.items():
+            setattr(stage, name, value)
+
+
+def test_first_claim_runs_attempt_one(stage_id: str) -> None:
+    claim = claim_stage(stage_id, "worker-a", get_settings())
+    assert claim is not None and claim["attempt"] == 1
+    stage = stage_row(stage_id)
+    assert (stage.status, stage.attempts, stage.worker) == ("running", 1, "worker-a")
+
+
+def test_duplicate_delivery_while_another_worker_is_alive_is_dropped(stage_id: str) -> None:
+    claim_stage(stage_id, "worker-a", get_settings())
+    assert claim_stage(stage_id, "worker-b", get_settings()) is None
+    stage = stage_row(stage_id)
+    assert (stage.attempts, stage.worker) == (1, "worker-a")
+
+
+def test_redelivery_after_the_worker_died_starts_a_clean_attempt(stage_id: str) -> None:
+    settings = get_settings()
+    claim_stage(stage_id, "worker-a", settings)
+    ProgressWriter(stage_id, 0.0, attempt=1)._write()  # a heartbeat...
+    with session_scope() as session:  # ...and a partial curve from the attempt that dies
+        session.add_all(MetricPoint(stage_id=stage_id, step=step, name="loss", value=1.0) for step in (1, 2))
+    set_stage(stage_id, heartbeat_at=utcnow() - dt.timedelta(seconds=settings.heartbeat_timeout_s + 1))
+
+    claim = claim_stage(stage_id, "worker-b", settings)
+    assert claim is not None and claim["attempt"] == 2
+    with session_scope() as session:
+        points = session.scalar(select(func.count()).where(MetricPoint.stage_id == stage_id))
+        messages = session.scalars(select(LogLine.message).where(LogLine.stage_id == stage_id)).all()
+    assert points == 0
+    assert any("redelivered" in message and "worker-a" in message for message in messages)
+
+
+def test_the_same_worker_getting_its_stage_back_means_its_last_attempt_died(stage_id: str) -> None:
+    # One task at a time per worker: if the stage says it runs here, that run is gone (its child
+    # process was killed and Celery requeued the task), however fresh its heartbeat.
+    claim_stage(stage_id, "worker-a", get_settings())
+    claim = claim_stage(stage_id, "worker-a", get_settings())
+    assert claim is not None and claim["attempt"] == 2
+
+
+def test_a_superseded_attempt_writes_nothing(stage_id: str) -> None:
+    settings = get_settings()
+    claim_stage(stage_id, "worker-a", settings)
+    set_stage(stage_id, heartbeat_at=utcnow() - dt.timedelta(seconds=settings.heartbeat_timeout_s + 1))
+    claim_stage(stage_id, "worker-b", settings)
+
+    _write_outcome(stage_id, "failed", 1, "late error from the lost attempt", None, settings)
+    writer = ProgressWriter(stage_id, 0.0, attempt=1)
+    writer.points.append((1, "loss", 0.5))
+    writer.flush()
+    stage = stage_row(stage_id)
+    assert (stage.status, stage.attempts, stage.error) == ("running", 2, None)
+    assert writer.cancelled  # its training stops at the next step
+    with session_scope() as session:
+        assert session.scalar(select(func.count()).where(MetricPoint.stage_id == stage_id)) == 0
+
+
+def test_attempts_are_bounded(stage_id: str) -> None:
+    settings = get_settings()
+    set_stage(stage_id, attempts=settings.max_stage_attempts, error="OSError: disk full")
+    assert claim_stage(stage_id, "worker-a", settings) is None
+    stage = stage_row(stage_id)
+    assert stage.status == "failed"
+    assert (
+        stage.error == f"gave up after {settings.max_stage_attempts} attempts; last error: OSError: disk full"
+    )
+
+
+def test_a_pending_stage_is_not_claimed(stage_id: str) -> None:
+    set_stage(stage_id, status="pending")  # reset by a retry; its old message arrives late
+    assert claim_stage(stage_id, "worker-a", get_settings()) is None
+    assert stage_row(stage_id).status == "pending"
+
+
+def test_dispatcher_requeues_silent_stages_and_resends_unclaimed_ones(stage_id: str) -> None:
+    settings = get_settings()
+    report = RoundReport(admitted=[])
+    with session_scope() as session:
+        recover_lost_stages(session, settings, report)
+    assert report.resent == []  # just sent, nothing lost yet
+
+    set_stage(stage_id, sent_at=utcnow() - dt.timedelta(seconds=settings.redeliver_after_s + 1))
+    with session_scope() as session:
+        recover_lost_stages(session, settings, report)
+    assert report.resent == [(stage_id, "cpu")] and stage_row(stage_id).status == "queued"
+
+    claim_stage(stage_id, "worker-a", settings)
+    set_stage(stage_id, heartbeat_at=utcnow() - dt.timedelta(seconds=settings.heartbeat_timeout_s + 1))
+    report = RoundReport(admitted=[])
+    with session_scope() as session:
+        recover_lost_stages(session, settings, report)
+    assert report.resent == [(stage_id, "cpu")]
+    stage = stage_row(stage_id)
+    assert stage.status == "queued" and stage.attempts == 1
