@@ -52,8 +52,12 @@ def team_for_key(session: Session, key: str) -> Team | None:
 
 def team_for_key_hash(session: Session, key_hash: str) -> Team | None:
     """The team of an unrevoked key, from its hash (what the dashboard's session cookie holds)."""
-    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None)))
-    return row.team if row is not None else None
+    # One round trip: every request authenticates, so the key and its team come in one join.
+    return session.scalar(
+        select(Team)
+        .join(ApiKey, ApiKey.team_id == Team.id)
+        .where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
+    )
 
 
 def is_admin_key(key: str, admin_key: str) -> bool:

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import or_, select, tuple_
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, defer, joinedload, selectinload
 
 from service.models import Dataset, Job, LogLine, Stage, Team, new_id, utcnow
 from service.settings import Settings
@@ -46,8 +46,24 @@ def expand_stages(spec: JobSpec) -> list[StageTemplate]:
 
 
 def _inside(path: Path, roots: list[Path]) -> bool:
-    resolved = path.resolve()
+    try:
+        resolved = path.resolve()  # symlinks followed: a link that leads out is outside
+    except (OSError, RuntimeError, ValueError):  # a NUL byte, a loop: not a usable path either
+        return False
     return any(resolved.is_relative_to(root.resolve()) for root in roots)
+
+
+def _runs_model_code(model: str) -> bool:
+    """Whether a local model directory's configs name their own Python classes (``auto_map``),
+    which transformers can only load by running that code (``trust_remote_code``)."""
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            config = json.loads((Path(model).expanduser() / name).read_text())
+        except (OSError, RuntimeError, ValueError):
+            continue  # a hub id, or no such file: nothing to run from here
+        if isinstance(config, dict) and config.get("auto_map"):
+            return True
+    return False
 
 
 def resolve_spec(session: Session, *, team: Team, raw: dict[str, Any], settings: Settings) -> JobSpec:
@@ -66,7 +82,8 @@ def resolve_spec(session: Session, *, team: Team, raw: dict[str, Any], settings:
         dataset["name"] = {"path": upload.path, "text": upload.text_column, "label": upload.label_column}
     spec = parse_spec(raw)
     if isinstance(spec.dataset.name, CustomDatasetSpec):
-        roots = [settings.uploads_dir] + ([settings.data_dir] if settings.data_dir else [])
+        # The team's own uploads only: another team's files are outside, like any other path.
+        roots = [settings.uploads_dir / team.id] + ([settings.data_dir] if settings.data_dir else [])
         for field in ("path", "test_path"):
             value = getattr(spec.dataset.name, field)
             if value is not None and not _inside(Path(value), roots):
@@ -79,11 +96,21 @@ def resolve_spec(session: Session, *, team: Team, raw: dict[str, Any], settings:
                 )
     allowed = settings.allow_trust_remote_code or team.allow_trust_remote_code
     for role in ("weak", "strong"):
-        if getattr(spec, role).trust_remote_code and not allowed:
+        model = getattr(spec, role)
+        if model.trust_remote_code and not allowed:
             errors.append(
                 (
                     f"{role}.trust_remote_code",
                     "running model code from the hub is off for your team; ask an admin",
+                )
+            )
+        elif not model.trust_remote_code and _runs_model_code(model.model):
+            fix = f"set {role}.trust_remote_code to true" if allowed else "ask an admin to allow it"
+            errors.append(
+                (
+                    f"{role}.model",
+                    f"{model.model!r} has auto_map in its config: loading it runs Python code from the "
+                    f"directory (trust_remote_code), which is off for this job; {fix}",
                 )
             )
     if errors:
@@ -157,8 +184,13 @@ def create_job(
 
 
 def get_job(session: Session, *, team_id: str, job_id: str) -> Job:
-    job = session.scalar(
-        select(Job).options(selectinload(Job.stages)).where(Job.id == job_id, Job.team_id == team_id)
+    # One job's few stages come in the same round trip (a join), not a second query.
+    job = (
+        session.scalars(
+            select(Job).options(joinedload(Job.stages)).where(Job.id == job_id, Job.team_id == team_id)
+        )
+        .unique()
+        .first()
     )
     if job is None:
         raise NotFound(f"job {job_id} not found")
@@ -193,7 +225,18 @@ def list_jobs(
     cursor: str | None = None,
 ) -> tuple[list[Job], str | None]:
     """Newest first, keyset-paginated on (created_at, id): deep pages cost what the first does."""
-    query = select(Job).options(selectinload(Job.stages)).where(Job.team_id == team_id)
+    # A listing shows summaries: the large JSON documents (spec, results, manifest, stage results)
+    # stay in the database unless a caller touches them, which then loads them lazily.
+    query = (
+        select(Job)
+        .options(
+            defer(Job.spec),
+            defer(Job.results),
+            defer(Job.manifest),
+            selectinload(Job.stages).defer(Stage.result).defer(Stage.metrics),
+        )
+        .where(Job.team_id == team_id)
+    )
     if status:
         query = query.where(Job.status == JobStatus(status))
     if dataset:
@@ -206,7 +249,9 @@ def list_jobs(
         query = query.where(Job.sweep_id == sweep_id)
     if cursor:
         created, job_id = decode_cursor(cursor)
-        query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))
+        # A row comparison, not an OR: the index on (team_id, created_at, id) then seeks straight to
+        # the cursor, so a deep page costs what the first does.
+        query = query.where(tuple_(Job.created_at, Job.id) < tuple_(created, job_id))
     jobs = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
     next_cursor = encode_cursor(jobs[limit - 1]) if len(jobs) > limit else None
     return jobs[:limit], next_cursor
