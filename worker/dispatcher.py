@@ -55,6 +55,11 @@ def run_dispatcher(
         celery_app = make_celery(settings)
     store = ArtifactStore(settings.store_uri)
     stop = stop or threading.Event()
+    # Planning needs torch and transformers (stage keys, memory estimates): import them now, not
+    # on the first job, which would otherwise wait seconds for its first stage.
+    import w2s.memory
+    import w2s.pipeline  # noqa: F401
+
     logger.info("dispatcher: queues %s", settings.queue_slots)
     while not stop.is_set():
         try:
