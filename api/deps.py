@@ -54,7 +54,10 @@ def current_team(session: SessionDep, credentials: Credentials) -> Team:
 
 
 def require_admin(settings: SettingsDep, credentials: Credentials) -> None:
-    if credentials is None or not is_admin_key(credentials.credentials, settings.admin_key):
+    # No credentials at all is a 401 (send a key), as on every other endpoint; a team's key is a 403.
+    if credentials is None:
+        raise UNAUTHORIZED
+    if not is_admin_key(credentials.credentials, settings.admin_key):
         raise HTTPException(status.HTTP_403_FORBIDDEN, "this endpoint needs the admin key")
 
 

@@ -4,15 +4,23 @@ error handlers that turn spec errors into field-level 422s and database outages 
 from __future__ import annotations
 
 import logging
+import re
 import time
+from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request, status
+from fastapi import APIRouter, FastAPI, HTTPException, Request, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from sqlalchemy import func, select, text
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.sessions import SessionMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import web
 from api.routes import datasets, jobs, sweeps, teams
@@ -28,6 +36,11 @@ REQUESTS = Counter("w2s_http_requests_total", "HTTP requests", ["method", "route
 LATENCY = Histogram("w2s_http_request_seconds", "HTTP request latency", ["method", "route"])
 JOBS = Gauge("w2s_jobs", "jobs by status", ["status"])
 STAGES = Gauge("w2s_stages", "stages by status and queue", ["status", "queue"])
+
+# A job spec or a sweep is a few kB; uploads (POST /v1/datasets) have their own W2S_MAX_UPLOAD_MB.
+MAX_BODY_BYTES = 1024 * 1024
+BODY_LIMIT_EXEMPT = frozenset({"/v1/datasets"})
+SEND_JSON = "send a JSON object with Content-Type: application/json"
 
 
 def create_app() -> FastAPI:
@@ -55,11 +68,17 @@ def create_app() -> FastAPI:
         https_only=settings.environment == "production",
     )
     _install_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
 
     @app.middleware("http")
     async def _observe(request: Request, call_next):  # type: ignore[no-untyped-def]
         started = time.perf_counter()
         response = await call_next(request)
+        if response.status_code == status.HTTP_405_METHOD_NOT_ALLOWED:
+            # Starlette names the methods of the first route whose path matched, not all of them.
+            methods = _documented_methods(app, request.url.path)
+            if methods:
+                response.headers["Allow"] = ", ".join(methods)
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
         LATENCY.labels(request.method, path).observe(time.perf_counter() - started)
@@ -69,7 +88,103 @@ def create_app() -> FastAPI:
     return app
 
 
+def _documented_methods(app: FastAPI, path: str) -> list[str]:
+    for template, operations in app.openapi()["paths"].items():
+        parts = re.split(r"\{[^}]+\}", template)
+        if re.fullmatch("[^/]+".join(re.escape(part) for part in parts), path):
+            return sorted(method.upper() for method in operations)
+    return []
+
+
+class BodyLimit:
+    """Refuse a request body over ``limit`` bytes with a 413 before any route reads it (the routes
+    would hold it in memory); a body without a Content-Length is counted as it arrives."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["method"] in ("GET", "HEAD")
+            or scope["path"] in BODY_LIMIT_EXEMPT
+        ):
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                await self._refuse(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # later calls wait for the disconnect, as streaming responses do
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        detail = (
+            f"the request body is over {self.limit // 1024} KiB; a job spec or a sweep is a few kB. "
+            "Upload data with POST /v1/datasets and refer to it as 'upload:<id>'"
+        )
+        response = JSONResponse({"detail": detail}, status_code=status.HTTP_413_CONTENT_TOO_LARGE)
+        await response(scope, receive, send)
+
+
+def _readable_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """FastAPI's errors, with messages that say how to fix a body that is not a JSON object."""
+    readable = jsonable_encoder(errors)
+    for item in readable:
+        if item.get("type") == "json_invalid":
+            reason = (item.get("ctx") or {}).get("error", "")
+            item["msg"] = f"the body is not valid JSON ({reason} at character {item['loc'][-1]}); {SEND_JSON}"
+        elif item.get("loc") == ["body"] and item.get("type") in ("model_attributes_type", "dict_type"):
+            item["msg"] = f"the body must be a JSON object; {SEND_JSON}"
+            item.pop("input", None)  # the whole body, echoed back: no help, and maybe large
+    return readable
+
+
+def _unreadable_body(cause: BaseException) -> str:
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the body is not UTF-8 text; {SEND_JSON}"
+    if isinstance(cause, RecursionError):
+        return "the JSON body is nested too deeply; a job spec is a few levels deep"
+    return f"the body could not be read; {SEND_JSON}"
+
+
 def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
+        return JSONResponse(
+            {"detail": _readable_errors(list(error.errors()))},
+            status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, error: StarletteHTTPException) -> Any:
+        # FastAPI answers a body it cannot decode with a bare "error parsing the body"; say why.
+        if error.status_code == status.HTTP_400_BAD_REQUEST and error.__cause__ is not None:
+            error = HTTPException(error.status_code, _unreadable_body(error.__cause__), headers=error.headers)
+        return await http_exception_handler(request, error)
+
     @app.exception_handler(SpecError)
     async def _spec_error(_: Request, error: SpecError) -> JSONResponse:
         def location(dotted: str) -> list[str | int]:
@@ -85,6 +200,13 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ValueError)
     async def _value_error(_: Request, error: ValueError) -> JSONResponse:
         return JSONResponse({"detail": str(error)}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+    @app.exception_handler(DataError)
+    async def _unstorable_value(_: Request, error: DataError) -> JSONResponse:
+        # Bad input, not an outage: Postgres refuses NUL characters in text and out-of-range numbers.
+        reason = str(error.orig or error).splitlines()[0]
+        detail = f"a value in the request cannot be stored ({reason}); remove NUL characters (\\u0000)"
+        return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(DBAPIError)

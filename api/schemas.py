@@ -10,11 +10,46 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from service.jobs import UPLOAD_PREFIX
 
 
+class ErrorItem(BaseModel):
+    """One problem with a request: where (``loc``, e.g. ``["body", "weak", "lr"]``) and what to fix."""
+
+    model_config = ConfigDict(extra="allow")  # pydantic's errors also carry input, ctx, url
+
+    loc: list[str | int] = Field(default_factory=list)
+    msg: str
+    type: str
+    line: int | None = Field(None, description="the line of an uploaded file, for dataset errors")
+
+
+class ErrorPublic(BaseModel):
+    """The body of every error response: a message, or a list of problems each naming its field."""
+
+    detail: str | list[ErrorItem]
+
+
+ERROR_DESCRIPTIONS = {
+    400: "the request body is not what the endpoint reads",
+    401: "missing or invalid API key",
+    403: "the endpoint needs the admin key",
+    404: "no such object for your team (another team's objects are not found either)",
+    409: "the object is not in a state that allows this",
+    413: "the body is over the size limit",
+    422: "invalid input: each problem names its field and how to fix it",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for these error codes, all with the :class:`ErrorPublic` body."""
+    return {code: {"model": ErrorPublic, "description": ERROR_DESCRIPTIONS[code]} for code in codes}
+
+
 class JobCreate(BaseModel):
     """The w2s job spec plus optional ``name`` and ``priority``."""
 
+    # strict: a JSON false is not a priority of 0 (the spec itself is validated by w2s.spec).
     model_config = ConfigDict(
         extra="allow",
+        strict=True,
         json_schema_extra={
             "example": {
                 "name": "minilm-to-mpnet-sst2",
@@ -130,6 +165,8 @@ class LogsPublic(BaseModel):
 
 
 class TeamCreate(BaseModel):
+    model_config = ConfigDict(strict=True)  # a JSON 0 is not false, nor "1" a weight
+
     name: str = Field(..., min_length=1, max_length=100)
     weight: float = Field(1.0, gt=0, le=1000, description="fair-share weight")
     gpu_quota: int | None = Field(
@@ -150,6 +187,8 @@ class TeamPublic(BaseModel):
 
 
 class ApiKeyCreate(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     name: str = Field("", max_length=100)
 
 
@@ -218,6 +257,7 @@ class SweepCreate(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,  # a JSON false is not seed 0
         json_schema_extra={
             "example": {
                 "name": "sst2-grid",

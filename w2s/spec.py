@@ -22,6 +22,11 @@ Schedule = Literal["cosine", "constant"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Pooling = Literal["auto", "last", "mean"]
 
+# Upper bounds on sizes a request can ask for: far above any real experiment, low enough that a typo
+# (or a fuzzer) cannot ask the service for a billion stages or overflow a 32-bit database column.
+MAX_SEED = 2**31 - 1
+MAX_EXAMPLES = 100_000_000
+
 # Defaults that depend on the training mode: a linear probe on frozen features wants a much larger
 # learning rate and more passes than fine-tuning the whole network.
 MODE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -57,9 +62,14 @@ class TrainingOptions(_Strict):
     )
     gradient_checkpointing: bool | None = Field(None, description="trade compute for memory (false)")
     lora_rank: int | None = Field(None, ge=1, le=1024, description="LoRA rank in lora mode (8)")
-    lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha (2 x rank)")
+    lora_alpha: float | None = Field(
+        None, gt=0, le=10_000, description="LoRA alpha, in (0, 10000] (2 x rank)"
+    )
     eval_every: int | None = Field(
-        None, ge=0, description="evaluate on the test set every N steps; 0 = only at the end (0)"
+        None,
+        ge=0,
+        le=10_000_000,
+        description="evaluate on the test set every N steps, N <= 10^7; 0 = only at the end (0)",
     )
     save_checkpoint: bool | None = Field(None, description="keep the trained weights in the artifact store")
 
@@ -76,8 +86,10 @@ class TrainingOptions(_Strict):
 class ModelSpec(TrainingOptions):
     """One model (weak or strong) and how to train it."""
 
-    model: str = Field(..., min_length=1, description="Hugging Face hub id or a local model directory")
-    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    model: str = Field(
+        ..., min_length=1, max_length=1000, description="Hugging Face hub id or a local model directory"
+    )
+    revision: str | None = Field(None, max_length=200, description="hub revision (branch, tag or commit)")
     pooling: Pooling = Field(
         "auto", description="auto: last real token for decoder LMs, mean over tokens for encoders"
     )
@@ -86,12 +98,20 @@ class ModelSpec(TrainingOptions):
     @field_validator("model")
     def _model_looks_like_a_model(cls, value: str) -> str:
         looks_like_path = value.startswith((".", "/", "~")) or value.count("/") > 1
-        if looks_like_path and not Path(value).expanduser().is_dir():
+        if looks_like_path and not _is_directory(value):
             raise ValueError(
                 f"local model directory {value!r} does not exist; give an existing directory "
                 "or a Hugging Face hub id such as 'gpt2'"
             )
         return value
+
+
+def _is_directory(value: str) -> bool:
+    try:
+        return Path(value).expanduser().is_dir()
+    except (OSError, RuntimeError, ValueError):
+        # A name too long for the filesystem, "~user" for an unknown user, a NUL byte: no directory.
+        return False
 
 
 class TransferSpec(TrainingOptions):
@@ -101,18 +121,22 @@ class TransferSpec(TrainingOptions):
 class CustomDatasetSpec(_Strict):
     """A dataset from a JSONL or CSV file."""
 
-    path: str = Field(..., description="JSONL or CSV file with a text and a label column")
-    text: str = Field("text", description="column holding the text")
-    label: str = Field("label", description="column holding the 0/1 label")
-    test_path: str | None = Field(None, description="separate test file; else a seeded hold-out of path")
+    path: str = Field(..., max_length=4096, description="JSONL or CSV file with a text and a label column")
+    text: str = Field("text", max_length=200, description="column holding the text")
+    label: str = Field("label", max_length=200, description="column holding the 0/1 label")
+    test_path: str | None = Field(
+        None, max_length=4096, description="separate test file; else a seeded hold-out of path"
+    )
     format: Literal["jsonl", "csv"] | None = Field(None, description="inferred from the file suffix")
 
 
 class DatasetSpec(_Strict):
     name: str | CustomDatasetSpec = Field(..., description="registry name, or a custom file")
-    n_train: int | None = Field(None, ge=4, description="train examples, split into halves A and B (all)")
-    n_test: int | None = Field(None, ge=2, description="test examples (all)")
-    seed: int = Field(0, ge=0, description="seed for sampling, splitting and formatting")
+    n_train: int | None = Field(
+        None, ge=4, le=MAX_EXAMPLES, description="train examples, 4 to 10^8, split into halves A and B (all)"
+    )
+    n_test: int | None = Field(None, ge=2, le=MAX_EXAMPLES, description="test examples, 2 to 10^8 (all)")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed for sampling, splitting and formatting")
 
     @field_validator("name")
     def _known_dataset(cls, value: str | CustomDatasetSpec) -> str | CustomDatasetSpec:
@@ -165,13 +189,18 @@ class JobSpec(_Strict):
     weak: ModelSpec
     strong: ModelSpec
     transfer: TransferSpec = Field(default_factory=TransferSpec)
-    losses: list[LossSpec] = Field(default_factory=lambda: [LossSpec(name="xent")], min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, max_length=100)
+    # Each (seed, loss) is a training stage: the caps keep one request to at most 100 x 50 students.
+    losses: list[LossSpec] = Field(
+        default_factory=lambda: [LossSpec(name="xent")], min_length=1, max_length=50, description="1 to 50"
+    )
+    seeds: list[int] = Field(
+        default_factory=lambda: [0], min_length=1, max_length=100, description="1 to 100"
+    )
 
     @field_validator("seeds")
     def _unique_seeds(cls, value: list[int]) -> list[int]:
-        if len(set(value)) != len(value) or any(s < 0 for s in value):
-            raise ValueError("seeds must be distinct non-negative integers, e.g. [0, 1, 2]")
+        if len(set(value)) != len(value) or any(not 0 <= s <= MAX_SEED for s in value):
+            raise ValueError(f"seeds must be distinct integers from 0 to {MAX_SEED}, e.g. [0, 1, 2]")
         return value
 
     @field_validator("losses")

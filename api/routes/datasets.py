@@ -15,10 +15,10 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.types import Message
 
 from api.deps import DatasetDep, SessionDep, SettingsDep, TeamDep
-from api.schemas import DatasetPublic, DatasetsPublic, DatasetUploadForm
+from api.schemas import DatasetPublic, DatasetsPublic, DatasetUploadForm, ErrorPublic, error_responses
 from service import uploads
 
-router = APIRouter(prefix="/datasets", tags=["datasets"])
+router = APIRouter(prefix="/datasets", tags=["datasets"], responses=error_responses(400, 401, 404, 422))
 
 # Room for the multipart framing and the small form fields around the file itself.
 FORM_OVERHEAD = 64 * 1024
@@ -69,8 +69,8 @@ def _invalid(loc: tuple[str | int, ...], msg: str, kind: str = "value_error") ->
         "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": _upload_schema()}}}
     },
     responses={
-        413: {"description": "the file is over W2S_MAX_UPLOAD_MB"},
-        422: {"description": "invalid rows: up to 20 errors, each naming its line"},
+        413: {"model": ErrorPublic, "description": "the file is over W2S_MAX_UPLOAD_MB"},
+        422: {"model": ErrorPublic, "description": "invalid rows: up to 20 errors, each naming its line"},
     },
 )
 async def upload_dataset(

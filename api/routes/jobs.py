@@ -20,6 +20,7 @@ from api.schemas import (
     LogsPublic,
     MetricSeries,
     MetricsPublic,
+    error_responses,
     job_public,
     job_summary,
 )
@@ -28,10 +29,15 @@ from service.db import session_scope
 from service.models import Job, MetricPoint
 from service.states import JOB_TERMINAL, InvalidTransition, JobStatus
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], responses=error_responses(400, 401, 404, 413, 422))
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=JobPublic,
+    responses={200: {"model": JobPublic, "description": "a repeat of an Idempotency-Key: the first job"}},
+)
 def submit_job(
     body: JobCreate,
     session: SessionDep,
@@ -153,7 +159,12 @@ def read_logs(
     return LogsPublic(data=[LogLinePublic.model_validate(line) for line in lines])
 
 
-@router.post("/{job_id}/cancel", response_model=JobPublic, status_code=status.HTTP_202_ACCEPTED)
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobPublic,
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=error_responses(409),
+)
 def cancel_job(job: JobDep, session: SessionDep) -> JobPublic:
     """Cancel: waiting stages stop now; running ones stop at their next training step."""
     try:
@@ -163,7 +174,12 @@ def cancel_job(job: JobDep, session: SessionDep) -> JobPublic:
     return job_public(job)
 
 
-@router.post("/{job_id}/retry", response_model=JobPublic, status_code=status.HTTP_202_ACCEPTED)
+@router.post(
+    "/{job_id}/retry",
+    response_model=JobPublic,
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=error_responses(409),
+)
 def retry_job(job: JobDep, session: SessionDep) -> JobPublic:
     """Run a failed or cancelled job's unfinished stages again; finished stages are kept."""
     try:

@@ -9,11 +9,11 @@ from fastapi import APIRouter, Query, status
 from fastapi.exceptions import RequestValidationError
 
 from api.deps import SessionDep, SettingsDep, SweepDep, TeamDep
-from api.schemas import SweepCreate, SweepPublic, SweepsPublic, SweepSummary
+from api.schemas import SweepCreate, SweepPublic, SweepsPublic, SweepSummary, error_responses
 from service import sweeps as sweep_service
 from w2s.spec import SpecError
 
-router = APIRouter(prefix="/sweeps", tags=["sweeps"])
+router = APIRouter(prefix="/sweeps", tags=["sweeps"], responses=error_responses(400, 401, 404, 413, 422))
 
 
 def _spec_errors(error: SpecError) -> RequestValidationError:

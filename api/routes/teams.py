@@ -5,12 +5,13 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, status
 
 from api.deps import AdminDep, SessionDep, SettingsDep, TeamDep
-from api.schemas import ApiKeyCreate, ApiKeyCreated, TeamCreate, TeamPublic, UsagePublic
+from api.schemas import ApiKeyCreate, ApiKeyCreated, TeamCreate, TeamPublic, UsagePublic, error_responses
 from service import auth
 from service.models import Team
 from service.usage import team_usage
 
-router = APIRouter(tags=["teams"])
+# 401 without a key, 403 for a team key on the admin endpoints, 409 for a taken team name.
+router = APIRouter(tags=["teams"], responses=error_responses(400, 401, 403, 404, 409, 413, 422))
 
 
 @router.post("/teams", status_code=status.HTTP_201_CREATED, response_model=TeamPublic)

@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from fastapi.routing import APIRoute
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from pydantic import BaseModel
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from starlette.templating import Jinja2Templates
 
 from api.deps import SessionDep, SettingsDep
@@ -135,6 +135,11 @@ class PageRoute(APIRoute):
                 )
             except NotFound as error:
                 response = error_page(request, 404, "Not found", f"{str(error).capitalize()}.")
+            except DataError:
+                # A value Postgres cannot hold (a NUL character in an id): bad input, not an outage.
+                response = error_page(
+                    request, 400, "Bad request", "The address holds a NUL character; check the link."
+                )
             except (OperationalError, DBAPIError) as error:
                 logger.warning("dashboard: database unavailable: %s", str(error).splitlines()[0])
                 response = error_page(
