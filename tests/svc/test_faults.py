@@ -43,13 +43,15 @@ PG_OUTAGE_S = float(os.environ.get("W2S_FAULT_PG_OUTAGE_S", "30"))
 FINAL = ("succeeded", "failed", "cancelled")
 
 
-def long_job(weak: Path, strong: Path) -> dict[str, Any]:
-    """Tiny models but enough steps (a few seconds per stage) to be interrupted in the middle."""
-    options = {"epochs": 25, "lr": 1e-3, "batch_size": 8, "max_length": 32}
+def long_job(weak: Path, strong: Path, long_stage: str = "weak") -> dict[str, Any]:
+    """Tiny models; ``long_stage`` (weak, ceiling, or none) gets enough steps to be interrupted in the
+    middle (a few seconds), the other stages few, to keep the test short."""
+    options = {"lr": 1e-3, "batch_size": 8, "max_length": 32}
     return {
         "dataset": {"name": "sst2", "n_train": 160, "n_test": 60},
-        "weak": {"model": str(weak), **options},
-        "strong": {"model": str(strong), **options},
+        "weak": {"model": str(weak), **options, "epochs": 25 if long_stage == "weak" else 2},
+        "strong": {"model": str(strong), **options, "epochs": 25 if long_stage == "ceiling" else 2},
+        "transfer": {"epochs": 2},
         "losses": ["xent"],
         "seeds": [0],
     }
@@ -181,7 +183,7 @@ def test_worker_killed_mid_stage_is_redelivered_and_matches_an_uninterrupted_run
 ) -> None:
     cluster.start_worker("worker-1")
     cluster.start_dispatcher()
-    job_id = cluster.submit(long_job(tiny_bert, tiny_gpt2))
+    job_id = cluster.submit(long_job(tiny_bert, tiny_gpt2, long_stage="ceiling"))
     cluster.wait_running_mid_stage(job_id, "ceiling")
     cluster.processes.kill("worker-1")  # kill -9, task child included: no ack, no last write
     cluster.start_worker("worker-2")
@@ -204,7 +206,7 @@ def test_redis_restart_while_jobs_run(cluster: Cluster, tiny_bert: Path, tiny_gp
     cluster.start_worker()
     cluster.start_dispatcher()
     first = cluster.submit(long_job(tiny_bert, tiny_gpt2))
-    second = cluster.submit({**long_job(tiny_gpt2, tiny_bert), "seeds": [1]})
+    second = cluster.submit({**long_job(tiny_gpt2, tiny_bert, long_stage="none"), "seeds": [1]})
     cluster.wait_running_mid_stage(first, "weak")
     cluster.redis.restart()  # no persistence: every queued and unacknowledged message is gone
 
@@ -253,7 +255,7 @@ def test_a_stage_that_keeps_failing_stops_after_bounded_attempts(
     blocker.write_text("")
     cluster.start_worker(env={"W2S_ARTIFACT_STORE": str(blocker / "store")})
     cluster.start_dispatcher()
-    job_id = cluster.submit(long_job(tiny_bert, tiny_bert))
+    job_id = cluster.submit(long_job(tiny_bert, tiny_bert, long_stage="none"))
 
     job = cluster.wait_finished(job_id, timeout=120)
     assert job["status"] == "failed"
