@@ -1,8 +1,9 @@
 """The stage task: load the stage row, run the w2s stage, persist the outcome.
 
-Pass ids, never objects: the task re-reads its row and owns its status changes. torch is
-imported inside the task (in the worker's child process), never in the parent, so CUDA is only
-ever initialised where the work runs.
+Pass ids, never objects: the task re-reads its row and owns its status changes. The worker's
+parent process imports torch and the stage code once (``worker_init``) so that every stage's fresh
+child, forked from it, starts with them loaded; CUDA is only ever initialised in the child, where
+the work runs.
 
 Faults. Each run is one *attempt* (``stages.attempts``) and every write it makes is fenced by it:
 once the dispatcher has requeued a stage whose heartbeat went silent (its worker was killed, or cut
@@ -23,6 +24,7 @@ import threading
 import time
 from typing import Any
 
+from celery.signals import worker_init
 from sqlalchemy import delete, update
 from sqlalchemy.exc import DBAPIError
 
@@ -35,6 +37,18 @@ from service.states import STAGE_DONE, JobStatus, StageStatus, check_stage_trans
 from worker.celery_app import STAGE_TASK, app
 
 logger = logging.getLogger(__name__)
+
+
+@worker_init.connect
+def _preload_stage_code(**_: Any) -> None:
+    """Import torch, transformers and the w2s stage code in the parent, before the pool forks: a
+    second or more saved on every stage. Importing torch does not initialise CUDA, and nothing here
+    runs a torch op, so no CUDA or OpenMP state is created that a forked child could not use."""
+    import transformers  # noqa: F401
+
+    import w2s.memory
+    import w2s.pipeline
+    import w2s.stages  # noqa: F401
 
 
 def _first_line(error: BaseException) -> str:
