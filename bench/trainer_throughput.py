@@ -5,7 +5,7 @@ on 512 examples of random length 20-120 tokens, batch 32, with ``w2s.train.fit``
 batches, dynamic padding, attention masks). The bound is the same model and optimizer in a bare
 loop over packed batches of 32 x 70 tokens (70 = the mean length): no padding, no collation.
 
-    python bench/trainer_throughput.py [--threads 2] [--repeats 5]
+    python bench/trainer_throughput.py [--threads 2] [--repeats 5] [--quick] [--json PATH]
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -79,7 +80,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--examples", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5, help="report the median of this many runs")
+    parser.add_argument("--quick", action="store_true", help="2 repeats instead of 5")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
+    if args.quick:
+        args.repeats = 2
     torch.set_num_threads(args.threads)
     fit_rates, bound_rates = [], []
     for _ in range(args.repeats):  # interleaved, so a noisy moment on the machine hits both
@@ -99,6 +104,21 @@ def main() -> None:
             }
         )
     )
+    if args.json:
+        figures = {
+            "fit_examples_per_s": fit_best,
+            "bound_examples_per_s": bound_best,
+            "ratio": fit_best / bound_best,
+            "target_ratio": 0.85,
+            "fit_runs": fit_rates,
+            "bound_runs": bound_rates,
+            "threads": args.threads,
+            "examples": args.examples,
+            "repeats": args.repeats,
+            "torch": torch.__version__,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
 
 
 if __name__ == "__main__":

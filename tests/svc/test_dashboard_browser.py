@@ -1,13 +1,13 @@
 """The dashboard in a real browser (Debian's Chromium through Playwright) against a live uvicorn
 server and the real worker stack: sign in by pasting the key, watch a job submitted through the API
 appear and progress without a reload, open it and see its curves and results, then the sweep,
-sweeps, team and login pages, with no console errors. Screenshots of every page go to the test's
-tmp dir; the job and sweep pages also to docs/screenshots/ for the README."""
+sweeps, team and login pages, with no console errors. Screenshots of every page go to
+test-artifacts/screenshots/ (gitignored) for a look after a run; they show this test's seeded
+figures, so they never go to docs/ (bench/dashboard_screenshots.py takes those from a real run)."""
 
 from __future__ import annotations
 
 import datetime as dt
-import shutil
 import socket
 import threading
 import time
@@ -38,7 +38,8 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-DOCS_SCREENSHOTS = ROOT / "docs" / "screenshots"
+# Beside the checkout's other build outputs, never in docs/: the figures here are made up.
+SCREENSHOTS = ROOT / "test-artifacts" / "screenshots"
 
 
 def _free_port() -> int:
@@ -81,12 +82,9 @@ class Shots:
         self.page, self.folder = page, folder
         folder.mkdir(parents=True, exist_ok=True)
 
-    def take(self, name: str, docs: bool = False) -> Path:
+    def take(self, name: str) -> Path:
         path = self.folder / f"{name}.png"
         self.page.screenshot(path=str(path), full_page=True)
-        if docs:
-            DOCS_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, DOCS_SCREENSHOTS / f"{name}.png")
         return path
 
 
@@ -197,7 +195,7 @@ def test_dashboard_in_a_browser(
 
     page.on("console", on_console)
     page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
-    shots = Shots(page, tmp_path / "screenshots")
+    shots = Shots(page, SCREENSHOTS)
 
     # Signed out, every page leads to the sign-in form.
     page.goto(f"{base}/team")
@@ -252,7 +250,7 @@ def test_dashboard_in_a_browser(
     assert page.locator(".results-table tbody tr").count() == 4
     assert page.locator("#job-timeline .badge-succeeded").count() == 4
     assert page.locator("#cancel-button").count() == 0
-    shots.take("job", docs=True)
+    shots.take("job")
     page.click("#copy-curl")
     copied = page.evaluate("navigator.clipboard.readText()")
     assert copied.startswith(f'curl -X POST {base}/v1/jobs -H "Authorization: Bearer $W2S_API_KEY"'), copied
@@ -281,7 +279,7 @@ def test_dashboard_in_a_browser(
     assert page.locator(".pgr-table tbody tr").count() == 2
     exported = page.request.get(f"{base}/sweeps/{sweep_id}.csv")
     assert exported.ok and exported.text().startswith("job_id,weak_model,strong_model,status")
-    shots.take("sweep", docs=True)
+    shots.take("sweep")
     page.goto(f"{base}/sweeps")
     assert page.locator(f'a[href="/sweeps/{sweep_id}"]').is_visible()
     shots.take("sweeps")
