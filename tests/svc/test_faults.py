@@ -231,14 +231,16 @@ def test_api_restart_mid_job_changes_nothing(cluster: Cluster, tiny_bert: Path, 
 
     cluster.processes.start("api", "api", "--port", str(port))
     wait_until(api_up, 30, "the API", cluster.processes.logs)
-    response = httpx.post(f"{api}/v1/jobs", json=long_job(tiny_bert, tiny_gpt2), headers=cluster.headers)
+    # Generous timeouts: this box may be busy, and the point is the restart, not latency.
+    body = long_job(tiny_bert, tiny_gpt2)
+    response = httpx.post(f"{api}/v1/jobs", json=body, headers=cluster.headers, timeout=60)
     job_id = response.json()["id"]
     before = cluster.wait_running_mid_stage(job_id, "weak")
     cluster.processes.kill("api")
     cluster.processes.start("api", "api", "--port", str(port))
     wait_until(api_up, 30, "the API again", cluster.processes.logs)
 
-    job = httpx.get(f"{api}/v1/jobs/{job_id}", headers=cluster.headers).json()
+    job = httpx.get(f"{api}/v1/jobs/{job_id}", headers=cluster.headers, timeout=60).json()
     assert job["status"] == "running" and job["stages"][0]["attempts"] == before["attempts"] == 1
     job = cluster.wait_finished(job_id)
     assert job["status"] == "succeeded"
