@@ -3,20 +3,23 @@ jobs, datasets and sweeps loaded for the caller's team (404 for anyone else's, i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Annotated
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, HTTPException, Path, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
-from service.auth import is_admin_key, team_for_key
-from service.db import get_sessionmaker
+from service.auth import cached_team_id, hash_key, is_admin_key, team_for_key, team_id_for_key_hash
+from service.db import get_sessionmaker, session_scope
 from service.jobs import get_job
 from service.models import Dataset, Job, Sweep, Team
 from service.settings import Settings, get_settings
 from service.sweeps import get_sweep
 from service.uploads import get_dataset
+
+T = TypeVar("T")
 
 bearer = HTTPBearer(auto_error=False, description="an API key: Authorization: Bearer w2s_...")
 
@@ -33,7 +36,9 @@ def get_session() -> Iterator[Session]:
         session.close()
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": commit when the endpoint returns, before the response is sent. With the default
+# (after the response), a client's next request could arrive first and miss what it just created.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
@@ -53,6 +58,31 @@ def current_team(session: SessionDep, credentials: Credentials) -> Team:
     return team
 
 
+async def current_team_id(credentials: Credentials) -> str:
+    """The caller's team id, for the read endpoints. A key checked in the last few seconds comes from
+    service.auth's cache: no query and no thread hand-off (revocation takes up to KEY_CACHE_TTL_S)."""
+    if credentials is None:
+        raise UNAUTHORIZED
+    key_hash = hash_key(credentials.credentials)
+    team_id = cached_team_id(key_hash)
+    if team_id is None:
+        team_id = await in_session(team_id_for_key_hash, key_hash)
+    if team_id is None:
+        raise UNAUTHORIZED
+    return team_id
+
+
+async def in_session(work: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """``work(session, *args, **kwargs)`` in a session of its own, in the threadpool: an async endpoint's
+    database work in one thread hand-off (a sync endpoint pays one per dependency and more)."""
+
+    def run() -> T:
+        with session_scope() as session:
+            return work(session, *args, **kwargs)
+
+    return await run_in_threadpool(run)
+
+
 def require_admin(settings: SettingsDep, credentials: Credentials) -> None:
     # No credentials at all is a 401 (send a key), as on every other endpoint; a team's key is a 403.
     if credentials is None:
@@ -62,12 +92,16 @@ def require_admin(settings: SettingsDep, credentials: Credentials) -> None:
 
 
 TeamDep = Annotated[Team, Depends(current_team)]
+TeamIdDep = Annotated[str, Depends(current_team_id)]
 AdminDep = Annotated[None, Depends(require_admin)]
+
+
+JobId = Annotated[str, Path(max_length=64)]
 
 
 # Loaders of the caller's own objects. Another team's object raises service.jobs.NotFound like a
 # missing one, which the app turns into the same 404: nobody can infer what others have.
-def team_job(session: SessionDep, team: TeamDep, job_id: Annotated[str, Path(max_length=64)]) -> Job:
+def team_job(session: SessionDep, team: TeamDep, job_id: JobId) -> Job:
     return get_job(session, team_id=team.id, job_id=job_id)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -326,22 +327,38 @@ def _seconds(start: dt.datetime | None, end: dt.datetime | None) -> float | None
     return (end - start).total_seconds()
 
 
+# The fields read off an ORM object or a database row, listed once: ``model_fields`` is a slow property,
+# and ``model_validate(from_attributes)`` on a row pays for an exception per field the row lacks.
+_STAGE_COLUMNS = tuple(name for name in StagePublic.model_fields if name not in ("progress", "duration_s"))
+_JOB_COLUMNS = tuple(name for name in JobPublic.model_fields if name != "stages")
+_SUMMARY_COLUMNS = tuple(name for name in JobSummary.model_fields if name != "progress")
+
+
 def stage_public(stage: Any) -> StagePublic:
-    public = StagePublic.model_validate(stage)
-    if stage.total_steps:
-        public.progress = min(1.0, stage.step / stage.total_steps)
+    progress = min(1.0, stage.step / stage.total_steps) if stage.total_steps else None
     if stage.status in ("succeeded", "cached"):
-        public.progress = 1.0
-    public.duration_s = _seconds(stage.started_at, stage.finished_at)
-    return public
+        progress = 1.0
+    return StagePublic(
+        **{name: getattr(stage, name) for name in _STAGE_COLUMNS},
+        progress=progress,
+        duration_s=_seconds(stage.started_at, stage.finished_at),
+    )
 
 
-def job_public(job: Any) -> JobPublic:
-    data = {name: getattr(job, name) for name in JobPublic.model_fields if name != "stages"}
-    return JobPublic(**data, stages=[stage_public(stage) for stage in job.stages])
+def job_public(job: Any, stages: Sequence[Any] | None = None) -> JobPublic:
+    """From an ORM job, or from a row of its columns and its ``stages`` (service.jobs.job_detail)."""
+    data = {name: getattr(job, name) for name in _JOB_COLUMNS}
+    stages = job.stages if stages is None else stages
+    return JobPublic(**data, stages=[stage_public(stage) for stage in stages])
 
 
 def job_summary(job: Any) -> JobSummary:
     done = sum(stage.status in ("succeeded", "cached") for stage in job.stages)
-    data = {name: getattr(job, name) for name in JobSummary.model_fields if name != "progress"}
+    data = {name: getattr(job, name) for name in _SUMMARY_COLUMNS}
     return JobSummary(**data, progress=done / len(job.stages) if job.stages else 0.0)
+
+
+def summary_public(row: Any) -> JobSummary:
+    """job_summary from a row of service.jobs.list_job_summaries (stage counts, not stages)."""
+    data = {name: getattr(row, name) for name in _SUMMARY_COLUMNS}
+    return JobSummary(**data, progress=row.n_done / row.n_stages if row.n_stages else 0.0)

@@ -233,6 +233,11 @@ def start_api(processes: Processes, workspace: Workspace, workers: int) -> int:
     command = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--workers", str(workers), "--log-level", "warning"]
     command += ["--no-access-log"]  # one log line per request costs more than the request itself
+    # As `w2s-service api` (W2S_API_KEEP_ALIVE_S): with uvicorn's own 5 s, the pool's spare connections
+    # are closed while idle and the request that next takes one fails.
+    from service.settings import get_settings
+
+    command += ["--timeout-keep-alive", str(get_settings().api_keep_alive_s)]
     process = processes.start("api", command, workspace.env)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -853,7 +858,8 @@ async def time_sequential(port: int, path: str, headers: dict[str, str], repeats
 
 
 def explain_list_jobs(url: str, team_id: str, params: dict[str, str]) -> list[list[str]]:
-    """The plans of the statements service.jobs.list_jobs sends for these parameters."""
+    """The plans of the statements GET /v1/jobs (service.jobs.list_job_summaries) sends for these
+    parameters."""
     from sqlalchemy import event
 
     from service import jobs as job_service
@@ -864,7 +870,7 @@ def explain_list_jobs(url: str, team_id: str, params: dict[str, str]) -> list[li
     event.listen(engine, "before_cursor_execute", recorder)
     try:
         with session_scope() as session:
-            job_service.list_jobs(session, team_id=team_id, **params)  # type: ignore[arg-type]
+            job_service.list_job_summaries(session, team_id=team_id, **params)  # type: ignore[arg-type]
     finally:
         event.remove(engine, "before_cursor_execute", recorder)
     return explain_key_lines(url, recorder.statements)

@@ -6,11 +6,13 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import or_, select, tuple_
+from sqlalchemy import Row, Select, bindparam, func, or_, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, defer, joinedload, selectinload
 
@@ -183,6 +185,90 @@ def create_job(
     return job, True
 
 
+# The read path of the API (GET /v1/jobs/{id} and GET /v1/jobs) uses Core statements of just the columns
+# it shows, built once: ORM objects, and rebuilding statements per call, cost more CPU than the queries.
+_STAGE_DONE = (StageStatus.succeeded, StageStatus.cached)
+_JOB_DETAIL = select(
+    Job.id,
+    Job.name,
+    Job.status,
+    Job.priority,
+    Job.error,
+    Job.dataset,
+    Job.weak_model,
+    Job.strong_model,
+    Job.sweep_id,
+    Job.spec,
+    Job.results,
+    Job.gpu_seconds,
+    Job.created_at,
+    Job.started_at,
+    Job.finished_at,
+).where(Job.id == bindparam("job_id"), Job.team_id == bindparam("team_id"))
+_STAGE_DETAIL = (
+    select(
+        Stage.id,
+        Stage.kind,
+        Stage.seed,
+        Stage.status,
+        Stage.attempts,
+        Stage.stage_key,
+        Stage.gpu_class,
+        Stage.memory_gb,
+        Stage.worker,
+        Stage.gpu,
+        Stage.step,
+        Stage.total_steps,
+        Stage.metrics,
+        Stage.error,
+        Stage.gpu_seconds,
+        Stage.queued_at,
+        Stage.started_at,
+        Stage.finished_at,
+    )
+    .where(Stage.job_id == bindparam("job_id"))
+    .order_by(Stage.order)
+)
+# Per listed job, its stage count and finished stages: subqueries run for the page's rows only.
+_N_STAGES = select(func.count()).where(Stage.job_id == Job.id).correlate(Job).scalar_subquery()
+_N_DONE = (
+    select(func.count())
+    .where(Stage.job_id == Job.id, Stage.status.in_(_STAGE_DONE))
+    .correlate(Job)
+    .scalar_subquery()
+)
+_JOB_SUMMARIES = select(
+    Job.id,
+    Job.name,
+    Job.status,
+    Job.priority,
+    Job.dataset,
+    Job.weak_model,
+    Job.strong_model,
+    Job.created_at,
+    Job.finished_at,
+    _N_STAGES.label("n_stages"),
+    _N_DONE.label("n_done"),
+)
+
+
+@dataclass(frozen=True)
+class JobDetail:
+    """A job's public columns and its stages in run order, as rows (attribute access, like a Job)."""
+
+    job: Row[Any]
+    stages: Sequence[Row[Any]]
+
+
+def job_detail(session: Session, *, team_id: str, job_id: str) -> JobDetail:
+    """What GET /v1/jobs/{id} shows, without loading ORM objects (see get_job for those)."""
+    connection = session.connection()  # Core on the session's connection: no ORM bookkeeping
+    job = connection.execute(_JOB_DETAIL, {"job_id": job_id, "team_id": team_id}).first()
+    if job is None:
+        raise NotFound(f"job {job_id} not found")
+    return JobDetail(job=job, stages=connection.execute(_STAGE_DETAIL, {"job_id": job_id}).all())
+
+
 def get_job(session: Session, *, team_id: str, job_id: str) -> Job:
     # One job's few stages come in the same round trip (a join), not a second query.
     job = (
@@ -197,7 +283,7 @@ def get_job(session: Session, *, team_id: str, job_id: str) -> Job:
     return job
 
 
-def encode_cursor(job: Job) -> str:
+def encode_cursor(job: Job | Row[Any]) -> str:
     raw = json.dumps([job.created_at.isoformat(), job.id])
     return base64.urlsafe_b64encode(raw.encode()).decode()
 
@@ -225,36 +311,120 @@ def list_jobs(
     cursor: str | None = None,
 ) -> tuple[list[Job], str | None]:
     """Newest first, keyset-paginated on (created_at, id): deep pages cost what the first does."""
-    # A listing shows summaries: the large JSON documents (spec, results, manifest, stage results)
-    # stay in the database unless a caller touches them, which then loads them lazily.
-    query = (
-        select(Job)
-        .options(
+    query, params = _listing(
+        "jobs",
+        team_id=team_id,
+        status=status,
+        dataset=dataset,
+        model=model,
+        name=name,
+        sweep_id=sweep_id,
+        limit=limit,
+        cursor=cursor,
+    )
+    return _page(session.scalars(query, params).all(), limit)
+
+
+def list_job_summaries(
+    session: Session,
+    *,
+    team_id: str,
+    status: str | None = None,
+    dataset: str | None = None,
+    model: str | None = None,
+    name: str | None = None,
+    sweep_id: str | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> tuple[list[Row[Any]], str | None]:
+    """list_jobs as rows of the summary columns plus ``n_stages`` and ``n_done`` (finished stages),
+    in one statement and without ORM objects: what GET /v1/jobs shows."""
+    query, params = _listing(
+        "summaries",
+        team_id=team_id,
+        status=status,
+        dataset=dataset,
+        model=model,
+        name=name,
+        sweep_id=sweep_id,
+        limit=limit,
+        cursor=cursor,
+    )
+    return _page(session.connection().execute(query, params).all(), limit)
+
+
+def _listing(
+    kind: str,
+    *,
+    team_id: str,
+    status: str | None,
+    dataset: str | None,
+    model: str | None,
+    name: str | None,
+    sweep_id: str | None,
+    limit: int,
+    cursor: str | None,
+) -> tuple[Select[Any], dict[str, Any]]:
+    """A listing's statement and the values of its parameters."""
+    # One more than a page: whether it comes back says whether there is a next page.
+    params: dict[str, Any] = {"team_id": team_id, "limit": limit + 1}
+    if status:
+        params["status"] = JobStatus(status)
+    if dataset:
+        params["dataset"] = dataset
+    if model:
+        params["model"] = model
+    if name:
+        params["name"] = "%" + name.replace("/", "//").replace("%", "/%").replace("_", "/_") + "%"
+    if sweep_id:
+        params["sweep_id"] = sweep_id
+    if cursor:
+        params["cursor_created"], params["cursor_id"] = decode_cursor(cursor)
+    return _listing_query(kind, frozenset(params)), params
+
+
+@cache
+def _listing_query(kind: str, bound: frozenset[str]) -> Select[Any]:
+    """The statement of a listing of ``kind`` (jobs | summaries) filtered on the parameters in ``bound``:
+    built once per combination, so SQLAlchemy reuses its compiled form and result metadata (a fresh
+    statement per call costs more CPU than the query itself)."""
+    if kind == "jobs":
+        # ORM jobs for summaries: the large JSON documents (spec, results, manifest, stage results)
+        # stay in the database unless a caller touches them, which then loads them lazily.
+        query = select(Job).options(
             defer(Job.spec),
             defer(Job.results),
             defer(Job.manifest),
             selectinload(Job.stages).defer(Stage.result).defer(Stage.metrics),
         )
-        .where(Job.team_id == team_id)
-    )
-    if status:
-        query = query.where(Job.status == JobStatus(status))
-    if dataset:
-        query = query.where(Job.dataset == dataset)
-    if model:
+    else:
+        query = _JOB_SUMMARIES
+    query = query.where(Job.team_id == bindparam("team_id"))
+    if "status" in bound:
+        query = query.where(Job.status == bindparam("status"))
+    if "dataset" in bound:
+        query = query.where(Job.dataset == bindparam("dataset"))
+    if "model" in bound:
+        model = bindparam("model")
         query = query.where(or_(Job.weak_model == model, Job.strong_model == model))
-    if name:
-        query = query.where(Job.name.contains(name, autoescape=True))
-    if sweep_id:
-        query = query.where(Job.sweep_id == sweep_id)
-    if cursor:
-        created, job_id = decode_cursor(cursor)
+    if "name" in bound:
+        # A substring: the value arrives as a LIKE pattern with %, _ and / escaped by "/".
+        query = query.where(Job.name.like(bindparam("name"), escape="/"))
+    if "sweep_id" in bound:
+        query = query.where(Job.sweep_id == bindparam("sweep_id"))
+    if "cursor_id" in bound:
         # A row comparison, not an OR: the index on (team_id, created_at, id) then seeks straight to
         # the cursor, so a deep page costs what the first does.
-        query = query.where(tuple_(Job.created_at, Job.id) < tuple_(created, job_id))
-    jobs = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
-    next_cursor = encode_cursor(jobs[limit - 1]) if len(jobs) > limit else None
-    return jobs[:limit], next_cursor
+        after = tuple_(
+            bindparam("cursor_created", type_=Job.created_at.type), bindparam("cursor_id", type_=Job.id.type)
+        )
+        query = query.where(tuple_(Job.created_at, Job.id) < after)
+    return query.order_by(Job.created_at.desc(), Job.id.desc()).limit(bindparam("limit"))
+
+
+def _page(rows: Sequence[Any], limit: int) -> tuple[list[Any], str | None]:
+    next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    return list(rows[:limit]), next_cursor
 
 
 def cancel_job(session: Session, *, job: Job) -> Job:

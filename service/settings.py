@@ -56,6 +56,15 @@ class Settings(LibrarySettings):
     db_retry_s: float = Field(
         600.0, ge=0, description="how long a worker keeps retrying a database write before giving up"
     )
+    # `w2s-service api`: a process uses one core (about 900 reads/s); run one per core it may use.
+    api_workers: int = Field(1, ge=1, description="API server processes (uvicorn workers)")
+    api_keep_alive_s: int = Field(
+        75,
+        ge=1,
+        description="how long the API keeps an idle client connection open; longer than the idle "
+        "timeout of clients and proxies (60 s is common), or a request can meet a connection "
+        "the server is just closing",
+    )
 
     @model_validator(mode="after")
     def _embedded_defaults(self) -> Settings:

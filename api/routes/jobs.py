@@ -11,7 +11,7 @@ from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, 
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
-from api.deps import JobDep, SessionDep, SettingsDep, TeamDep
+from api.deps import JobDep, JobId, SessionDep, SettingsDep, TeamDep, TeamIdDep, in_session
 from api.schemas import (
     JobCreate,
     JobPublic,
@@ -22,7 +22,7 @@ from api.schemas import (
     MetricsPublic,
     error_responses,
     job_public,
-    job_summary,
+    summary_public,
 )
 from service import jobs as job_service
 from service.db import session_scope
@@ -56,10 +56,11 @@ def submit_job(
     return job_public(job)
 
 
+# The two read endpoints are async: the caller's key usually comes from a short cache and the query
+# runs in one thread hand-off (in_session), where sync dependencies and endpoints would take five.
 @router.get("", response_model=JobsPublic)
-def list_jobs(
-    session: SessionDep,
-    team: TeamDep,
+async def list_jobs(
+    team_id: TeamIdDep,
     status_: Annotated[JobStatus | None, Query(alias="status")] = None,
     dataset: Annotated[str | None, Query(max_length=300)] = None,
     model: Annotated[str | None, Query(max_length=300, description="weak or strong model")] = None,
@@ -68,9 +69,9 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=500)] = None,
 ) -> JobsPublic:
-    jobs, next_cursor = job_service.list_jobs(
-        session,
-        team_id=team.id,
+    rows, next_cursor = await in_session(
+        job_service.list_job_summaries,
+        team_id=team_id,
         status=status_,
         dataset=dataset,
         model=model,
@@ -79,12 +80,13 @@ def list_jobs(
         limit=limit,
         cursor=cursor,
     )
-    return JobsPublic(data=[job_summary(job) for job in jobs], next_cursor=next_cursor)
+    return JobsPublic(data=[summary_public(row) for row in rows], next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def read_job(job: JobDep) -> JobPublic:
-    return job_public(job)
+async def read_job(team_id: TeamIdDep, job_id: JobId) -> JobPublic:
+    detail = await in_session(job_service.job_detail, team_id=team_id, job_id=job_id)
+    return job_public(detail.job, detail.stages)
 
 
 def metric_series(session: SessionDep, job: Job, after_id: int = 0) -> tuple[list[MetricSeries], int]:

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
+import anyio
+import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select, update
+
+from service.models import utcnow
 
 ADMIN = {"Authorization": "Bearer test-admin-key"}
 
@@ -163,3 +170,123 @@ def test_health_ready_metrics_docs(client: TestClient) -> None:
     assert "w2s_http_requests_total" in client.get("/metrics").text
     assert client.get("/docs").status_code == 200
     assert "/v1/jobs" in client.get("/openapi.json").json()["paths"]
+
+
+def test_a_write_is_committed_before_its_response_is_sent(service_env: dict[str, str], make_team) -> None:  # type: ignore[no-untyped-def]
+    # TestClient waits for the whole ASGI call, hiding a commit that runs after the response: call the
+    # app directly and look from another connection the moment the body goes out, as a client's next
+    # request would.
+    from api.main import create_app
+    from service.db import session_scope
+    from service.models import Job
+
+    team = make_team()
+    body = json.dumps(spec()).encode()
+    visible: list[bool] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            with session_scope() as session:
+                visible.append(session.get(Job, json.loads(message["body"])["id"]) is not None)
+
+    headers = [
+        (b"authorization", team.headers["Authorization"].encode()),
+        (b"content-type", b"application/json"),
+    ]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/jobs",
+        "raw_path": b"/v1/jobs",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [*headers, (b"content-length", str(len(body)).encode())],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+    anyio.run(create_app(), scope, receive, send)
+    assert visible == [True]
+
+
+def test_reads_show_what_the_orm_views_show(client: TestClient, make_team) -> None:  # type: ignore[no-untyped-def]
+    # GET /v1/jobs/{id} and GET /v1/jobs read with Core statements; the JSON is what the ORM gives.
+    from api.schemas import JobsPublic, job_public, job_summary
+    from service import jobs as job_service
+    from service.db import session_scope
+
+    team = make_team()
+    ids = [client.post("/v1/jobs", json=spec(), headers=team.headers).json()["id"] for _ in range(3)]
+    with session_scope() as session:
+        job = job_service.get_job(session, team_id=team.team_id, job_id=ids[0])
+        job.stages[0].status = "succeeded"
+        job.stages[1].status, job.stages[1].step, job.stages[1].total_steps = "running", 3, 10
+        job.results = {"weak": {"accuracy": 0.5}}
+    with session_scope() as session:
+        expected_job = job_public(job_service.get_job(session, team_id=team.team_id, job_id=ids[0]))
+        jobs, cursor = job_service.list_jobs(session, team_id=team.team_id, limit=2)
+        expected_page = JobsPublic(data=[job_summary(job) for job in jobs], next_cursor=cursor)
+    read = client.get(f"/v1/jobs/{ids[0]}", headers=team.headers)
+    assert read.json() == expected_job.model_dump(mode="json")
+    page = client.get("/v1/jobs?limit=2", headers=team.headers)
+    assert page.json() == expected_page.model_dump(mode="json") and page.json()["next_cursor"]
+
+
+def test_a_revoked_key_stops_reading_within_the_cache_ttl(
+    client: TestClient, make_team, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    from service import auth
+    from service.db import session_scope
+    from service.models import ApiKey
+
+    team, other = make_team(), make_team()
+    assert client.get("/v1/jobs", headers=team.headers).status_code == 200  # the key is now cached
+    with session_scope() as session:
+        key_id = session.scalar(select(ApiKey.id).where(ApiKey.team_id == team.team_id))
+        assert auth.revoke_api_key(session, key_id=key_id)
+    # Revoked by this process: refused at once.
+    assert client.get("/v1/jobs", headers=team.headers).status_code == 401
+    # Revoked elsewhere (another process, SQL): accepted until the cached check expires, then refused.
+    assert client.get("/v1/jobs", headers=other.headers).status_code == 200
+    with session_scope() as session:
+        session.execute(update(ApiKey).where(ApiKey.team_id == other.team_id).values(revoked_at=utcnow()))
+    assert client.get("/v1/jobs", headers=other.headers).status_code == 200
+    monkeypatch.setattr(auth.KEY_CACHE, "ttl_s", 0.0)
+    auth.KEY_CACHE.clear()
+    assert client.get("/v1/jobs", headers=other.headers).status_code == 401
+    assert client.get(f"/v1/jobs/{'0' * 32}", headers=other.headers).status_code == 401
+
+
+def test_request_metrics_name_the_route(client: TestClient, make_team) -> None:  # type: ignore[no-untyped-def]
+    team = make_team()
+    assert client.get(f"/v1/jobs/{'0' * 32}", headers=team.headers).status_code == 404
+    refused = client.put("/v1/jobs", headers=team.headers)
+    assert refused.status_code == 405 and refused.headers["allow"] == "GET, POST"
+    text = client.get("/metrics").text
+    # The route label is the path template (its router's part of it), never the id itself.
+    assert re.search(
+        r'w2s_http_requests_total\{method="GET",route="[^"]*/jobs/\{job_id\}",status="404"\}', text
+    )
+    assert re.search(r'w2s_http_request_seconds_count\{method="GET",route="[^"]*/jobs/\{job_id\}"\}', text)
+    assert "0" * 32 not in text
+
+
+def test_name_filter_is_a_literal_substring(client: TestClient, make_team) -> None:  # type: ignore[no-untyped-def]
+    team = make_team()
+    for name in ("a_b", "axb", "50%", "500", "a/b", "a//b"):
+        client.post("/v1/jobs", json={**spec(), "name": name}, headers=team.headers)
+
+    def names(**params: str) -> set[str]:
+        page = client.get("/v1/jobs", params=params, headers=team.headers).json()["data"]
+        return {job["name"] for job in page}
+
+    assert names(name="_") == {"a_b"}
+    assert names(name="%") == {"50%"}
+    assert names(name="/") == {"a/b", "a//b"} and names(name="//") == {"a//b"}
+    assert names(name="a", model="gpt2-medium") == {"a_b", "axb", "a/b", "a//b"}
+    assert names(name="a", model="gpt2-large") == set()
