@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from service.auth import cached_team_id, hash_key, is_admin_key, team_for_key, team_id_for_key_hash
-from service.db import get_sessionmaker, session_scope
+from service.db import session_scope
 from service.jobs import get_job
 from service.models import Dataset, Job, Sweep, Team
 from service.settings import Settings, get_settings
@@ -25,15 +25,8 @@ bearer = HTTPBearer(auto_error=False, description="an API key: Authorization: Be
 
 
 def get_session() -> Iterator[Session]:
-    session = get_sessionmaker()()
-    try:
+    with session_scope() as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 # scope="function": commit when the endpoint returns, before the response is sent. With the default
