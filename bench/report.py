@@ -134,7 +134,7 @@ class Benchmark:
     render: Callable[[Figures], list[str]]
     timeout_s: int
     quick_note: str = ""
-    # Too long to rerun with the others (an hour or more): runs only when named with --only; the page
+    # Too long to rerun with the others (half an hour or more): runs only when named with --only; the page
     # shows its last recorded figures otherwise.
     on_request_only: bool = False
 
@@ -739,8 +739,8 @@ BENCHMARKS = [
             "uninterrupted run's; no duplicate rows), Redis restarted while two jobs run, Postgres stopped "
             "for 30 s mid-job (503s meanwhile, nothing lost after), the API killed and restarted mid-job, "
             "and a stage that keeps failing (stops after 3 attempts with its error). Each case uses a "
-            "private Redis (and Postgres) and real worker, dispatcher and API processes. It takes about an "
-            "hour at 10 loops, so `bench/report.py` runs it only when asked: "
+            "private Redis (and Postgres) and real worker, dispatcher and API processes. It takes about a "
+            "half hour at 10 loops (27 min measured), so `bench/report.py` runs it only when asked: "
             "`python bench/report.py --only fault_soak`."
         ),
         render=render_fault_soak,
