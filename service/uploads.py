@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from service.jobs import NotFound, decode_cursor
 from service.models import Dataset, Team, new_id
 from service.settings import Settings
+from w2s.datasets import parse_label
 
 Format = Literal["jsonl", "csv"]
 
@@ -33,8 +34,6 @@ MIN_ROWS = 10
 MAX_ERRORS = 20  # a file that is wrong everywhere needs one example of each problem, not a million
 _BOM = codecs.BOM_UTF8
 # The label spellings w2s.datasets accepts (case-insensitive, surrounding spaces ignored).
-_TRUE = frozenset({"1", "true"})
-_FALSE = frozenset({"0", "false"})
 
 
 class UploadTooLarge(ValueError):
@@ -94,18 +93,11 @@ def _short(value: Any) -> str:
 
 
 def _label(value: Any) -> int | None:
-    """0 or 1, or None where w2s.datasets would refuse the value."""
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, int) and value in (0, 1):
-        return value
-    if isinstance(value, str):
-        folded = value.strip().lower()
-        if folded in _TRUE:
-            return 1
-        if folded in _FALSE:
-            return 0
-    return None
+    """0 or 1, or None where w2s.datasets would refuse the value (the same parser decides)."""
+    try:
+        return parse_label(value)
+    except ValueError:
+        return None
 
 
 def _check_row(

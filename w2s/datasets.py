@@ -600,7 +600,8 @@ _TRUE_STRINGS = frozenset({"1", "true"})
 _FALSE_STRINGS = frozenset({"0", "false"})
 
 
-def _parse_label(value: Any) -> int:
+def parse_label(value: Any) -> int:
+    """A binary label from a file: 0/1, true/false, or those as strings; ValueError otherwise."""
     if isinstance(value, bool):
         return int(value)
     if isinstance(value, int) and value in (0, 1):
@@ -685,7 +686,7 @@ def _read_custom(path: Path, source: CustomSource) -> tuple[list[tuple[str, int]
                 "expected a string"
             )
         try:
-            label = _parse_label(record[source.label])
+            label = parse_label(record[source.label])
         except ValueError as exc:
             raise ValueError(f"{path} line {line_no}, column {source.label!r}: {exc}") from exc
         if not text.strip():
