@@ -35,25 +35,35 @@ logger = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=32)
-def _splits(dataset_json: str, data_dir: str | None) -> Any:
+def _seed_data(spec_json: str, seed: int, data_dir: str | None) -> Any:
     from pathlib import Path
 
-    from w2s.pipeline import load_dataset
-    from w2s.spec import DatasetSpec
+    from w2s.spec import JobSpec
+    from w2s.splits import prepare_seed_data
 
-    return load_dataset(DatasetSpec.model_validate_json(dataset_json), Path(data_dir) if data_dir else None)
-
-
-def load_splits_for(spec: Any, settings: Settings) -> Any:
-    """The dataset splits of a job, cached per process (planning and finishing read them)."""
-    dataset_json = json.dumps(spec.dataset.model_dump(mode="json"), sort_keys=True)
-    return _splits(dataset_json, str(settings.data_dir) if settings.data_dir else None)
+    spec = JobSpec.model_validate_json(spec_json)
+    return prepare_seed_data(spec, seed, Path(data_dir) if data_dir else None)
 
 
-def stage_plans(spec: Any, settings: Settings) -> dict[tuple[str, int], Any]:
+def _spec_json(spec: Any) -> str:
+    return json.dumps(spec.model_dump(mode="json"), sort_keys=True)
+
+
+def experiment_data(spec: Any, settings: Settings, seeds: list[int] | None = None) -> dict[int, Any]:
+    """Each seed's clean data (w2s.splits), cached per process: planning and finishing read it."""
+    data_dir = str(settings.data_dir) if settings.data_dir else None
+    return {seed: _seed_data(_spec_json(spec), seed, data_dir) for seed in (seeds or spec.seeds)}
+
+
+def stage_plans(spec: Any, settings: Settings, seeds: list[int] | None = None) -> dict[tuple[str, int], Any]:
+    """The plans of a job's stages (of ``seeds`` only, if given), keyed by (kind, seed), for the
+    device kind this deployment's workers run on."""
     from w2s.pipeline import plan_experiment
 
-    return {(plan.kind, plan.seed): plan for plan in plan_experiment(spec, load_splits_for(spec, settings))}
+    data = experiment_data(spec, settings, seeds)
+    narrowed = spec.model_copy(update={"seeds": list(data)}) if seeds else spec
+    plans = plan_experiment(narrowed, data, device_kind=settings.device_kind)
+    return {(plan.kind, plan.seed): plan for plan in plans}
 
 
 def plan_job(session: Session, job: Job, settings: Settings) -> None:
@@ -276,25 +286,16 @@ def dispatch_round(session: Session, settings: Settings, store: Any) -> RoundRep
 
 def finish_job(session: Session, job: Job, settings: Settings, store: Any) -> None:
     """Aggregate the stage results into the library's results document."""
-    from w2s.results import SeedPredictions, build_results
+    from w2s.pipeline import experiment_results
     from w2s.spec import JobSpec
 
     spec = JobSpec.model_validate(job.spec)
-    splits = load_splits_for(spec, settings)
+    data = experiment_data(spec, settings)
     results_of = {(stage.kind, stage.seed): stage.result or {} for stage in job.stages}
 
     def probs(kind: str, seed: int) -> np.ndarray:
         return store.get_array(results_of[kind, seed]["test_probs"])
 
-    predictions = [
-        SeedPredictions(
-            seed=seed,
-            weak=probs("weak", seed),
-            ceiling=probs("ceiling", seed),
-            students={loss.label: probs(f"student:{loss.label}", seed) for loss in spec.losses},
-        )
-        for seed in spec.seeds
-    ]
     timings: dict[str, float] = {}
     for stage in job.stages:
         seconds = (
@@ -303,9 +304,10 @@ def finish_job(session: Session, job: Job, settings: Settings, store: Any) -> No
         timings[stage.kind] = timings.get(stage.kind, 0.0) + seconds
     if job.started_at is not None:
         timings["total"] = (utcnow() - _aware(job.started_at)).total_seconds()
-    job.results = build_results(predictions, np.asarray(splits.test.labels), timings)
+    job.results = experiment_results(spec, data, probs, timings)
     job.manifest = {
-        "dataset": splits.summary(),
+        "dataset": {str(seed): data[seed].summary() for seed in spec.seeds},
+        "device_kind": settings.device_kind,
         "seeds": spec.seeds,
         "stages": [
             {"kind": s.kind, "seed": s.seed, "key": s.stage_key, "status": s.status} for s in job.stages

@@ -94,6 +94,12 @@ class Settings(LibrarySettings):
         return self
 
     @property
+    def device_kind(self) -> str:
+        """What stages run on: CUDA when the deployment has GPU queues (every stage is routed to
+        one, see service.scheduler.route_queue), else the CPU. Stage keys include it."""
+        return "cuda" if any(name in self.queue_slots for name in self.gpu_classes) else "cpu"
+
+    @property
     def embedded_broker(self) -> bool:
         return self.broker_url.startswith("filesystem://")
 

@@ -6,9 +6,11 @@ Nothing here downloads: tokenizers are trained on the fly with the ``tokenizers`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 POSITIVE = ["good", "great", "lovely", "superb", "fine", "happy"]
@@ -108,3 +110,17 @@ def offline_model_dir(name: str) -> Path | None:
     root = Path(os.environ.get("W2S_TEST_MODELS_DIR", Path(__file__).resolve().parents[1] / "models"))
     path = root / name
     return path if (path / "model.safetensors").is_file() else None
+
+
+@contextlib.contextmanager
+def registered_losses(**classes: type) -> Iterator[None]:
+    """Register plug-in losses for one test only, so other tests' loss lists stay the built-in ones."""
+    from w2s.losses import _REGISTRY, register_loss
+
+    for name, cls in classes.items():
+        register_loss(name)(cls)
+    try:
+        yield
+    finally:
+        for name in classes:
+            _REGISTRY.pop(name, None)

@@ -12,8 +12,9 @@ import pytest
 from helpers import offline_model_dir, shared_data_dir
 from w2s import stages, train
 from w2s.losses import loss_names
-from w2s.pipeline import load_dataset_for, run_experiment
+from w2s.pipeline import run_experiment
 from w2s.spec import parse_spec
+from w2s.splits import prepare_seed_data
 from w2s.stages import STAGES, StageCancelled, plan_weak, run_stage
 from w2s.store import ArtifactStore
 
@@ -52,7 +53,9 @@ def test_full_pipeline_gpt2_weak_bert_strong_every_loss(
     assert len(experiment.stages) == 2 * (2 + len(loss_names()))
     assert not any(stage.cached for stage in experiment.stages)
     manifest = experiment.manifest
-    assert manifest["seeds"] == [0, 1] and manifest["dataset"]["splits"]["train_a"]["size"] == 60
+    assert manifest["seeds"] == [0, 1]
+    half_a = manifest["dataset"]["0"]["splits"]["train_a"]
+    assert half_a["size"] == half_a["rows"] == 60 - half_a["overlap_removed"] - half_a["dropped_too_long"]
     assert len({s["key"] for s in manifest["stages"]}) == len(experiment.stages)
 
 
@@ -94,23 +97,38 @@ def test_changed_hyperparameter_misses_the_cache(
     assert cached == {"weak": True, "ceiling": False, "student:xent": False}
 
 
-def test_probe_mode_computes_features_once(
+def test_probe_mode_computes_each_texts_features_once_across_seeds_and_jobs(
     tiny_gpt2: Path, tiny_bert: Path, sst2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls: list[int] = []
+    extracted: dict[str, list[str]] = {"bert": [], "gpt2": []}
     real = stages.extract_features
 
     def counting(model: Any, data: train.TokenData, **kwargs: Any) -> Any:
-        calls.append(len(data.lengths))
+        kind = model.backbone.config.model_type
+        extracted[kind] += [" ".join(map(str, ids)) for ids in data.ids]
         return real(model, data, **kwargs)
 
     monkeypatch.setattr(stages, "extract_features", counting)
+    store = ArtifactStore(str(tmp_path / "store"))
     losses = ["xent", "logconf", "product"]
     spec = parse_spec(tiny_spec(tiny_bert, tiny_gpt2, mode="probe", losses=losses, seeds=[0, 1, 2]))
-    run_experiment(spec, store=ArtifactStore(str(tmp_path / "store")), data_dir=sst2_dir)
-    # Weak: halves A and B and the test set; strong: half B and the test set. Once each, for
-    # 3 seeds x (weak + ceiling + 3 students) = 15 stages.
-    assert sorted(calls) == sorted([60, 60, 40, 60, 40])
+    run_experiment(spec, store=store, data_dir=sst2_dir)
+    # Every seed draws its own sample, so the splits differ per seed; features are stored per text,
+    # so each distinct text is extracted once per model: the weak model reads halves A and B and
+    # the test set, the strong model half B and the test set.
+    seeds = [prepare_seed_data(spec, seed, sst2_dir) for seed in spec.seeds]
+    weak_texts = {t for d in seeds for part in (d.train_a, d.train_b, d.test) for t in part.texts}
+    strong_texts = {t for d in seeds for part in (d.train_b, d.test) for t in part.texts}
+    assert len(extracted["bert"]) == len(set(extracted["bert"])) == len(weak_texts)
+    assert len(extracted["gpt2"]) == len(set(extracted["gpt2"])) == len(strong_texts)
+
+    # Another job over more seeds extracts only the texts no earlier job saw.
+    before = {kind: len(texts) for kind, texts in extracted.items()}
+    more = parse_spec(tiny_spec(tiny_bert, tiny_gpt2, mode="probe", losses=["xent"], seeds=[0, 1, 2, 3]))
+    run_experiment(more, store=store, data_dir=sst2_dir)
+    fourth = prepare_seed_data(more, 3, sst2_dir)
+    new_weak = {t for part in (fourth.train_a, fourth.train_b, fourth.test) for t in part.texts} - weak_texts
+    assert len(extracted["bert"]) - before["bert"] == len(new_weak)
 
 
 def test_cancel_through_the_callback_stores_nothing(tiny_bert: Path, sst2_dir: Path, tmp_path: Path) -> None:
@@ -118,7 +136,7 @@ def test_cancel_through_the_callback_stores_nothing(tiny_bert: Path, sst2_dir: P
     spec_dict["weak"]["epochs"] = 5
     spec = parse_spec(spec_dict)
     store = ArtifactStore(str(tmp_path / "store"))
-    plan = plan_weak(spec, 0, load_dataset_for(spec, sst2_dir))
+    plan = plan_weak(spec, 0, prepare_seed_data(spec, 0, sst2_dir), device_kind="cpu")
     seen: list[int] = []
 
     def stop_after_two(progress: train.Progress) -> bool:
@@ -135,7 +153,7 @@ def test_progress_reports_steps_loss_and_eval(tiny_bert: Path, sst2_dir: Path, t
     spec_dict = tiny_spec(tiny_bert, tiny_bert)
     spec_dict["weak"]["eval_every"] = 2
     spec = parse_spec(spec_dict)
-    plan = plan_weak(spec, 0, load_dataset_for(spec, sst2_dir))
+    plan = plan_weak(spec, 0, prepare_seed_data(spec, 0, sst2_dir), device_kind="cpu")
     events: list[train.Progress] = []
     result = run_stage(plan, ArtifactStore(str(tmp_path / "s")), callback=lambda p: events.append(p) is None)
     assert [e.step for e in events] == list(range(1, result.steps + 1))
@@ -148,9 +166,8 @@ def test_unknown_model_directory_and_unreadable_model(tmp_path: Path, sst2_dir: 
     bogus = tmp_path / "not-a-model"
     bogus.mkdir()
     spec = parse_spec(tiny_spec(bogus, bogus))
-    plan = plan_weak(spec, 0, load_dataset_for(spec, sst2_dir))
     with pytest.raises(ValueError, match="model: cannot load"):
-        run_stage(plan, ArtifactStore(str(tmp_path / "store")))
+        run_experiment(spec, store=ArtifactStore(str(tmp_path / "store")), data_dir=sst2_dir)
 
 
 @pytest.mark.slow
@@ -183,7 +200,7 @@ def test_checkpoint_is_stored_and_loads(tiny_bert: Path, sst2_dir: Path, tmp_pat
     spec_dict["weak"]["save_checkpoint"] = True
     spec = parse_spec(spec_dict)
     store = ArtifactStore(str(tmp_path / "store"))
-    result = run_stage(plan_weak(spec, 0, load_dataset_for(spec, sst2_dir)), store)
+    result = run_stage(plan_weak(spec, 0, prepare_seed_data(spec, 0, sst2_dir), device_kind="cpu"), store)
     assert result.checkpoint is not None
     state = torch.load(io.BytesIO(store.get_bytes(result.checkpoint)))
     assert "head.weight" in state and any("lora" in name for name in state)

@@ -101,6 +101,26 @@ def results_table(results: dict[str, Any]) -> Table:
     return table
 
 
+def data_lines(data: dict[str, Any]) -> list[str]:
+    """What the job trained and tested on, a line per split (counts are means over seeds)."""
+    lines = [
+        f"data: {data['sampling']} sample, "
+        + ("redrawn per seed" if data["resample_per_seed"] else "one sample for every seed")
+        + (", overlap removed" if data["remove_overlap"] else ", overlap kept")
+    ]
+    for split, counts in data["splits"].items():
+        parts = [f"{counts['rows']:g} rows"]
+        for field, label in (
+            ("dropped_too_long", "dropped as too long"),
+            ("truncated", "truncated"),
+            ("overlap_removed", "removed as overlap"),
+        ):
+            if counts[field]:
+                parts.append(f"{counts[field]:g} {label}")
+        lines.append(f"  {split}: " + ", ".join(parts))
+    return lines
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from w2s.pipeline import run_experiment
     from w2s.results import FLAG_DESCRIPTIONS
@@ -116,11 +136,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     Console().print(results_table(experiment.results))
     for flag in experiment.results["flags"]:
         console.print(f"[yellow]flag[/] {flag}: {FLAG_DESCRIPTIONS.get(flag, '')}")
-    splits = experiment.manifest["dataset"]["splits"]
-    console.print(
-        "data: "
-        + ", ".join(f"{name} {split['size']} (labels {split['balance']})" for name, split in splits.items())
-    )
+    for line in data_lines(experiment.results["data"]):
+        console.print(line)
     timings = experiment.results["timings"]
     console.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     if args.out:

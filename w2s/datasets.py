@@ -10,11 +10,20 @@ Rows come either from the hub (``datasets.load_dataset``) or, when ``data_dir`` 
 the train and the test split is listed per dataset in ``_REGISTRY`` (``offline_splits``) and described in
 :func:`list_datasets`.
 
-Sampling is deterministic in ``seed``. For each split, the row order is a seeded permutation; the first
-rows of that permutation are formatted (with a fresh ``random.Random(seed)``, as the reference does) until
-``n`` non-empty examples are collected. A sample of ``n`` rows is therefore a prefix of the sample of
-``n + k`` rows, and rows that are never drawn are never parsed. The train sample is then cut into two
-disjoint halves: A (first ``floor(n/2)``) trains the weak model, B (the rest) receives the weak labels.
+Sampling is deterministic in its seeds: the test sample in ``seed``, the train sample and its halves in
+``train_seed`` (the same unless given). Two ways to draw:
+
+* ``"random"`` (the default): the row order is a seeded permutation of the split; the first rows of that
+  permutation are formatted (with a fresh ``random.Random(seed)``, as the reference does) until ``n``
+  non-empty examples are collected. A sample of ``n`` rows is therefore a prefix of the sample of ``n + k``
+  rows, and rows that are never drawn are never parsed. The train sample is then cut into two disjoint
+  halves: A (first ``floor(n/2)``) trains the weak model, B (the rest) receives the weak labels.
+* ``"reference"``: as openai/weak-to-strong ``load_dataset`` + ``train_test_split``: the *first* ``n`` rows
+  of the split in file order, formatted in that order with ``random.Random(seed)``, shuffled with
+  ``numpy.random.default_rng(seed).permutation`` (Hugging Face ``Dataset.shuffle(seed)``), then split as
+  ``Dataset.train_test_split(test_size=0.5, seed)``: B is the ``ceil(n/2)`` rows at the first positions of
+  a second ``default_rng(seed)`` permutation, A the rest. The same seed and rows give the same halves as
+  the reference.
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
+
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +115,8 @@ class DatasetSplits:
     train_a: LabeledTexts  # half A of the train sample: trains the weak model
     train_b: LabeledTexts  # half B: weak soft labels; the ceiling and the students train here
     test: LabeledTexts
-    seed: int | None = None
+    seed: int | None = None  # drew the test sample
+    train_seed: int | None = None  # drew the train sample and its halves
     train_source: str = ""  # e.g. "/data/sst2/train.jsonl" or "hub:stanfordnlp/sst2[train]"
     test_source: str = ""
     # Rows skipped because their formatted text was empty (the only rows ever dropped). For registry
@@ -127,6 +139,7 @@ class DatasetSplits:
         return {
             "name": self.name,
             "seed": self.seed,
+            "train_seed": self.train_seed,
             "sources": {"train": self.train_source, "test": self.test_source},
             "splits": splits,
             "dropped_empty": {"train": self.dropped_empty_train, "test": self.dropped_empty_test},
@@ -484,17 +497,29 @@ def _order_rng(seed: int, purpose: str) -> random.Random:
     return random.Random(f"w2s:{purpose}:{seed}")
 
 
+Sampling = Literal["random", "reference"]
+
+
 def _draw(
-    rows: _Rows, n: int | None, *, seed: int, split: str, formatter: Formatter, what: str
+    rows: _Rows,
+    n: int | None,
+    *,
+    seed: int,
+    split: str,
+    formatter: Formatter,
+    what: str,
+    sampling: Sampling = "random",
 ) -> tuple[LabeledTexts, int]:
-    """Format rows in a seeded order until n non-empty examples are collected; return them and #dropped."""
+    """Format rows in a seeded order (``"random"``) or in file order (``"reference"``) until n non-empty
+    examples are collected; return them and #dropped."""
     total = len(rows)
     if n is not None and n > total:
         raise ValueError(
             f"{what}: n_{split}={n} requested but only {total} {split} rows exist ({rows.origin})"
         )
     order = list(range(total))
-    _order_rng(seed, split).shuffle(order)
+    if sampling == "random":
+        _order_rng(seed, split).shuffle(order)
     # A fresh Random(seed) per split, as the reference formatter does.
     format_rng = random.Random(seed)
     want = total if n is None else n
@@ -526,9 +551,21 @@ def _draw(
     return LabeledTexts(texts=tuple(texts), labels=tuple(labels)), dropped
 
 
-def _halves(sample: LabeledTexts) -> tuple[LabeledTexts, LabeledTexts]:
-    cut = len(sample) // 2  # A gets floor(n/2), B gets ceil(n/2)
-    return sample.select(range(cut)), sample.select(range(cut, len(sample)))
+def _halves(sample: LabeledTexts, *, seed: int, sampling: Sampling) -> tuple[LabeledTexts, LabeledTexts]:
+    """Halves A (floor(n/2) rows) and B (ceil(n/2) rows) of the train sample."""
+    if sampling == "random":
+        cut = len(sample) // 2  # the sample is already in a seeded random order
+        return sample.select(range(cut)), sample.select(range(cut, len(sample)))
+    # The reference: Dataset.shuffle(seed) then train_test_split(test_size=0.5, seed): "test" (B) takes
+    # the first ceil(n/2) positions of a default_rng(seed) permutation of the shuffled rows, "train" (A)
+    # the rest, in permutation order.
+    n = len(sample)
+    shuffled = np.random.default_rng(seed).permutation(n)
+    split_order = np.random.default_rng(seed).permutation(n)
+    n_b = -(-n // 2)
+    b = [int(shuffled[i]) for i in split_order[:n_b]]
+    a = [int(shuffled[i]) for i in split_order[n_b:]]
+    return sample.select(a), sample.select(b)
 
 
 def _check_sizes(n_train: int | None, n_test: int | None) -> None:
@@ -547,22 +584,38 @@ def load_splits(
     n_test: int | None,
     seed: int,
     data_dir: Path | None,
+    train_seed: int | None = None,
+    sampling: Sampling = "random",
 ) -> DatasetSplits:
     """Load a registry dataset (``name``) or a custom file (``source``) as train halves A/B and test.
 
     ``n_train``/``n_test`` of None take every row. ``data_dir`` selects offline JSONL files for registry
-    datasets (it is not used for custom files).
+    datasets (it is not used for custom files). ``seed`` draws the test sample (and a custom file's
+    hold-out); ``train_seed`` (default ``seed``) draws the train sample and its halves, so experiments
+    can redraw the training data per seed while every seed is tested on the same rows.
     """
     if (name is None) == (source is None):
         raise ValueError("load_splits needs exactly one of name= (a registry dataset) or source= (a file)")
+    if sampling not in ("random", "reference"):
+        raise ValueError(f"sampling must be 'random' or 'reference', got {sampling!r}")
     _check_sizes(n_train, n_test)
+    seeds = {"seed": seed, "train_seed": seed if train_seed is None else train_seed}
     if source is not None:
-        return _load_custom(source, n_train=n_train, n_test=n_test, seed=seed)
-    return _load_registry(str(name), n_train=n_train, n_test=n_test, seed=seed, data_dir=data_dir)
+        return _load_custom(source, n_train=n_train, n_test=n_test, sampling=sampling, **seeds)
+    return _load_registry(
+        str(name), n_train=n_train, n_test=n_test, data_dir=data_dir, sampling=sampling, **seeds
+    )
 
 
 def _load_registry(
-    name: str, *, n_train: int | None, n_test: int | None, seed: int, data_dir: Path | None
+    name: str,
+    *,
+    n_train: int | None,
+    n_test: int | None,
+    seed: int,
+    train_seed: int,
+    data_dir: Path | None,
+    sampling: Sampling,
 ) -> DatasetSplits:
     entry = _entry(name)
     root = Path(data_dir) if data_dir is not None else None
@@ -573,18 +626,25 @@ def _load_registry(
     train_rows = rows_for("train")
     test_rows = rows_for("test")
     train, dropped_train = _draw(
-        train_rows, n_train, seed=seed, split="train", formatter=entry.formatter, what=name
+        train_rows,
+        n_train,
+        seed=train_seed,
+        split="train",
+        formatter=entry.formatter,
+        what=name,
+        sampling=sampling,
     )
     test, dropped_test = _draw(
-        test_rows, n_test, seed=seed, split="test", formatter=entry.formatter, what=name
+        test_rows, n_test, seed=seed, split="test", formatter=entry.formatter, what=name, sampling=sampling
     )
-    train_a, train_b = _halves(train)
+    train_a, train_b = _halves(train, seed=train_seed, sampling=sampling)
     return DatasetSplits(
         name=name,
         train_a=train_a,
         train_b=train_b,
         test=test,
         seed=seed,
+        train_seed=train_seed,
         train_source=train_rows.origin,
         test_source=test_rows.origin,
         dropped_empty_train=dropped_train,
@@ -719,7 +779,13 @@ def _format_validated(row: Row, rng: random.Random) -> tuple[str, int]:
 
 
 def _load_custom(
-    source: CustomSource, *, n_train: int | None, n_test: int | None, seed: int
+    source: CustomSource,
+    *,
+    n_train: int | None,
+    n_test: int | None,
+    seed: int,
+    train_seed: int,
+    sampling: Sampling,
 ) -> DatasetSplits:
     train_path = Path(source.path)
     examples, dropped_train = _read_custom(train_path, source)
@@ -750,7 +816,15 @@ def _load_custom(
 
     what = str(train_path)
     train_rows = _ListRows(train_pool, str(train_path))
-    train, _ = _draw(train_rows, n_train, seed=seed, split="train", formatter=_format_validated, what=what)
+    train, _ = _draw(
+        train_rows,
+        n_train,
+        seed=train_seed,
+        split="train",
+        formatter=_format_validated,
+        what=what,
+        sampling=sampling,
+    )
     test, _ = _draw(
         _ListRows(test_examples, test_origin),
         test_n,
@@ -758,14 +832,16 @@ def _load_custom(
         split="test",
         formatter=_format_validated,
         what=what,
+        sampling=sampling,
     )
-    train_a, train_b = _halves(train)
+    train_a, train_b = _halves(train, seed=train_seed, sampling=sampling)
     return DatasetSplits(
         name=source.path,
         train_a=train_a,
         train_b=train_b,
         test=test,
         seed=seed,
+        train_seed=train_seed,
         train_source=str(train_path),
         test_source=test_origin,
         dropped_empty_train=dropped_train,

@@ -10,6 +10,19 @@ Every loss is a small frozen dataclass whose fields are its parameters, register
 The result is a scalar tensor, the mean over the batch. All losses compute in float32 so that bf16/fp16
 logits do not lose precision in the softmax.
 
+Gradient accumulation. The trainer may split an optimizer batch into minibatches and sum their losses,
+each weighted by its share of the batch; that equals the loss of the whole batch only for a loss that
+is a mean of per-example terms. A loss that also uses statistics of the whole batch (``logconf``'s
+quantile threshold and weak-label prior) declares them::
+
+    def batch_statistics(self, logits, labels, step_frac) -> dict[str, torch.Tensor]: ...
+    def __call__(self, logits, labels, step_frac, stats=None) -> torch.Tensor: ...
+
+The trainer computes the statistics once over the whole batch (without gradients) and hands them to
+every minibatch's call; called without ``stats``, the loss computes them from what it is given, which
+is the whole batch. :func:`check_minibatch_invariance` tells a loss that is not a per-example mean and
+declares no statistics, so a plug-in cannot silently change meaning under accumulation.
+
 Sources of the definitions:
 
 * ``xent``, ``logconf``, ``product``: openai/weak-to-strong, ``weak_to_strong/loss.py``
@@ -32,6 +45,9 @@ Custom losses::
             ...
 
     loss = build_loss("mine", {"scale": 2.0})
+
+A plug-in class's source is part of the stage key of every student trained with it, so editing the
+loss recomputes those students instead of serving their old numbers.
 """
 
 from __future__ import annotations
@@ -55,10 +71,13 @@ __all__ = [
     "ProductLoss",
     "WindowLoss",
     "XentLoss",
+    "batch_statistics",
     "build_loss",
+    "check_minibatch_invariance",
     "describe_loss",
     "loss_names",
     "loss_params",
+    "minibatch_loss",
     "register_loss",
 ]
 
@@ -68,6 +87,73 @@ class Loss(Protocol):
     """A training loss: ``(logits (B, 2), labels (B, 2), step_frac) -> scalar tensor``."""
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor, step_frac: float) -> torch.Tensor: ...
+
+
+Stats = dict[str, torch.Tensor]
+
+
+def batch_statistics(
+    loss: Loss, logits: torch.Tensor, labels: torch.Tensor, step_frac: float
+) -> Stats | None:
+    """The loss's statistics of a whole batch (computed without gradients), or None if it has none."""
+    compute = getattr(loss, "batch_statistics", None)
+    if compute is None:
+        return None
+    with torch.no_grad():
+        return compute(logits.detach(), labels, step_frac)
+
+
+def minibatch_loss(
+    loss: Loss, logits: torch.Tensor, labels: torch.Tensor, step_frac: float, stats: Stats | None
+) -> torch.Tensor:
+    """The loss of one minibatch, given the whole batch's statistics (None: the loss has none)."""
+    if stats is None:
+        return loss(logits, labels, step_frac)
+    return loss(logits, labels, step_frac, stats=stats)  # type: ignore[call-arg]
+
+
+def check_minibatch_invariance(loss: Loss, *, batch: int = 12) -> None:
+    """Raise ValueError if splitting a batch into minibatches changes the loss or its gradient.
+
+    A seeded random batch is scored whole and in uneven minibatches (5 + 7, and 12 x 1), with the
+    batch statistics the loss declares, at a step inside and one after a typical warm-up.
+    """
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(batch, 2, generator=generator) * 2.0
+    p = torch.rand(batch, generator=generator)
+    labels = torch.stack([1.0 - p, p], dim=1)
+    for step_frac in (0.05, 0.5):
+        whole = logits.clone().requires_grad_(True)
+        expected = loss(whole, labels, step_frac)
+        expected.backward()
+        for sizes in ((5, batch - 5), (1,) * batch):
+            stats = batch_statistics(loss, logits, labels, step_frac)
+            parts = logits.clone().requires_grad_(True)
+            total = torch.zeros(())
+            start = 0
+            for size in sizes:
+                piece = slice(start, start + size)
+                total = total + minibatch_loss(loss, parts[piece], labels[piece], step_frac, stats) * (
+                    size / batch
+                )
+                start += size
+            total.backward()
+            assert whole.grad is not None and parts.grad is not None
+            if not (
+                torch.allclose(total, expected, rtol=1e-5, atol=1e-6)
+                and torch.allclose(parts.grad, whole.grad, rtol=1e-4, atol=1e-6)
+            ):
+                name = _registered_name(type(loss)) or type(loss).__qualname__
+                raise ValueError(
+                    f"loss {name!r} changes when a batch is split into minibatches (whole batch "
+                    f"{float(expected):.6f}, minibatches of {sizes[0]}: {float(total):.6f}): it uses "
+                    "statistics of the whole batch; declare them with batch_statistics(logits, labels, "
+                    "step_frac) and accept stats= in __call__ (see w2s.losses)"
+                )
+
+
+def _registered_name(cls: type) -> str | None:
+    return next((name for name, registered in _REGISTRY.items() if registered is cls), None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -238,15 +324,25 @@ class LogConfLoss:
         _require_range("aux_coef", self.aux_coef, 0.0, 1.0)
         _require_range("warmup_frac", self.warmup_frac, 0.0, 1.0)
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, step_frac: float) -> torch.Tensor:
+    def batch_statistics(self, logits: torch.Tensor, labels: torch.Tensor, step_frac: float) -> Stats:
+        """The hardening threshold: computed over the whole optimizer batch, as the reference does."""
         logits, labels = _prepare(logits, labels)
-        coef = (1.0 if step_frac > self.warmup_frac else step_frac) * self.aux_coef
-        preds = torch.softmax(logits, dim=-1)  # (B, 2)
+        preds = torch.softmax(logits.detach(), dim=-1)  # (B, 2)
         # Threshold the student at the quantile that reproduces the weak labels' class balance: if a
         # fraction m of the weak mass is on class 1, the m-quantile of P(class 0) splits the batch so that
         # about m of it is hardened to class 1.
         mean_weak = labels.mean(dim=0)  # (2,)
-        threshold = torch.quantile(preds[:, 0], mean_weak[1])  # scalar
+        return {"threshold": torch.quantile(preds[:, 0], mean_weak[1])}  # scalar
+
+    def __call__(
+        self, logits: torch.Tensor, labels: torch.Tensor, step_frac: float, stats: Stats | None = None
+    ) -> torch.Tensor:
+        if stats is None:  # the tensor given is the whole batch
+            stats = self.batch_statistics(logits, labels, step_frac)
+        logits, labels = _prepare(logits, labels)
+        coef = (1.0 if step_frac > self.warmup_frac else step_frac) * self.aux_coef
+        preds = torch.softmax(logits, dim=-1)  # (B, 2)
+        threshold = stats["threshold"]
         strong_preds = torch.stack([preds[:, 0] >= threshold, preds[:, 0] < threshold], dim=1)  # (B, 2)
         # Hardened predictions are a target, not a path for gradients.
         target = labels * (1 - coef) + strong_preds.detach().float() * coef  # (B, 2)

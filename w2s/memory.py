@@ -36,6 +36,12 @@ def _config_shape(model: str, revision: str | None, trust_remote_code: bool) -> 
         return None
 
 
+def parameter_count(spec: ModelSpec) -> int | None:
+    """The backbone's number of parameters, from its config alone; None if the config is unreachable."""
+    shape = _config_shape(spec.model, spec.revision, spec.trust_remote_code)
+    return shape[0] if shape is not None else None
+
+
 def estimate_memory_gb(spec: ModelSpec, config: TrainConfig) -> float | None:
     shape = _config_shape(spec.model, spec.revision, spec.trust_remote_code)
     if shape is None:

@@ -7,12 +7,21 @@ Binary conventions: ``probs_pos`` is P(class 1) per example and its hard predict
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-__all__ = ["accuracy", "agreement", "auroc", "bootstrap_interval", "pgr", "summarize"]
+__all__ = [
+    "accuracy",
+    "agreement",
+    "auroc",
+    "bootstrap_counts",
+    "bootstrap_interval",
+    "pgr",
+    "summarize",
+    "weighted_auroc",
+]
 
 
 def _vectors(name_a: str, a: np.ndarray, name_b: str, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -115,6 +124,51 @@ def bootstrap_interval(
         return None
     tail = (1.0 - confidence) / 2.0 * 100.0
     lo, hi = np.percentile(np.asarray(values), [tail, 100.0 - tail])
+    return float(lo), float(hi)
+
+
+def bootstrap_counts(n: int, n_resamples: int, *, seed: int = 0, chunk: int = 100) -> Iterator[np.ndarray]:
+    """The bootstrap as multiplicities: chunks of a ``(resamples, n)`` matrix whose row r counts how
+    often resample r drew each of the n examples. Drawn once and shared by every statistic (a joint
+    bootstrap); deterministic in ``seed`` and the same whatever the chunk size."""
+    if n <= 0 or n_resamples <= 0:
+        raise ValueError(f"n and n_resamples must be positive, got {n} and {n_resamples}")
+    rng = np.random.default_rng(seed)
+    for start in range(0, n_resamples, chunk):
+        rows = min(chunk, n_resamples - start)
+        drawn = rng.integers(0, n, size=(rows, n))
+        flat = (drawn + np.arange(rows)[:, None] * n).ravel()
+        yield np.bincount(flat, minlength=rows * n).reshape(rows, n)
+
+
+def weighted_auroc(counts: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """AUROC of every resample at once: ``counts`` (resamples, n) are multiplicities of the examples.
+
+    The Mann-Whitney statistic with ties counting 1/2, as :func:`auroc`, computed over the examples
+    sorted once by score. NaN where a resample holds one class only.
+    """
+    scores, labels = _vectors("scores", scores, "labels", labels)
+    order = np.argsort(np.asarray(scores, dtype=np.float64), kind="mergesort")
+    sorted_scores = np.asarray(scores, dtype=np.float64)[order]
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])  # runs of tied scores
+    positive = _hard(labels)[order]
+    weights = counts[:, order].astype(np.float64)
+    pos = np.add.reduceat(weights * positive, starts, axis=1)  # (resamples, distinct scores)
+    neg = np.add.reduceat(weights * ~positive, starts, axis=1)
+    negatives_below = np.cumsum(neg, axis=1) - neg
+    n_pos, n_neg = pos.sum(axis=1), neg.sum(axis=1)
+    u = (pos * (negatives_below + 0.5 * neg)).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n_pos * n_neg > 0, u / (n_pos * n_neg), np.nan)
+
+
+def percentile_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float] | None:
+    """The central ``confidence`` percentile interval of the finite values; None if there are none."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return None
+    tail = (1.0 - confidence) / 2.0 * 100.0
+    lo, hi = np.percentile(finite, [tail, 100.0 - tail])
     return float(lo), float(hi)
 
 

@@ -61,21 +61,41 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
 POOLERS = {"last": last_token_pool, "mean": mean_pool}
 
 
+def float32_head(head: nn.Linear, features: torch.Tensor) -> torch.Tensor:
+    """The head in float32 even inside an autocast region (which would run a Linear in bf16), so
+    logits and soft labels keep full precision (bf16 keeps ~3 digits and makes ties in AUROC)."""
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        return head(features.float())
+
+
+def zero_head(hidden_size: int, bias: bool) -> nn.Linear:
+    head = nn.Linear(hidden_size, 2, bias=bias)
+    nn.init.zeros_(head.weight)
+    if head.bias is not None:
+        nn.init.zeros_(head.bias)
+    return head
+
+
 class Classifier(nn.Module):
     """A backbone, a pooling rule and a two-class linear head initialised at zero.
 
     The zero head makes every run start from the same uninformative 50/50 prediction, as in the
-    reference code.
+    reference code (whose head has no bias: ``head_bias=False``).
     """
 
-    def __init__(self, backbone: nn.Module, hidden_size: int, pooling: str, causal: bool = False):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        hidden_size: int,
+        pooling: str,
+        causal: bool = False,
+        head_bias: bool = True,
+    ):
         super().__init__()
         self.backbone = backbone
         self.pooling = pooling
         self.causal = causal
-        self.head = nn.Linear(hidden_size, 2)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        self.head = zero_head(hidden_size, head_bias)
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if not self.causal:
@@ -94,24 +114,21 @@ class Classifier(nn.Module):
         return POOLERS[self.pooling](hidden, attention_mask)  # (batch, hidden)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        features = self.features(input_ids, attention_mask)
-        return self.head(features.float())  # (batch, 2); the head runs in float32
+        return float32_head(self.head, self.features(input_ids, attention_mask))  # (batch, 2)
 
 
 class ProbeHead(nn.Module):
     """A linear head on cached features. Features are standardised with the training set's
     statistics so one learning rate suits every backbone's feature scale."""
 
-    def __init__(self, train_features: torch.Tensor):
+    def __init__(self, train_features: torch.Tensor, bias: bool = True):
         super().__init__()
         self.register_buffer("mean", train_features.mean(dim=0))
         self.register_buffer("std", train_features.std(dim=0).clamp(min=1e-6))
-        self.head = nn.Linear(train_features.shape[1], 2)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        self.head = zero_head(train_features.shape[1], bias)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head((features.float() - self.mean) / self.std)
+        return float32_head(self.head, (features.float() - self.mean) / self.std)
 
 
 @dataclass
@@ -176,7 +193,9 @@ def load_classifier(spec: ModelSpec, config: TrainConfig) -> LoadedModel:
         )
         backbone = get_peft_model(backbone, lora)
     hidden_size = int(model_config.hidden_size)
-    classifier = Classifier(backbone, hidden_size, pooling, causal=is_decoder_lm(model_config))
+    classifier = Classifier(
+        backbone, hidden_size, pooling, causal=is_decoder_lm(model_config), head_bias=config.head_bias
+    )
     return LoadedModel(classifier, tokenizer, pooling)
 
 

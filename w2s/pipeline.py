@@ -17,20 +17,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from w2s.datasets import CustomSource, DatasetSplits, load_splits
 from w2s.models import model_fingerprint
 from w2s.results import SeedPredictions, build_results
-from w2s.spec import CustomDatasetSpec, DatasetSpec, JobSpec
-from w2s.stages import (
-    StagePlan,
-    StageResult,
-    library_versions,
-    pick_device,
-    plan_ceiling,
-    plan_student,
-    plan_weak,
-    run_stage,
-)
+from w2s.spec import JobSpec, ModelSpec, TrainConfig, resolved_models
+from w2s.splits import SPLITS, SeedData, prepare_seed_data
+from w2s.stages import StagePlan, StageResult, library_versions, pick_device, plan_seed, run_stage
 from w2s.store import ArtifactStore
 from w2s.train import Progress, ProgressCallback
 
@@ -54,32 +45,81 @@ class Experiment:
     stages: list[StageResult]
 
 
-def load_dataset_for(spec: JobSpec, data_dir: Path | None) -> DatasetSplits:
-    return load_dataset(spec.dataset, data_dir)
+Models = dict[str, tuple[ModelSpec, TrainConfig]]
 
 
-def load_dataset(dataset: DatasetSpec, data_dir: Path | None) -> DatasetSplits:
-    source = None
-    if isinstance(dataset.name, CustomDatasetSpec):
-        source = CustomSource(**dataset.name.model_dump())
-    return load_splits(
-        name=dataset.name if isinstance(dataset.name, str) else None,
-        source=source,
-        n_train=dataset.n_train,
-        n_test=dataset.n_test,
-        seed=dataset.seed,
-        data_dir=data_dir,
-    )
+def prepare_data(spec: JobSpec, data_dir: Path | None, models: Models | None = None) -> dict[int, SeedData]:
+    """Every seed's clean data (each seed draws its own train sample unless resample_per_seed is off)."""
+    models = models or resolved_models(spec)
+    return {seed: prepare_seed_data(spec, seed, data_dir, models) for seed in spec.seeds}
 
 
-def plan_experiment(spec: JobSpec, splits: DatasetSplits) -> list[StagePlan]:
+def plan_experiment(
+    spec: JobSpec, data: dict[int, SeedData], *, device_kind: str, models: Models | None = None
+) -> list[StagePlan]:
     """Every stage in run order: per seed, weak, ceiling, then one student per loss."""
-    plans = []
-    for seed in spec.seeds:
-        plans.append(plan_weak(spec, seed, splits))
-        plans.append(plan_ceiling(spec, seed, splits))
-        plans.extend(plan_student(spec, loss, seed, splits) for loss in spec.losses)
-    return plans
+    models = models or resolved_models(spec)
+    return [
+        plan
+        for seed in spec.seeds
+        for plan in plan_seed(spec, data[seed], device_kind=device_kind, models=models)
+    ]
+
+
+def data_report(spec: JobSpec, data: dict[int, SeedData], models: Models | None = None) -> dict[str, Any]:
+    """The results' ``data`` block: how the rows were drawn and cleaned, and per split the rows used,
+    dropped as too long, truncated, and removed for overlap (per seed, and the mean over seeds)."""
+    models = models or resolved_models(spec)
+    config = spec.data_config()
+    per_seed = [
+        {
+            "seed": seed,
+            "train_seed": data[seed].drawn.train_seed,
+            **{split: data[seed].counts[split].to_dict() for split in SPLITS},
+        }
+        for seed in spec.seeds
+    ]
+    fields = ("rows", "dropped_too_long", "truncated", "overlap_removed")
+    return {
+        "sampling": config.sampling,
+        "resample_per_seed": config.resample_per_seed,
+        "remove_overlap": config.remove_overlap,
+        "max_dropped_fraction": config.max_dropped_fraction,
+        "models": {
+            role: {"max_length": train.max_length, "truncation": train.truncation}
+            for role, (_, train) in models.items()
+        },
+        # The test split is the same for every seed; the halves' counts are means over seeds.
+        "splits": {
+            split: {name: float(np.mean([entry[split][name] for entry in per_seed])) for name in fields}
+            for split in SPLITS
+        },
+        "per_seed": per_seed,
+    }
+
+
+def experiment_results(
+    spec: JobSpec,
+    data: dict[int, SeedData],
+    test_probs: Callable[[str, int], np.ndarray],
+    timings: dict[str, float],
+    models: Models | None = None,
+) -> dict[str, Any]:
+    """The results document of a finished experiment, from each stage's test probabilities
+    (``test_probs(kind, seed)``). The library and the service both build results here."""
+    predictions = [
+        SeedPredictions(
+            seed=seed,
+            weak=test_probs("weak", seed),
+            ceiling=test_probs("ceiling", seed),
+            students={loss.label: test_probs(f"student:{loss.label}", seed) for loss in spec.losses},
+        )
+        for seed in spec.seeds
+    ]
+    test_labels = np.asarray(data[spec.seeds[0]].test.labels)
+    results = build_results(predictions, test_labels, timings)
+    results["data"] = data_report(spec, data, models)
+    return results
 
 
 def run_experiment(
@@ -92,10 +132,11 @@ def run_experiment(
 ) -> Experiment:
     started_at = dt.datetime.now(dt.UTC)
     started = time.perf_counter()
-    device = device or pick_device()
-    splits = load_dataset_for(spec, data_dir)
-    logger.info("dataset %s", splits.summary())
-    plans = plan_experiment(spec, splits)
+    device_kind = (device or pick_device()).type
+    models = resolved_models(spec)
+    data = prepare_data(spec, data_dir, models)
+    logger.info("dataset %s", data[spec.seeds[0]].summary())
+    plans = plan_experiment(spec, data, device_kind=device_kind, models=models)
 
     stage_results: list[StageResult] = []
     for plan in plans:
@@ -103,36 +144,28 @@ def run_experiment(
         if reporter is not None:
             reporter.stage_started(plan)
             callback = _bind(reporter.stage_progress, plan)
-        result = run_stage(plan, store, device=device, callback=callback)
+        result = run_stage(plan, store, callback=callback)
         if reporter is not None:
             reporter.stage_finished(plan, result)
         stage_results.append(result)
 
     by_kind_seed = {(r.kind, r.seed): r for r in stage_results}
-    predictions = [
-        SeedPredictions(
-            seed=seed,
-            weak=store.get_array(by_kind_seed["weak", seed].test_probs),
-            ceiling=store.get_array(by_kind_seed["ceiling", seed].test_probs),
-            students={
-                loss.label: store.get_array(by_kind_seed[f"student:{loss.label}", seed].test_probs)
-                for loss in spec.losses
-            },
-        )
-        for seed in spec.seeds
-    ]
     timings: dict[str, float] = {}
     for result in stage_results:
         timings[result.kind] = timings.get(result.kind, 0.0) + (0.0 if result.cached else result.seconds)
     timings["total"] = time.perf_counter() - started
-    results = build_results(predictions, np.asarray(splits.test.labels), timings)
+    results = experiment_results(
+        spec, data, lambda kind, seed: store.get_array(by_kind_seed[kind, seed].test_probs), timings, models
+    )
     manifest = {
         "started_at": started_at.isoformat(),
         "finished_at": dt.datetime.now(dt.UTC).isoformat(),
         "versions": library_versions() | {"python": platform.python_version()},
-        "device": str(device),
+        "device": str(device or pick_device()),
+        "device_kind": device_kind,
         "spec": spec.model_dump(mode="json"),
-        "dataset": splits.summary(),
+        "dataset": {str(seed): data[seed].summary() for seed in spec.seeds},
+        "training": {role: {k: v for k, v in vars(train).items()} for role, (_, train) in models.items()},
         "models": {"weak": model_fingerprint(spec.weak), "strong": model_fingerprint(spec.strong)},
         "seeds": spec.seeds,
         "stages": [

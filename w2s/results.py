@@ -3,16 +3,26 @@
 Shape::
 
     {"weak": {"accuracy", "auroc"}, "ceiling": {...},
-     "students": {"<loss>": {"accuracy", "auroc", "pgr", "agreement_with_weak"}},
+     "gap": {"ceiling_minus_weak", "ceiling_minus_weak_ci"},
+     "students": {"<loss>": {"accuracy", "auroc", "pgr", "pgr_undefined_share", "pgr_per_seed",
+                             "agreement_with_weak"}},
      "flags": [...], "seeds": N, "per_seed": [...], "timings": {...}}
 
 Every figure ``f`` is the mean over seeds, with ``f_std`` (across seeds) and ``f_ci`` (a 95%
-percentile bootstrap over test examples of the seed mean) beside it.
+percentile bootstrap over test examples of the seed mean) beside it. The bootstrap is joint: one set
+of resamples of the test rows serves every model, seed and figure, so paired differences (the gap,
+PGR) keep their pairing.
+
+PGR = (student - weak) / (ceiling - weak) is undefined where the ceiling does not beat the weak
+model. Resamples where that happens are counted (``pgr_undefined_share``), never dropped silently:
+the interval is withheld (null, with a flag) when the point PGR is undefined or more than
+``PGR_UNDEFINED_LIMIT`` of the resamples are, because percentiles of the rest would describe a biased
+subset. Seeds whose own PGR is undefined appear as null in ``pgr_per_seed`` and are flagged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,10 +33,24 @@ FLAG_DESCRIPTIONS = {
     "ceiling_not_above_weak": "the strong ceiling is not more accurate than the weak model: PGR is undefined",
     "ceiling_at_chance": "the strong ceiling is no better than predicting the majority class",
     "weak_at_chance": "the weak model is no better than predicting the majority class",
+    "ceiling_weak_gap_not_significant": (
+        "the 95% interval of ceiling minus weak accuracy contains 0: the gap PGR divides by is not "
+        "distinguishable from zero, so PGR is not measurable here"
+    ),
+    "pgr_interval_withheld": (
+        "a PGR interval is not given: PGR is undefined on the test set or on more than 5% of "
+        "bootstrap resamples (see pgr_undefined_share)"
+    ),
+    "pgr_undefined_for_some_seeds": (
+        "for some seeds the ceiling does not beat the weak model, so their PGR is undefined "
+        "(null in pgr_per_seed); pgr_std covers the other seeds"
+    ),
 }
 # Accuracy within this margin of the majority-class rate counts as chance.
 CHANCE_MARGIN = 0.01
 BOOTSTRAP_RESAMPLES = 1000
+# Withhold the PGR interval when more than this share of resamples has no PGR.
+PGR_UNDEFINED_LIMIT = 0.05
 
 
 @dataclass(frozen=True)
@@ -39,35 +63,18 @@ class SeedPredictions:
     students: dict[str, np.ndarray]
 
 
-Statistic = Callable[[np.ndarray, np.ndarray], float | None]  # (indices, probs) -> value
-
-
-def _accuracy_on(labels: np.ndarray) -> Statistic:
-    return lambda idx, probs: metrics.accuracy(probs[idx], labels[idx])
-
-
-def _auroc_on(labels: np.ndarray) -> Statistic:
-    return lambda idx, probs: metrics.auroc(probs[idx], labels[idx])
-
-
-def _figure(
-    name: str,
-    per_seed: Sequence[float | None],
-    seed_mean_on: Callable[[np.ndarray], float | None],
-    n_test: int,
-) -> dict[str, object]:
+def _summary(name: str, per_seed: Sequence[float | None], resampled: np.ndarray) -> dict[str, object]:
     summary = metrics.summarize(per_seed)
-    interval = metrics.bootstrap_interval(seed_mean_on, n_test, n_resamples=BOOTSTRAP_RESAMPLES)
     return {
         name: summary["mean"],
         f"{name}_std": summary["std"],
-        f"{name}_ci": list(interval) if interval is not None else None,
+        f"{name}_ci": _interval(resampled),
     }
 
 
-def _mean(values: Sequence[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return float(np.mean(present)) if present else None
+def _interval(resampled: np.ndarray) -> list[float] | None:
+    interval = metrics.percentile_interval(resampled)
+    return list(interval) if interval is not None else None
 
 
 def build_results(
@@ -75,59 +82,89 @@ def build_results(
     test_labels: np.ndarray,
     timings: dict[str, float],
 ) -> dict[str, object]:
-    """The results document for one experiment (one or more seeds)."""
+    """The results document for one experiment (one or more seeds, all scored on the same test rows)."""
     labels = np.asarray(test_labels)
     n = len(labels)
-    accuracy, auroc = _accuracy_on(labels), _auroc_on(labels)
-
-    def model_figures(probs_of: Callable[[SeedPredictions], np.ndarray]) -> dict[str, object]:
-        figures: dict[str, object] = {}
-        for name, stat in (("accuracy", accuracy), ("auroc", auroc)):
-            whole = np.arange(n)
-            per_seed = [stat(whole, probs_of(p)) for p in predictions]
-            figures |= _figure(
-                name, per_seed, lambda idx, s=stat: _mean([s(idx, probs_of(p)) for p in predictions]), n
-            )
-        return figures
-
-    results: dict[str, object] = {
-        "weak": model_figures(lambda p: p.weak),
-        "ceiling": model_figures(lambda p: p.ceiling),
+    truth = labels > 0.5
+    losses = list(predictions[0].students)
+    probs_of: dict[str, list[np.ndarray]] = {
+        "weak": [np.asarray(p.weak) for p in predictions],
+        "ceiling": [np.asarray(p.ceiling) for p in predictions],
+        **{loss: [np.asarray(p.students[loss]) for p in predictions] for loss in losses},
     }
-    whole = np.arange(n)
+    models = list(probs_of)
+
+    # Per-example vectors whose resampled means are the figures: correctness (accuracy) and agreement
+    # with the weak model, each averaged over seeds (the mean over seeds of a mean over rows).
+    columns = [np.mean([(probs > 0.5) == truth for probs in probs_of[m]], axis=0) for m in models]
+    columns += [
+        np.mean(
+            [(s > 0.5) == (w > 0.5) for s, w in zip(probs_of[loss], probs_of["weak"], strict=True)], axis=0
+        )
+        for loss in losses
+    ]
+    vectors = np.stack(columns, axis=1).astype(np.float64)  # (n, models + losses)
+    means_chunks, auroc_chunks = [], []
+    for counts in metrics.bootstrap_counts(n, BOOTSTRAP_RESAMPLES):
+        means_chunks.append(counts @ vectors / n)
+        per_model = []
+        for m in models:
+            per_seed = np.stack([metrics.weighted_auroc(counts, probs, labels) for probs in probs_of[m]])
+            per_model.append(_mean_of_finite(per_seed))
+        auroc_chunks.append(np.stack(per_model, axis=1))
+    resampled = np.concatenate(means_chunks)  # (resamples, columns)
+    resampled_auroc = np.concatenate(auroc_chunks)  # (resamples, models)
+    column = {m: i for i, m in enumerate(models)}
+
+    def model_figures(m: str) -> dict[str, object]:
+        accuracy = [metrics.accuracy(probs, labels) for probs in probs_of[m]]
+        auroc = [metrics.auroc(probs, labels) for probs in probs_of[m]]
+        return _summary("accuracy", accuracy, resampled[:, column[m]]) | _summary(
+            "auroc", auroc, resampled_auroc[:, column[m]]
+        )
+
+    results: dict[str, object] = {"weak": model_figures("weak"), "ceiling": model_figures("ceiling")}
+    weak_mean = float(columns[column["weak"]].mean())
+    ceiling_mean = float(columns[column["ceiling"]].mean())
+    gap = resampled[:, column["ceiling"]] - resampled[:, column["weak"]]
+    gap_ci = _interval(gap)
+    results["gap"] = {"ceiling_minus_weak": ceiling_mean - weak_mean, "ceiling_minus_weak_ci": gap_ci}
+
+    flags: list[str] = []
     students: dict[str, object] = {}
-    for loss in predictions[0].students:
-        figures = model_figures(lambda p, loss=loss: p.students[loss])
-
-        def pgr_on(idx: np.ndarray, loss: str = loss) -> float | None:
-            # PGR of the seed means, so one noisy seed cannot blow up the ratio.
-            return metrics.pgr(
-                _mean([accuracy(idx, p.weak) for p in predictions]) or 0.0,
-                _mean([accuracy(idx, p.ceiling) for p in predictions]) or 0.0,
-                _mean([accuracy(idx, p.students[loss]) for p in predictions]) or 0.0,
-            )
-
-        pgr_per_seed = [
-            metrics.pgr(
-                accuracy(whole, p.weak), accuracy(whole, p.ceiling), accuracy(whole, p.students[loss])
-            )
-            for p in predictions
+    defined = gap > 0
+    for offset, loss in enumerate(losses):
+        figures = model_figures(loss)
+        student = resampled[:, column[loss]]
+        undefined_share = float(1.0 - defined.mean())
+        point = metrics.pgr(weak_mean, ceiling_mean, float(columns[column[loss]].mean()))
+        withheld = point is None or undefined_share > PGR_UNDEFINED_LIMIT
+        with np.errstate(all="ignore"):
+            pgr_resampled = np.where(defined, (student - resampled[:, column["weak"]]) / gap, np.nan)
+        per_seed_pgr = [
+            metrics.pgr(metrics.accuracy(w, labels), metrics.accuracy(c, labels), metrics.accuracy(s, labels))
+            for w, c, s in zip(probs_of["weak"], probs_of["ceiling"], probs_of[loss], strict=True)
         ]
-        interval = metrics.bootstrap_interval(pgr_on, n, n_resamples=BOOTSTRAP_RESAMPLES)
-        figures["pgr"] = pgr_on(whole)
-        figures["pgr_std"] = metrics.summarize(pgr_per_seed)["std"]
-        figures["pgr_ci"] = list(interval) if interval is not None else None
-        figures |= _figure(
+        figures["pgr"] = point
+        figures["pgr_std"] = metrics.summarize(per_seed_pgr)["std"]
+        figures["pgr_ci"] = None if withheld else _interval(pgr_resampled)
+        figures["pgr_undefined_share"] = undefined_share
+        figures["pgr_per_seed"] = per_seed_pgr
+        if withheld:
+            flags.append("pgr_interval_withheld")
+        if any(value is None for value in per_seed_pgr):
+            flags.append("pgr_undefined_for_some_seeds")
+        agreement_column = len(models) + offset
+        figures |= _summary(
             "agreement_with_weak",
-            [metrics.agreement(p.students[loss], p.weak) for p in predictions],
-            lambda idx, loss=loss: _mean(
-                [metrics.agreement(p.students[loss][idx], p.weak[idx]) for p in predictions]
-            ),
-            n,
+            [metrics.agreement(s, w) for s, w in zip(probs_of[loss], probs_of["weak"], strict=True)],
+            resampled[:, agreement_column],
         )
         students[loss] = figures
     results["students"] = students
-    results["flags"] = _flags(results, labels)
+    if gap_ci is not None and gap_ci[0] <= 0.0 <= gap_ci[1]:
+        flags.append("ceiling_weak_gap_not_significant")
+    results["flags"] = _flags(results, labels) + sorted(set(flags), key=flags.index)
     results["seeds"] = len(predictions)
     results["per_seed"] = [
         {
@@ -135,11 +172,22 @@ def build_results(
             "weak": metrics.accuracy(p.weak, labels),
             "ceiling": metrics.accuracy(p.ceiling, labels),
             "students": {loss: metrics.accuracy(probs, labels) for loss, probs in p.students.items()},
+            "pgr": {loss: students[loss]["pgr_per_seed"][i] for loss in losses},  # type: ignore[index]
         }
-        for p in predictions
+        for i, p in enumerate(predictions)
     ]
     results["timings"] = timings
     return results
+
+
+def _mean_of_finite(values: np.ndarray) -> np.ndarray:
+    """Column means over the finite entries (an AUROC is undefined on a one-class resample); NaN where
+    a column has none."""
+    finite = np.isfinite(values)
+    count = finite.sum(axis=0)
+    total = np.where(finite, values, 0.0).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
 def _flags(results: dict[str, object], labels: np.ndarray) -> list[str]:

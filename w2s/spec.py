@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +22,11 @@ Optimizer = Literal["adam", "adafactor"]
 Schedule = Literal["cosine", "constant"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Pooling = Literal["auto", "last", "mean"]
+Truncation = Literal["drop", "left", "right"]
+StepsRounding = Literal["up", "down"]
+BatchOrder = Literal["bucketed", "sequential"]
+Sampling = Literal["random", "reference"]
+Preset = Literal["reference"]
 
 # Upper bounds on sizes a request can ask for: far above any real experiment, low enough that a typo
 # (or a fuzzer) cannot ask the service for a billion stages or overflow a 32-bit database column.
@@ -34,6 +40,33 @@ MODE_DEFAULTS: dict[str, dict[str, Any]] = {
     "lora": {"lr": 2e-4, "epochs": 2},
     "probe": {"lr": 1e-3, "epochs": 30},
 }
+
+# ``"preset": "reference"``: the training defaults of openai/weak-to-strong (train_weak_to_strong.py,
+# weak_to_strong/train.py and model.py), for every mode. Explicit fields in the spec still win. See
+# docs/fidelity.md for each choice and why this project's own defaults differ.
+REFERENCE_TRAINING: dict[str, Any] = {
+    "epochs": 2,  # gt_epochs = transfer_epochs = 2
+    "batch_size": 32,
+    "optimizer": "adam",  # torch Adam; AdamW with weight decay 0 is the same update
+    "lr_schedule": "cosine",  # CosineAnnealingLR(optimizer, nsteps): no warm-up, decays to 0
+    "warmup_frac": 0.0,
+    "weight_decay": 0.0,
+    "max_length": 1023,  # max_ctx 1024 keeps examples with len(input_ids) < 1024
+    "truncation": "drop",  # tokenize_dataset filters longer examples out
+    "steps_rounding": "down",  # nsteps = len(ds) * epochs // batch_size
+    "batch_order": "sequential",  # the shuffled dataset, repeated epochs times, no reshuffle
+    "head_bias": False,  # Linear(hidden, 2, bias=False), zero-initialised
+    "train_dropout": False,  # model.eval() while training unless train_with_dropout
+}
+REFERENCE_DATASET: dict[str, Any] = {"sampling": "reference", "resample_per_seed": True}
+# The reference's learning rates by model size (MODEL_CONFIGS): 5e-5 for gpt2 (124M) and gpt2-medium
+# (355M), 1e-5 for gpt2-large (774M) and everything larger.
+REFERENCE_LR_SMALL, REFERENCE_LR_LARGE, REFERENCE_LR_SPLIT_PARAMS = 5e-5, 1e-5, 500_000_000
+
+
+def reference_lr(parameters: int) -> float:
+    """The reference's default learning rate for a model of this many parameters."""
+    return REFERENCE_LR_SMALL if parameters < REFERENCE_LR_SPLIT_PARAMS else REFERENCE_LR_LARGE
 
 
 class _Strict(BaseModel):
@@ -51,7 +84,12 @@ class TrainingOptions(_Strict):
         None, ge=1, le=4096, description="examples per forward pass; gradient accumulation (= batch_size)"
     )
     max_length: int | None = Field(
-        None, ge=8, le=32768, description="truncate texts to this many tokens (512)"
+        None, ge=8, le=32768, description="longest input in tokens, special tokens included (512)"
+    )
+    truncation: Truncation | None = Field(
+        None,
+        description="texts longer than max_length: drop the example (as the reference) | left: cut "
+        "tokens from the start, keeping the end | right: cut from the end (drop)",
     )
     optimizer: Optimizer | None = Field(None, description="adam (AdamW) | adafactor (default adam)")
     lr_schedule: Schedule | None = Field(None, description="cosine | constant, after warmup (cosine)")
@@ -72,6 +110,18 @@ class TrainingOptions(_Strict):
         description="evaluate on the test set every N steps, N <= 10^7; 0 = only at the end (0)",
     )
     save_checkpoint: bool | None = Field(None, description="keep the trained weights in the artifact store")
+    train_dropout: bool | None = Field(
+        None, description="dropout on while training (false: the model trains in eval mode, as the reference)"
+    )
+    head_bias: bool | None = Field(None, description="the linear head has a bias (true; the reference: none)")
+    steps_rounding: StepsRounding | None = Field(
+        None, description="optimizer steps = rows x epochs / batch_size, rounded up | down (reference) (up)"
+    )
+    batch_order: BatchOrder | None = Field(
+        None,
+        description="bucketed: reshuffled every epoch, batches of similar length | sequential: the "
+        "sample's order every epoch, as the reference (bucketed)",
+    )
 
     @model_validator(mode="after")
     def _minibatch_divides_batch(self) -> TrainingOptions:
@@ -136,7 +186,33 @@ class DatasetSpec(_Strict):
         None, ge=4, le=MAX_EXAMPLES, description="train examples, 4 to 10^8, split into halves A and B (all)"
     )
     n_test: int | None = Field(None, ge=2, le=MAX_EXAMPLES, description="test examples, 2 to 10^8 (all)")
-    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed for sampling, splitting and formatting")
+    seed: int = Field(
+        0,
+        ge=0,
+        le=MAX_SEED,
+        description="draws the test sample (and the train sample when resample_per_seed is false)",
+    )
+    resample_per_seed: bool | None = Field(
+        None,
+        description="each seed draws its own train sample and halves, as the reference's seed does; "
+        "false: every seed trains on the sample drawn with dataset.seed (true)",
+    )
+    sampling: Sampling | None = Field(
+        None,
+        description="random: a seeded random sample of the split | reference: its first rows and the "
+        "reference's shuffle and halving (random)",
+    )
+    remove_overlap: bool | None = Field(
+        None,
+        description="remove half-B rows contained in a half-A row, and train rows containing a test "
+        "row (true)",
+    )
+    max_dropped_fraction: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="refuse the job if truncation 'drop' would drop more than this share of a split (0.2)",
+    )
 
     @field_validator("name")
     def _known_dataset(cls, value: str | CustomDatasetSpec) -> str | CustomDatasetSpec:
@@ -185,6 +261,9 @@ class LossSpec(_Strict):
 class JobSpec(_Strict):
     """A whole weak-to-strong experiment."""
 
+    preset: Preset | None = Field(
+        None, description="reference: the training defaults of openai/weak-to-strong (fields given win)"
+    )
     dataset: DatasetSpec
     weak: ModelSpec
     strong: ModelSpec
@@ -210,10 +289,63 @@ class JobSpec(_Strict):
             raise ValueError(f"losses are listed twice: {labels}; list each loss once")
         return value
 
+    @model_validator(mode="after")
+    def _losses_split_into_minibatches(self) -> JobSpec:
+        # A loss computed from the whole batch (a quantile, a prior) must say so, or gradient
+        # accumulation would silently change what it computes (see w2s.losses).
+        from w2s.losses import build_loss, check_minibatch_invariance
+
+        batch_size, minibatch_size = _batch_sizes(self.student_options(), self.preset)
+        if minibatch_size < batch_size:
+            for index, loss in enumerate(self.losses):
+                try:
+                    check_minibatch_invariance(build_loss(loss.name, loss.params))
+                except ValueError as error:
+                    raise ValueError(
+                        f"losses[{index}]: {error}; or set transfer.minibatch_size to batch_size "
+                        f"({batch_size})"
+                    ) from None
+        return self
+
     def student_options(self) -> ModelSpec:
         """The strong model with the transfer overrides applied."""
         overrides = self.transfer.model_dump(exclude_none=True)
         return self.strong.model_copy(update=overrides)
+
+    def data_config(self) -> DataConfig:
+        """The dataset options with every default resolved (the preset's, then the project's)."""
+        return resolve_data(self.dataset, self.preset)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """How the job's data is drawn and cleaned: every default resolved."""
+
+    sampling: Sampling
+    resample_per_seed: bool
+    remove_overlap: bool
+    max_dropped_fraction: float
+
+
+def resolve_data(dataset: DatasetSpec, preset: Preset | None = None) -> DataConfig:
+    defaults = REFERENCE_DATASET if preset == "reference" else {}
+
+    def pick(name: str, default: Any) -> Any:
+        value = getattr(dataset, name)
+        return value if value is not None else defaults.get(name, default)
+
+    return DataConfig(
+        sampling=pick("sampling", "random"),
+        resample_per_seed=pick("resample_per_seed", True),
+        remove_overlap=pick("remove_overlap", True),
+        max_dropped_fraction=pick("max_dropped_fraction", 0.2),
+    )
+
+
+def _batch_sizes(options: TrainingOptions, preset: Preset | None) -> tuple[int, int]:
+    defaults = REFERENCE_TRAINING if preset == "reference" else {}
+    batch_size = options.batch_size or defaults.get("batch_size", 32)
+    return batch_size, min(options.minibatch_size or batch_size, batch_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,31 +368,85 @@ class TrainConfig:
     lora_alpha: float
     eval_every: int
     save_checkpoint: bool
+    truncation: Truncation = "drop"
+    train_dropout: bool = False
+    head_bias: bool = True
+    steps_rounding: StepsRounding = "up"
+    batch_order: BatchOrder = "bucketed"
 
 
-def resolve_training(options: TrainingOptions) -> TrainConfig:
-    """Fill every unset option with its default (some defaults depend on the mode)."""
+def resolve_training(
+    options: TrainingOptions,
+    preset: Preset | None = None,
+    *,
+    parameter_count: Callable[[], int | None] | None = None,
+) -> TrainConfig:
+    """Fill every unset option with its default: the preset's first, then this project's (some of
+    which depend on the mode). ``parameter_count`` gives the model's size, which the reference preset
+    needs to pick a learning rate; it is only called when that is the case."""
+    reference = preset == "reference"
+    defaults: dict[str, Any] = dict(REFERENCE_TRAINING) if reference else {}
+
+    def pick(name: str, default: Any) -> Any:
+        value = getattr(options, name)
+        return value if value is not None else defaults.get(name, default)
+
     mode = options.mode or "full"
-    batch_size = options.batch_size or 32
+    lr = options.lr
+    if lr is None and reference:
+        parameters = parameter_count() if parameter_count is not None else None
+        if parameters is None:
+            raise ValueError(
+                "preset 'reference' picks the learning rate by model size, but the size of "
+                f"{getattr(options, 'model', 'the model')!r} is unknown; set lr explicitly"
+            )
+        lr = reference_lr(parameters)
+    batch_size = pick("batch_size", 32)
     lora_rank = options.lora_rank or 8
     return TrainConfig(
         mode=mode,
-        lr=options.lr if options.lr is not None else MODE_DEFAULTS[mode]["lr"],
-        epochs=options.epochs if options.epochs is not None else MODE_DEFAULTS[mode]["epochs"],
+        lr=lr if lr is not None else MODE_DEFAULTS[mode]["lr"],
+        epochs=pick("epochs", MODE_DEFAULTS[mode]["epochs"]),
         batch_size=batch_size,
         minibatch_size=min(options.minibatch_size or batch_size, batch_size),
-        max_length=options.max_length or 512,
-        optimizer=options.optimizer or "adam",
-        lr_schedule=options.lr_schedule or "cosine",
-        warmup_frac=options.warmup_frac if options.warmup_frac is not None else 0.05,
-        weight_decay=options.weight_decay if options.weight_decay is not None else 0.0,
+        max_length=pick("max_length", 512),
+        optimizer=pick("optimizer", "adam"),
+        lr_schedule=pick("lr_schedule", "cosine"),
+        warmup_frac=pick("warmup_frac", 0.05),
+        weight_decay=pick("weight_decay", 0.0),
         dtype=options.dtype or "auto",
         gradient_checkpointing=bool(options.gradient_checkpointing),
         lora_rank=lora_rank,
-        lora_alpha=options.lora_alpha if options.lora_alpha is not None else 2.0 * lora_rank,
+        # The reference's LoRA: rank 8, alpha 8.
+        lora_alpha=options.lora_alpha
+        if options.lora_alpha is not None
+        else float(lora_rank if reference else 2 * lora_rank),
         eval_every=options.eval_every or 0,
         save_checkpoint=bool(options.save_checkpoint),
+        truncation=pick("truncation", "drop"),
+        train_dropout=pick("train_dropout", False),
+        head_bias=pick("head_bias", True),
+        steps_rounding=pick("steps_rounding", "up"),
+        batch_order=pick("batch_order", "bucketed"),
     )
+
+
+ROLES = ("weak", "ceiling", "student")
+
+
+def resolved_models(spec: JobSpec) -> dict[str, tuple[ModelSpec, TrainConfig]]:
+    """The model and concrete training config of each role: the weak supervisor, the strong ceiling
+    and the strong students (the strong model with the transfer overrides)."""
+    from w2s.memory import parameter_count
+
+    models = {"weak": spec.weak, "ceiling": spec.strong, "student": spec.student_options()}
+    return {
+        role: (
+            model,
+            resolve_training(model, spec.preset, parameter_count=lambda m=model: parameter_count(m)),
+        )
+        for role, model in models.items()
+    }
 
 
 class SpecError(ValueError):

@@ -5,12 +5,22 @@ holds everything that determines the result and hashes it into the stage key. :f
 then returns the stored result for that key, or trains, evaluates and stores it. Stages hand
 results to each other by key (the student reads the weak stage's soft labels through the weak
 key), never through file names or row order.
+
+What the key hashes, so that a stored result is never served for a different computation: the
+model's weights (a content hash, or hub id and revision), the resolved training config (with the
+concrete precision the stage runs in), the device kind, the exact rows (texts and labels), the loss
+and its parameters, library versions, and the source code that produces the numbers: the w2s modules
+a stage runs and, for a plug-in loss, its class's source. Editing any of them recomputes instead of
+reusing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import importlib.util
+import inspect
 import io
 import json
 import logging
@@ -23,14 +33,16 @@ import numpy as np
 import torch
 
 from w2s import metrics
-from w2s.datasets import DatasetSplits, LabeledTexts
-from w2s.losses import build_loss
+from w2s.datasets import LabeledTexts
+from w2s.losses import _lookup, build_loss
 from w2s.models import ProbeHead, load_classifier, load_tokenizer, model_fingerprint
-from w2s.spec import JobSpec, LossSpec, ModelSpec, TrainConfig, resolve_training
+from w2s.spec import JobSpec, LossSpec, ModelSpec, TrainConfig, resolved_models
+from w2s.splits import SeedData
 from w2s.store import ArtifactStore
 from w2s.train import (
     FeatureData,
     ProgressCallback,
+    StageError,
     TokenData,
     extract_features,
     fit,
@@ -45,8 +57,21 @@ logger = logging.getLogger(__name__)
 
 STAGES = "stages"
 FEATURES = "features"
-# Bump when a change to this library changes what a stage computes, to invalidate old results.
-STAGE_FORMAT = 1
+# The layout of stage keys and records; the code hash below covers changes to what stages compute.
+KEY_FORMAT = 2
+# The modules whose code decides a stage's numbers: data selection and cleaning, tokenisation,
+# the model and head, the training loop, the losses, the metrics and the stage itself.
+CODE_MODULES = (
+    "w2s.datasets",
+    "w2s.splits",
+    "w2s.overlap",
+    "w2s.spec",
+    "w2s.models",
+    "w2s.train",
+    "w2s.losses",
+    "w2s.metrics",
+    "w2s.stages",
+)
 
 
 class StageCancelled(Exception):
@@ -54,7 +79,7 @@ class StageCancelled(Exception):
 
 
 def library_versions() -> dict[str, str]:
-    versions = {"stage_format": str(STAGE_FORMAT)}
+    versions = {"key_format": str(KEY_FORMAT)}
     for package in ("w2s-service", "torch", "transformers", "peft"):
         try:
             versions[package] = metadata.version(package)
@@ -67,6 +92,56 @@ def hash_payload(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def module_source(name: str) -> bytes:
+    """The source file of an importable module, as bytes."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise RuntimeError(f"cannot find the source of module {name!r}")
+    with open(spec.origin, "rb") as handle:
+        return handle.read()
+
+
+@functools.cache
+def library_code_hash() -> str:
+    """SHA-256 of the source of every module in CODE_MODULES (read once per process)."""
+    digest = hashlib.sha256()
+    for name in CODE_MODULES:
+        digest.update(name.encode() + b"\n")
+        digest.update(module_source(name))
+    return digest.hexdigest()
+
+
+def class_source_hash(cls: type) -> str:
+    """SHA-256 of a class's source, or of its methods' code where no source file exists (a class
+    defined in a notebook or a REPL)."""
+    try:
+        text = inspect.getsource(cls).encode()
+    except (OSError, TypeError):
+        parts = [cls.__module__.encode(), cls.__qualname__.encode()]
+        for name, member in sorted(vars(cls).items()):
+            code = getattr(member, "__code__", None)
+            if code is not None:
+                parts += [name.encode(), code.co_code, repr(code.co_consts).encode()]
+        text = b"\0".join(parts)
+    return hashlib.sha256(text).hexdigest()
+
+
+def loss_code_hash(loss: LossSpec) -> str | None:
+    """A plug-in loss's source hash; None for the built-in losses, which the library hash covers."""
+    cls = _lookup(loss.name)
+    return None if cls.__module__ == "w2s.losses" else class_source_hash(cls)
+
+
+def resolve_precision(dtype: str, device_kind: str) -> str:
+    """The precision a stage computes in: "auto" is bf16 autocast on CUDA and float32 elsewhere;
+    float16 on a CPU runs as bf16 (CPU autocast has no float16)."""
+    if dtype == "auto":
+        return "bfloat16" if device_kind == "cuda" else "float32"
+    if dtype == "float16" and device_kind != "cuda":
+        return "bfloat16"
+    return dtype
+
+
 @dataclass(frozen=True)
 class StagePlan:
     """Everything that determines one stage's result."""
@@ -74,10 +149,11 @@ class StagePlan:
     kind: str  # "weak" | "ceiling" | "student:<loss label>"
     seed: int
     model: ModelSpec
-    config: TrainConfig
+    config: TrainConfig  # its dtype is the concrete precision the stage runs in (never "auto")
     train: LabeledTexts  # texts to train on (labels used only for ground-truth stages)
     test: LabeledTexts
     loss: LossSpec
+    device_kind: str = "cpu"  # "cpu" | "cuda": the stage runs on this kind of device
     predict: LabeledTexts | None = None  # weak stage: half B, to label for the students
     weak_key: str | None = None  # student stages: the weak stage whose soft labels they learn
 
@@ -91,12 +167,18 @@ class StagePlan:
                 "pooling": self.model.pooling,
                 "trust_remote_code": self.model.trust_remote_code,
                 "config": dataclasses.asdict(self.config),
+                "device_kind": self.device_kind,
                 "train": self.train.content_hash(),
                 "test": self.test.content_hash(),
                 "predict": self.predict.content_hash() if self.predict is not None else None,
-                "loss": {"name": self.loss.name, "params": self.loss.params},
+                "loss": {
+                    "name": self.loss.name,
+                    "params": self.loss.params,
+                    "code": loss_code_hash(self.loss),
+                },
                 "weak_key": self.weak_key,
                 "versions": library_versions(),
+                "code": library_code_hash(),
             }
         )
 
@@ -128,53 +210,105 @@ class StageResult:
 
 
 XENT = LossSpec(name="xent")
+Models = dict[str, tuple[ModelSpec, TrainConfig]]
 
 
-def plan_weak(spec: JobSpec, seed: int, splits: DatasetSplits) -> StagePlan:
+def _concrete(config: TrainConfig, device_kind: str) -> TrainConfig:
+    return dataclasses.replace(config, dtype=resolve_precision(config.dtype, device_kind))
+
+
+def plan_weak(
+    spec: JobSpec, seed: int, data: SeedData, *, device_kind: str, models: Models | None = None
+) -> StagePlan:
     """The weak supervisor: ground truth on half A; predicts soft labels on half B."""
+    model, config = (models or resolved_models(spec))["weak"]
     return StagePlan(
         kind="weak",
         seed=seed,
-        model=spec.weak,
-        config=resolve_training(spec.weak),
-        train=splits.train_a,
-        test=splits.test,
+        model=model,
+        config=_concrete(config, device_kind),
+        train=data.train_a,
+        test=data.test,
         loss=XENT,
-        predict=splits.train_b,
+        device_kind=device_kind,
+        predict=data.train_b,
     )
 
 
-def plan_ceiling(spec: JobSpec, seed: int, splits: DatasetSplits) -> StagePlan:
+def plan_ceiling(
+    spec: JobSpec, seed: int, data: SeedData, *, device_kind: str, models: Models | None = None
+) -> StagePlan:
     """The strong ceiling: ground truth on half B."""
+    model, config = (models or resolved_models(spec))["ceiling"]
     return StagePlan(
         kind="ceiling",
         seed=seed,
-        model=spec.strong,
-        config=resolve_training(spec.strong),
-        train=splits.train_b,
-        test=splits.test,
+        model=model,
+        config=_concrete(config, device_kind),
+        train=data.train_b,
+        test=data.test,
         loss=XENT,
+        device_kind=device_kind,
     )
 
 
-def plan_student(spec: JobSpec, loss: LossSpec, seed: int, splits: DatasetSplits) -> StagePlan:
+def plan_student(
+    spec: JobSpec,
+    loss: LossSpec,
+    seed: int,
+    data: SeedData,
+    *,
+    device_kind: str,
+    models: Models | None = None,
+) -> StagePlan:
     """A strong student: the weak model's soft labels on half B, with ``loss``."""
-    student = spec.student_options()
+    models = models or resolved_models(spec)
+    model, config = models["student"]
     return StagePlan(
         kind=f"student:{loss.label}",
         seed=seed,
-        model=student,
-        config=resolve_training(student),
-        train=splits.train_b,
-        test=splits.test,
+        model=model,
+        config=_concrete(config, device_kind),
+        train=data.train_b,
+        test=data.test,
         loss=loss,
-        weak_key=plan_weak(spec, seed, splits).key,
+        device_kind=device_kind,
+        weak_key=plan_weak(spec, seed, data, device_kind=device_kind, models=models).key,
     )
+
+
+def plan_seed(
+    spec: JobSpec, data: SeedData, *, device_kind: str, models: Models | None = None
+) -> list[StagePlan]:
+    """One seed's stages in run order: weak, ceiling, then one student per loss."""
+    models = models or resolved_models(spec)
+    seed = data.seed
+    return [
+        plan_weak(spec, seed, data, device_kind=device_kind, models=models),
+        plan_ceiling(spec, seed, data, device_kind=device_kind, models=models),
+        *(
+            plan_student(spec, loss, seed, data, device_kind=device_kind, models=models)
+            for loss in spec.losses
+        ),
+    ]
 
 
 def pick_device() -> torch.device:
     # Called when a stage runs, never at import: probing CUDA in a parent process breaks forking.
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_for(plan: StagePlan) -> torch.device:
+    """The device the plan was made for; a StageError if this machine cannot provide it as planned."""
+    if plan.device_kind == "cuda":
+        if not torch.cuda.is_available():
+            raise StageError(f"{plan.kind}: planned for a CUDA GPU, but this worker has none")
+        if plan.config.dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+            raise StageError(
+                f"{plan.kind}: planned in bfloat16 (dtype auto on a GPU), which this GPU does not "
+                "support; set dtype to float16 or float32"
+            )
+    return torch.device(plan.device_kind)
 
 
 class _Backbone:
@@ -199,41 +333,74 @@ class _Backbone:
             self._tokenizer = load_tokenizer(self.plan.model)
         return self._tokenizer
 
-    def tokens(self, texts: LabeledTexts) -> TokenData:
+    def tokens(self, texts: LabeledTexts | tuple[str, ...]) -> TokenData:
         tokenizer = self.tokenizer
-        ids = tokenize(tokenizer, texts.texts, self.plan.config.max_length)
+        rows = texts.texts if isinstance(texts, LabeledTexts) else texts
+        ids = tokenize(tokenizer, rows, self.plan.config.max_length, self.plan.config.truncation)
         return TokenData(ids, tokenizer.pad_token_id, tokenizer.padding_side)
 
 
-def cached_features(backbone: _Backbone, texts: LabeledTexts, store: ArtifactStore) -> torch.Tensor:
-    """Probe features of ``texts``: computed once per model and text set, then read from the store."""
-    plan = backbone.plan
-    key = hash_payload(
+def text_id(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def feature_space_key(plan: StagePlan) -> str:
+    """What decides a text's probe features: the model, pooling, tokenisation, precision, device
+    kind and code. Features are stored per text under this key, so any split or seed reuses them."""
+    return hash_payload(
         {
             "model": model_fingerprint(plan.model),
             "pooling": plan.model.pooling,
+            "trust_remote_code": plan.model.trust_remote_code,
             "max_length": plan.config.max_length,
-            "dtype": plan.config.dtype,
-            "texts": texts.content_hash(),
+            "truncation": plan.config.truncation,
+            "precision": plan.config.dtype,
+            "device_kind": plan.device_kind,
             "versions": library_versions(),
+            "code": library_code_hash(),
         }
     )
-    record = store.get_record(FEATURES, key)
-    if record is not None:
-        return torch.from_numpy(store.get_array(record["blob"]))
-    started = time.perf_counter()
-    features = extract_features(
-        backbone.loaded.model,
-        backbone.tokens(texts),
-        batch_size=plan.config.minibatch_size,
-        device=backbone.device,
-        dtype=plan.config.dtype,
-    )
-    store.put_record(
-        FEATURES, key, {"blob": store.put_array(features.numpy()), "shape": list(features.shape)}
-    )
-    logger.info("features of %d texts in %.1fs", len(texts), time.perf_counter() - started)
-    return features
+
+
+def cached_features(backbone: _Backbone, texts: LabeledTexts, store: ArtifactStore) -> torch.Tensor:
+    """Probe features (n, hidden) of ``texts``: each distinct text is computed once per feature space
+    and stored in shards (one per computation), then gathered from the store."""
+    namespace = f"{FEATURES}/{feature_space_key(backbone.plan)}"
+    ids = [text_id(text) for text in texts.texts]
+    where: dict[str, tuple[str, int]] = {}  # text id -> (blob, row)
+    for shard_key in store.record_keys(namespace):
+        shard = store.get_record(namespace, shard_key)
+        if shard is not None:
+            for row, shard_text in enumerate(shard["texts"]):
+                where.setdefault(shard_text, (shard["blob"], row))
+    first_missing: dict[str, int] = {}  # each missing text once, at its first row
+    for i, text_hash in enumerate(ids):
+        if text_hash not in where:
+            first_missing.setdefault(text_hash, i)
+    if first_missing:
+        todo = list(first_missing.values())
+        started = time.perf_counter()
+        computed = extract_features(
+            backbone.loaded.model,
+            backbone.tokens(tuple(texts.texts[i] for i in todo)),
+            batch_size=backbone.plan.config.minibatch_size,
+            device=backbone.device,
+            dtype=backbone.plan.config.dtype,
+        )
+        shard_ids = [ids[i] for i in todo]
+        blob = store.put_array(computed.numpy())
+        store.put_record(namespace, hash_payload({"texts": shard_ids}), {"texts": shard_ids, "blob": blob})
+        for row, text_hash in enumerate(shard_ids):
+            where[text_hash] = (blob, row)
+        logger.info("features of %d new texts in %.1fs", len(todo), time.perf_counter() - started)
+    arrays: dict[str, np.ndarray] = {}
+    rows = []
+    for text_hash in ids:
+        blob, row = where[text_hash]
+        if blob not in arrays:
+            arrays[blob] = store.get_array(blob)
+        rows.append(arrays[blob][row])
+    return torch.from_numpy(np.stack(rows).astype(np.float32))
 
 
 def _training_labels(plan: StagePlan, store: ArtifactStore) -> torch.Tensor:
@@ -249,10 +416,10 @@ def run_stage(
     plan: StagePlan,
     store: ArtifactStore,
     *,
-    device: torch.device | None = None,
     callback: ProgressCallback | None = None,
 ) -> StageResult:
-    """Return the stored result for ``plan.key``, or train, evaluate and store it."""
+    """Return the stored result for ``plan.key``, or train, evaluate and store it on the device
+    kind the plan was made for."""
     key = plan.key
     record = store.get_record(STAGES, key)
     if record is not None:
@@ -260,14 +427,14 @@ def run_stage(
         return StageResult.from_record(record, cached=True)
 
     started = time.perf_counter()
-    device = device or pick_device()
+    device = device_for(plan)
     config = plan.config
     labels = _training_labels(plan, store)
     set_seed(plan.seed)
     backbone = _Backbone(plan, device)
     if config.mode == "probe":
         train_features = cached_features(backbone, plan.train, store)
-        model: torch.nn.Module = ProbeHead(train_features).to(device)
+        model: torch.nn.Module = ProbeHead(train_features, bias=config.head_bias).to(device)
         train_data: Any = FeatureData(train_features)
         test_data: Any = FeatureData(cached_features(backbone, plan.test, store))
         predict_data: Any = (

@@ -73,5 +73,15 @@ class ArtifactStore:
     def put_record(self, namespace: str, key: str, record: dict[str, Any]) -> None:
         self._write_atomic(self._record_path(namespace, key), json.dumps(record, sort_keys=True).encode())
 
+    def record_keys(self, namespace: str) -> list[str]:
+        """Keys of every record in ``namespace`` (none if it does not exist yet)."""
+        folder = self._path("index", namespace)
+        try:
+            paths = self.fs.find(folder)
+        except FileNotFoundError:
+            return []
+        names = (str(path).rsplit("/", 1)[-1] for path in paths)
+        return sorted(name.removesuffix(".json") for name in names if name.endswith(".json"))
+
     def has_record(self, namespace: str, key: str) -> bool:
         return self.fs.exists(self._record_path(namespace, key))

@@ -3,6 +3,11 @@
 ``fit`` trains any module whose ``forward(**batch)`` returns (batch, 2) logits on any
 :class:`TrainData` (tokenised texts, or cached features in probe mode), so full fine-tuning, LoRA
 and probes share one loop.
+
+Gradient accumulation computes what one pass over the whole batch would: each minibatch's loss is
+weighted by its share of the batch, and a loss that uses statistics of the whole batch gets them from
+a gradient-free pass over the batch first (see :mod:`w2s.losses`). So ``minibatch_size`` changes memory
+and speed, never the result (up to float rounding).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from w2s.losses import Loss
+from w2s.losses import Loss, batch_statistics, check_minibatch_invariance, minibatch_loss
 from w2s.spec import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -44,6 +49,14 @@ class Progress:
 
 # Return False to stop training cooperatively (cancellation); None or True to go on.
 ProgressCallback = Callable[[Progress], bool | None]
+
+
+class StageError(Exception):
+    """A failure that running the stage again would repeat (diverged training, say): not retried."""
+
+
+class NonFiniteLoss(StageError):
+    """The loss became NaN or infinite; training stops at once."""
 
 
 class TrainData(Protocol):
@@ -92,10 +105,30 @@ class FeatureData:
         return {"features": self.features[list(indices)].to(device)}
 
 
-def tokenize(tokenizer: object, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Token ids per text, truncated, without padding (batches pad themselves)."""
-    limit = min(max_length, getattr(tokenizer, "model_max_length", max_length) or max_length)
-    encoded = tokenizer(list(texts), truncation=True, max_length=limit, padding=False)  # type: ignore[operator]
+def token_limit(tokenizer: object, max_length: int) -> int:
+    """The longest input allowed: max_length, or less if the tokenizer's model takes less."""
+    return min(max_length, getattr(tokenizer, "model_max_length", max_length) or max_length)
+
+
+def token_lengths(tokenizer: object, texts: Sequence[str]) -> list[int]:
+    """Untruncated length in tokens (special tokens included) of each text."""
+    encoded = tokenizer(list(texts), truncation=False, padding=False)  # type: ignore[operator]
+    return [len(ids) for ids in encoded["input_ids"]]
+
+
+def tokenize(
+    tokenizer: object, texts: Sequence[str], max_length: int, truncation: str = "right"
+) -> list[list[int]]:
+    """Token ids per text, cut to the limit from the ``truncation`` side ("drop" data has no over-long
+    rows left, so any side will do), without padding (batches pad themselves)."""
+    limit = token_limit(tokenizer, max_length)
+    side = "left" if truncation == "left" else "right"
+    previous = getattr(tokenizer, "truncation_side", "right")
+    tokenizer.truncation_side = side  # type: ignore[attr-defined]
+    try:
+        encoded = tokenizer(list(texts), truncation=True, max_length=limit, padding=False)  # type: ignore[operator]
+    finally:
+        tokenizer.truncation_side = previous  # type: ignore[attr-defined]
     return [ids if ids else [tokenizer.pad_token_id] for ids in encoded["input_ids"]]  # type: ignore[attr-defined]
 
 
@@ -154,6 +187,17 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def set_train_mode(model: nn.Module, dropout: bool) -> None:
+    """Training mode, with dropout only if asked. Without dropout the model stays in eval mode, as the
+    reference trains; layers that checkpoint activations are flagged as training on their own (not
+    their children), because transformers only checkpoints in training mode."""
+    model.train(dropout)
+    if not dropout:
+        for module in model.modules():
+            if getattr(module, "gradient_checkpointing", False) is True:
+                module.training = True
+
+
 @dataclass
 class FitResult:
     steps: int
@@ -164,12 +208,20 @@ class FitResult:
 
 
 def total_steps(n_rows: int, config: TrainConfig) -> int:
-    return max(1, math.ceil(n_rows * config.epochs / config.batch_size))
+    exact = n_rows * config.epochs / config.batch_size
+    return max(1, math.floor(exact) if config.steps_rounding == "down" else math.ceil(exact))
 
 
 def _batch_stream(
     data: TrainData, config: TrainConfig, rng: np.random.Generator, steps: int
 ) -> Iterator[list[int]]:
+    if config.batch_order == "sequential":
+        # The data's own order, pass after pass, batches running on across the end of a pass.
+        n = len(data.lengths)
+        for step in range(steps):
+            start = step * config.batch_size
+            yield [i % n for i in range(start, start + config.batch_size)]
+        return
     emitted = 0
     while emitted < steps:
         for batch in length_bucketed_batches(data.lengths, config.batch_size, rng):
@@ -177,6 +229,10 @@ def _batch_stream(
             emitted += 1
             if emitted == steps:
                 return
+
+
+def _minibatches(batch: list[int], size: int) -> list[list[int]]:
+    return [batch[start : start + size] for start in range(0, len(batch), size)]
 
 
 def fit(
@@ -211,18 +267,34 @@ def fit(
         config.mode,
     )
     labels = soft_labels.to(device=device, dtype=torch.float32)
-    model.train()
+    accumulating = config.minibatch_size < config.batch_size
+    if accumulating:
+        check_minibatch_invariance(loss_fn)  # a plug-in that needs the whole batch must say so
+    wants_stats = accumulating and hasattr(loss_fn, "batch_statistics")
+    set_train_mode(model, config.train_dropout)
     step, loss_value, stopped, examples = 0, float("nan"), False, 0
     for step, batch in enumerate(_batch_stream(data, config, rng, steps)):
         step_frac = step / steps
+        minibatches = _minibatches(batch, config.minibatch_size)
+        stats = None
+        if wants_stats:
+            # The loss's batch statistics come from the whole batch's logits, as if there were no
+            # accumulation: a forward pass without gradients first, over the same minibatches.
+            with torch.no_grad(), autocast(device, amp_dtype):
+                batch_logits = torch.cat([model(**data.collate(mb, device)) for mb in minibatches])
+            stats = batch_statistics(loss_fn, batch_logits.float(), labels[batch], step_frac)
         batch_loss, correct = 0.0, 0
-        for start in range(0, len(batch), config.minibatch_size):
-            minibatch = batch[start : start + config.minibatch_size]
+        for minibatch in minibatches:
             inputs = data.collate(minibatch, device)
             targets = labels[minibatch]  # (minibatch, 2)
             with autocast(device, amp_dtype):
                 logits = model(**inputs)
-            loss = loss_fn(logits.float(), targets, step_frac)
+            loss = minibatch_loss(loss_fn, logits.float(), targets, step_frac, stats)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(
+                    f"loss became non-finite at step {step + 1} of {steps} ({float(loss)}); "
+                    "lower lr, or use dtype float32"
+                )
             # Weight by size so a short last minibatch counts for what it holds.
             scaler.scale(loss * (len(minibatch) / len(batch))).backward()
             batch_loss += loss.item() * len(minibatch) / len(batch)
@@ -238,7 +310,7 @@ def fit(
         is_last = step + 1 == steps
         if evaluate is not None and config.eval_every and ((step + 1) % config.eval_every == 0 or is_last):
             eval_accuracy = evaluate()
-            model.train()
+            set_train_mode(model, config.train_dropout)
         if callback is not None:
             progress = Progress(
                 step=step + 1,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import math
 import os
 import socket
 import threading
@@ -73,13 +74,16 @@ class ProgressWriter:
     def __call__(self, progress: Any) -> bool:
         self.latest = progress
         step = progress.step
-        self.points += [
+        points = [
             (step, "loss", progress.loss),
             (step, "train_accuracy", progress.train_accuracy),
             (step, "lr", progress.lr),
         ]
         if progress.eval_accuracy is not None:
-            self.points.append((step, "eval_accuracy", progress.eval_accuracy))
+            points.append((step, "eval_accuracy", progress.eval_accuracy))
+        # A curve holds numbers; a non-finite value has no point on it (training stops on a
+        # non-finite loss anyway, see w2s.train).
+        self.points += [(s, name, value) for s, name, value in points if math.isfinite(value)]
         if time.monotonic() - self.last_flush >= self.flush_s or step == progress.total_steps:
             self.flush()
         return not self.cancelled
@@ -118,7 +122,8 @@ class ProgressWriter:
             if self.latest is not None:
                 stage.step = self.latest.step
                 stage.total_steps = self.latest.total_steps
-                stage.metrics = {**(stage.metrics or {}), "loss": self.latest.loss}
+                if math.isfinite(self.latest.loss):  # JSON columns take no NaN
+                    stage.metrics = {**(stage.metrics or {}), "loss": self.latest.loss}
             stage.heartbeat_at = utcnow()
             self.cancelled = stage.job.cancel_requested
         self.points.clear()
@@ -317,6 +322,7 @@ def execute_stage(stage_id: str, *, worker: str, settings: Settings | None = Non
     from w2s.spec import JobSpec
     from w2s.stages import StageCancelled, run_stage
     from w2s.store import ArtifactStore
+    from w2s.train import StageError
 
     attempt = claim["attempt"]
     writer = ProgressWriter(stage_id, settings.progress_flush_s, attempt)
@@ -328,15 +334,17 @@ def execute_stage(stage_id: str, *, worker: str, settings: Settings | None = Non
             if device:
                 with session_scope() as session:
                     session.get(Stage, stage_id).gpu = device  # type: ignore[union-attr]
-            plan = stage_plans(JobSpec.model_validate(claim["spec"]), settings)[claim["kind"], claim["seed"]]
+            spec = JobSpec.model_validate(claim["spec"])
+            plan = stage_plans(spec, settings, seeds=[claim["seed"]])[claim["kind"], claim["seed"]]
             result = run_stage(plan, ArtifactStore(settings.store_uri), callback=writer)
         except StageCancelled:
             writer.final_flush(settings.db_retry_s)
             _finish(stage_id, StageStatus.cancelled, attempt=attempt, settings=settings)
             return StageStatus.cancelled
-        except (ValueError, MemoryError) as error:
-            # Bad input or out of memory will fail again: stop now, with the message shown.
-            message = f"{type(error).__name__}: {error}"
+        except (ValueError, MemoryError, StageError) as error:
+            # Bad input, diverged training or out of memory will fail again: stop now, with the
+            # message shown.
+            message = str(error) if isinstance(error, StageError) else f"{type(error).__name__}: {error}"
             _finish(stage_id, StageStatus.failed, attempt=attempt, error=message, settings=settings)
             return StageStatus.failed
         except Exception as error:
@@ -353,6 +361,14 @@ def execute_stage(stage_id: str, *, worker: str, settings: Settings | None = Non
         heartbeat.stop()
 
 
+def user_message(error: BaseException) -> str:
+    """What the user sees of an unexpected error: database errors carry SQL and parameters, which
+    belong in the worker's log (where the traceback is), not on the job page."""
+    if isinstance(error, DBAPIError):
+        return f"database error ({type(error.orig).__name__}); details are in the worker log"
+    return f"{type(error).__name__}: {error}"
+
+
 def requeue_after_error(stage_id: str, worker: str, error: BaseException, countdown: float) -> None:
     """A transient failure: the stage goes back to queued (its slot kept) for Celery's retry."""
     with session_scope() as session:
@@ -360,7 +376,7 @@ def requeue_after_error(stage_id: str, worker: str, error: BaseException, countd
         # Only this worker's own attempt (it runs one task at a time): never a newer attempt elsewhere.
         if stage is not None and stage.status == StageStatus.running and stage.worker == worker:
             stage.status = check_stage_transition(stage.status, StageStatus.queued)
-            stage.error = f"{type(error).__name__}: {error}"
+            stage.error = user_message(error)
             # Due back after the backoff: the dispatcher must not resend it as lost before then.
             stage.sent_at = utcnow() + dt.timedelta(seconds=countdown)
             log(

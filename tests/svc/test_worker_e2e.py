@@ -193,9 +193,10 @@ def test_retry_after_failure(
     broken.mkdir()  # exists, so the spec is valid, but holds no model yet
     job_id = client.post("/v1/jobs", json=tiny_job(broken, tiny_bert), headers=team.headers).json()["id"]
     job = wait_for(lambda: finished(client, team.headers, job_id), 120, stack, "the job to fail")
-    assert job["status"] == "failed" and "cannot" in job["error"], job
-    weak = job["stages"][0]
-    assert weak["status"] == "failed" and "cannot load" in weak["error"]
+    # Planning reads the model's tokenizer (to find over-long rows), so the job fails before any
+    # stage trains.
+    assert job["status"] == "failed" and "cannot load" in job["error"], job
+    assert all(stage["status"] == "cancelled" for stage in job["stages"])
     shutil.rmtree(broken)
     shutil.copytree(tiny_bert, broken)  # the model arrives: the same spec now works
     assert client.post(f"/v1/jobs/{job_id}/retry", headers=team.headers).json()["status"] == "queued"
