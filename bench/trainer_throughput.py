@@ -21,7 +21,7 @@ import torch
 from w2s.losses import build_loss
 from w2s.models import Classifier
 from w2s.spec import ModelSpec, resolve_training
-from w2s.train import TokenData, fit, one_hot
+from w2s.train import TokenData, fit, one_hot, set_train_mode
 
 
 def build_model(seed: int) -> Classifier:
@@ -52,7 +52,7 @@ def measure_fit(n_examples: int, seed: int) -> float:
 
 def measure_packed_bound(n_examples: int, seed: int, length: int = 70, batch: int = 32) -> float:
     model = build_model(seed)
-    model.train()
+    set_train_mode(model, dropout=False)  # as fit trains by default: no dropout
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5)
     rng = np.random.default_rng(seed)
     ids = torch.as_tensor(rng.integers(0, 30522, size=(batch, length)))

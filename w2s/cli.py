@@ -79,6 +79,8 @@ def _fmt(figures: dict[str, Any], name: str) -> str:
         text += f" ± {std:.3f}"
     if interval:
         text += f" [{interval[0]:.3f}, {interval[1]:.3f}]"
+    elif name == "pgr" and figures.get("pgr_undefined_share") is not None:
+        text += f" [no interval: {figures['pgr_undefined_share']:.0%} of resamples undefined]"
     return text
 
 

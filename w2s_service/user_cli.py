@@ -162,6 +162,9 @@ def print_results(results: dict[str, Any]) -> None:
     errors = stderr()
     for flag in results.get("flags", []):
         errors.print(f"[yellow]flag[/] {flag}: {FLAG_DESCRIPTIONS.get(flag, '')}")
+    if results.get("data"):
+        for line in library_cli.data_lines(results["data"]):
+            errors.print(line)
     timings = results.get("timings") or {}
     if timings:
         errors.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
