@@ -11,9 +11,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from service.auth import cached_team_id, hash_key, is_admin_key, team_for_key, team_id_for_key_hash
+from service.auth import cached_owner, hash_key, is_admin_key, owner_of_key_hash, team_for_key_hash
 from service.db import session_scope
+from service.errors import LimitExceeded
 from service.jobs import get_job
+from service.limits import RateLimiter
 from service.models import Dataset, Job, Sweep, Team
 from service.settings import Settings, get_settings
 from service.sweeps import get_sweep
@@ -42,27 +44,51 @@ UNAUTHORIZED = HTTPException(
 )
 
 
-def current_team(session: SessionDep, credentials: Credentials) -> Team:
+_limiters: dict[tuple[str, str], RateLimiter] = {}
+
+
+def rate_limiter(settings: Settings) -> RateLimiter:
+    """One limiter per broker: Redis counts are shared by every API process; embedded, per process."""
+    key = (settings.broker_url, settings.broker_key_prefix)
+    if key not in _limiters:
+        _limiters[key] = RateLimiter(settings.broker_url, settings.broker_key_prefix)
+    return _limiters[key]
+
+
+def enforce_rate(settings: Settings, key_hash: str, team_limit: int | None) -> None:
+    limit = team_limit if team_limit is not None else settings.requests_per_minute
+    wait = rate_limiter(settings).hit(key_hash, limit)
+    if wait is not None:
+        raise LimitExceeded(
+            f"more than {limit} requests in a minute with this key (requests_per_minute); retry in {wait} s",
+            limit="requests_per_minute",
+            value=limit,
+            retry_after_s=wait,
+        )
+
+
+def current_team(session: SessionDep, credentials: Credentials, settings: SettingsDep) -> Team:
     if credentials is None:
         raise UNAUTHORIZED
-    team = team_for_key(session, credentials.credentials)
+    key_hash = hash_key(credentials.credentials)
+    team = team_for_key_hash(session, key_hash)
     if team is None:
         raise UNAUTHORIZED
+    enforce_rate(settings, key_hash, team.requests_per_minute)
     return team
 
 
-async def current_team_id(credentials: Credentials) -> str:
+async def current_team_id(credentials: Credentials, settings: SettingsDep) -> str:
     """The caller's team id, for the read endpoints. A key checked in the last few seconds comes from
     service.auth's cache: no query and no thread hand-off (revocation takes up to KEY_CACHE_TTL_S)."""
     if credentials is None:
         raise UNAUTHORIZED
     key_hash = hash_key(credentials.credentials)
-    team_id = cached_team_id(key_hash)
-    if team_id is None:
-        team_id = await in_session(team_id_for_key_hash, key_hash)
-    if team_id is None:
+    owner = cached_owner(key_hash) or await in_session(owner_of_key_hash, key_hash)
+    if owner is None:
         raise UNAUTHORIZED
-    return team_id
+    enforce_rate(settings, key_hash, owner.requests_per_minute)
+    return owner.team_id
 
 
 async def in_session(work: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
@@ -80,6 +106,10 @@ def require_admin(settings: SettingsDep, credentials: Credentials) -> None:
     # No credentials at all is a 401 (send a key), as on every other endpoint; a team's key is a 403.
     if credentials is None:
         raise UNAUTHORIZED
+    if not settings.admin_key:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN, "admin endpoints are off: no admin key is configured (W2S_ADMIN_KEY)"
+        )
     if not is_admin_key(credentials.credentials, settings.admin_key):
         raise HTTPException(status.HTTP_403_FORBIDDEN, "this endpoint needs the admin key")
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import importlib
 import logging
 import re
+import secrets
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,7 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from sqlalchemy import func, select, text
-from sqlalchemy.exc import DataError, DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -27,11 +29,14 @@ from starlette.middleware.sessions import SessionMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import web
-from api.routes import datasets, jobs, sweeps, teams
-from service.db import get_engine, session_scope
-from service.jobs import NotFound
+from api.deps import Credentials, SettingsDep, require_admin
+from api.routes import admin, datasets, jobs, sweeps, teams
+from api.schemas import error_responses
+from service.db import database_unreachable, get_engine, session_scope
+from service.errors import LimitExceeded, ServiceError
 from service.models import Job, Stage
 from service.settings import get_settings
+from service.states import InvalidTransition
 from w2s.spec import SpecError
 
 logger = logging.getLogger(__name__)
@@ -51,6 +56,11 @@ SEND_JSON = "send a JSON object with Content-Type: application/json"
 async def _lifespan(_: FastAPI) -> AsyncIterator[None]:
     # Validating a spec builds its losses, which imports torch: seconds on a cold process. Pay that
     # at start-up, not in the first POST (a client with a 5 s timeout would give up).
+    if not get_settings().session_secret:
+        raise RuntimeError(
+            "W2S_SESSION_SECRET is not set: the dashboard's session cookie needs a secret of your own "
+            "(or W2S_ENVIRONMENT=development for the published development secret)"
+        )
     await run_in_threadpool(importlib.import_module, "w2s.losses")
     yield
 
@@ -64,7 +74,7 @@ def create_app() -> FastAPI:
         "Authenticate with `Authorization: Bearer <API key>`.",
     )
     v1 = APIRouter(prefix="/v1")
-    for module in (jobs, sweeps, datasets, teams):
+    for module in (jobs, sweeps, datasets, teams, admin):
         v1.include_router(module.router)
     app.include_router(v1)
     app.include_router(ops)
@@ -74,7 +84,9 @@ def create_app() -> FastAPI:
     settings = get_settings()
     app.add_middleware(
         SessionMiddleware,
-        secret_key=settings.session_secret,
+        # Unset, start-up refuses to serve (see _lifespan); the app itself can still be built to read
+        # its OpenAPI document.
+        secret_key=settings.session_secret or secrets.token_hex(32),
         session_cookie="w2s_session",
         max_age=12 * 3600,
         same_site="lax",
@@ -222,13 +234,19 @@ def _install_error_handlers(app: FastAPI) -> None:
         detail = [{"loc": location(loc), "msg": msg, "type": "spec"} for loc, msg in error.errors]
         return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
-    @app.exception_handler(NotFound)
-    async def _not_found(_: Request, error: NotFound) -> JSONResponse:
-        return JSONResponse({"detail": str(error)}, status_code=status.HTTP_404_NOT_FOUND)
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, error: ServiceError) -> JSONResponse:
+        body: dict[str, Any] = {"detail": str(error)}
+        headers = {}
+        if isinstance(error, LimitExceeded):
+            body |= {"limit": error.limit, "limit_value": error.value}
+            if error.retry_after_s is not None:
+                headers["Retry-After"] = str(error.retry_after_s)
+        return JSONResponse(body, status_code=error.status_code, headers=headers)
 
-    @app.exception_handler(ValueError)
-    async def _value_error(_: Request, error: ValueError) -> JSONResponse:
-        return JSONResponse({"detail": str(error)}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+    @app.exception_handler(InvalidTransition)
+    async def _conflict(_: Request, error: InvalidTransition) -> JSONResponse:
+        return JSONResponse({"detail": str(error)}, status_code=status.HTTP_409_CONFLICT)
 
     @app.exception_handler(DataError)
     async def _unstorable_value(_: Request, error: DataError) -> JSONResponse:
@@ -237,15 +255,43 @@ def _install_error_handlers(app: FastAPI) -> None:
         detail = f"a value in the request cannot be stored ({reason}); remove NUL characters (\\u0000)"
         return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
-    @app.exception_handler(OperationalError)
-    @app.exception_handler(DBAPIError)
-    async def _database_down(_: Request, error: Exception) -> JSONResponse:
-        logger.warning("database unavailable: %s", str(error).splitlines()[0])
+    @app.exception_handler(IntegrityError)
+    async def _integrity(_: Request, error: IntegrityError) -> JSONResponse:
+        # A unique constraint: a concurrent request created the same thing first.
+        logger.info("integrity error answered 409: %s", str(error.orig or error).splitlines()[0])
         return JSONResponse(
-            {"detail": "the database is unavailable; nothing was lost, retry in a few seconds"},
-            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
-            headers={"Retry-After": "5"},
+            {"detail": "this conflicts with an existing object (a name or key already in use); change it"},
+            status_code=status.HTTP_409_CONFLICT,
         )
+
+    @app.exception_handler(DBAPIError)
+    async def _database_error(request: Request, error: DBAPIError) -> JSONResponse:
+        if database_unreachable(error):
+            logger.warning("database unavailable: %s", str(error).splitlines()[0])
+            return JSONResponse(
+                {"detail": "the database is unavailable; nothing was lost, retry in a few seconds"},
+                status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+                headers={"Retry-After": "5"},
+            )
+        return _internal_error(request, error)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, error: Exception) -> JSONResponse:
+        return _internal_error(request, error)
+
+
+def _internal_error(request: Request, error: BaseException) -> JSONResponse:
+    """A bug: 500 with a request id that is also in the log beside the traceback."""
+    request_id = uuid.uuid4().hex[:16]
+    logger.error("request %s: %s %s failed", request_id, request.method, request.url.path, exc_info=error)
+    return JSONResponse(
+        {
+            "detail": f"internal error; quote request id {request_id} to the operators",
+            "request_id": request_id,
+        },
+        status_code=status.HTTP_500_INTERNAL_SERVER_ERROR,
+        headers={"X-Request-ID": request_id},
+    )
 
 
 ops = APIRouter(tags=["operations"])
@@ -288,9 +334,18 @@ def _broker_check() -> str:
         return f"unreachable: {error}"
 
 
-@ops.get("/metrics", response_class=PlainTextResponse)
-def metrics() -> PlainTextResponse:
-    """Prometheus metrics: request counts and latency, jobs and stages by status."""
+@ops.get(
+    "/metrics",
+    responses={
+        200: {"content": {"text/plain": {}}, "description": "Prometheus text"},
+        **error_responses(401, 403),
+    },
+)
+def metrics(settings: SettingsDep, credentials: Credentials) -> PlainTextResponse:
+    """Prometheus metrics: request counts and latency, jobs and stages by status. Needs the admin
+    key unless W2S_METRICS_PUBLIC is set (the counts describe every team's work)."""
+    if not settings.metrics_public:
+        require_admin(settings, credentials)
     try:
         with session_scope() as session:
             JOBS.clear()
@@ -305,6 +360,3 @@ def metrics() -> PlainTextResponse:
     except OperationalError:
         pass  # still serve the process metrics
     return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
-
-app = create_app()

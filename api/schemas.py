@@ -35,7 +35,8 @@ ERROR_DESCRIPTIONS = {
     404: "no such object for your team (another team's objects are not found either)",
     409: "the object is not in a state that allows this",
     413: "the body is over the size limit",
-    422: "invalid input: each problem names its field and how to fix it",
+    422: "invalid input: each problem names its field and how to fix it; or over a size limit",
+    429: "over a rate or backlog limit: the body names it; retry after Retry-After seconds",
 }
 
 
@@ -185,6 +186,57 @@ class TeamPublic(BaseModel):
     gpu_quota: int | None
     allow_trust_remote_code: bool
     created_at: dt.datetime
+
+
+class TeamAdminPublic(TeamPublic):
+    """A team as an administrator sees it: its limits (null = the setting) and whether it is disabled."""
+
+    disabled_at: dt.datetime | None
+    max_priority: int | None
+    max_queued_stages: int | None
+    max_stages_per_job: int | None
+    max_stages_per_sweep: int | None
+    upload_quota_mb: int | None
+    requests_per_minute: int | None
+
+
+class TeamUpdate(BaseModel):
+    """Fields an administrator may change; omitted fields stay, null restores the setting's value."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    weight: float | None = Field(None, gt=0, le=1000, description="fair-share weight")
+    gpu_quota: int | None = Field(None, ge=0, le=10000, description="concurrent stages in flight")
+    allow_trust_remote_code: bool | None = None
+    max_priority: int | None = Field(None, ge=-100, le=100, description="highest job priority allowed")
+    max_queued_stages: int | None = Field(None, ge=1, le=10_000_000)
+    max_stages_per_job: int | None = Field(None, ge=1, le=1_000_000)
+    max_stages_per_sweep: int | None = Field(None, ge=1, le=10_000_000)
+    upload_quota_mb: int | None = Field(None, ge=1, le=10_000_000)
+    requests_per_minute: int | None = Field(None, ge=1, le=1_000_000)
+    disabled: bool | None = Field(None, description="true: keys stop working and open jobs are cancelled")
+
+
+class ApiKeyPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    team_id: str
+    name: str
+    prefix: str
+    created_at: dt.datetime
+    revoked_at: dt.datetime | None
+
+
+class AuditEntryPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    at: dt.datetime
+    actor: str
+    action: str
+    target: str
+    details: dict[str, Any] | None
 
 
 class ApiKeyCreate(BaseModel):

@@ -230,7 +230,7 @@ class Processes:
 def start_api(processes: Processes, workspace: Workspace, workers: int) -> int:
     """uvicorn in its own process(es); returns the port once /healthz answers."""
     port = free_port()
-    command = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1"]
+    command = [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--workers", str(workers), "--log-level", "warning"]
     command += ["--no-access-log"]  # one log line per request costs more than the request itself
     # As `w2s-service api` (W2S_API_KEEP_ALIVE_S): with uvicorn's own 5 s, the pool's spare connections
@@ -922,6 +922,7 @@ def section_dispatch(quick: bool, workdir: Path, redis_db: int) -> dict[str, Any
             port = start_api(processes, workspace, 1)
             me = [sys.executable, "-m", "w2s_service.cli"]
             processes.start("worker", [*me, "worker", "--queue", "cpu"], workspace.env)
+            processes.start("control", [*me, "worker", "--queue", "control"], workspace.env)
             processes.start("dispatcher", [*me, "dispatcher"], workspace.env)
             headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
             runs: list[dict[str, Any]] = []

@@ -37,6 +37,13 @@ WEAK = "./models/all-MiniLM-L6-v2"
 STRONG = ["./models/all-MiniLM-L6-v2", "./models/all-mpnet-base-v2"]
 
 
+# The server-drawn figure (an <img>) has loaded.
+IMAGE_LOADED = (
+    "(selector) => { const i = document.querySelector(selector); "
+    "return i && i.complete && i.naturalWidth > 0 }"
+)
+
+
 def sweep_body(n_train: int, n_test: int) -> dict[str, Any]:
     probe = {"mode": "probe", "max_length": 128}
     return {
@@ -92,13 +99,13 @@ def take_screenshots(base_url: str, key: str, job_id: str, sweep_id: str, out: P
 
             page.goto(f"{base_url}/jobs/{job_id}")
             page.wait_for_selector("#job-results table.results-table", timeout=30_000)
-            page.wait_for_selector("#chart-loss svg .series path", timeout=30_000)
+            page.wait_for_function(IMAGE_LOADED, arg="#chart-loss", timeout=30_000)
             page.wait_for_timeout(500)  # let the charts finish their first layout
             job_png = out / "job.png"
             page.screenshot(path=str(job_png), full_page=True)
 
             page.goto(f"{base_url}/sweeps/{sweep_id}")
-            page.wait_for_selector("#sweep-plot svg .series path", timeout=30_000)
+            page.wait_for_function(IMAGE_LOADED, arg="#sweep-plot", timeout=30_000)
             page.wait_for_timeout(500)
             sweep_png = out / "sweep.png"
             page.screenshot(path=str(sweep_png), full_page=True)

@@ -52,7 +52,14 @@ class StackError(RuntimeError):
 class RealStack:
     """Postgres database, Redis prefix, worker + dispatcher processes, uvicorn API and a team key."""
 
-    def __init__(self, data_dir: Path, queue_slots: str = '{"cpu": 1}', keep_logs: Path | None = None):
+    def __init__(
+        self,
+        data_dir: Path,
+        queue_slots: str = '{"cpu": 1}',
+        keep_logs: Path | None = None,
+        cpu_workers: int = 1,
+    ):
+        self.cpu_workers = cpu_workers
         self.data_dir = data_dir
         self.queue_slots = queue_slots
         self.keep_logs = keep_logs
@@ -115,7 +122,9 @@ class RealStack:
         reset_caches()
         self._migrate(env["W2S_DATABASE_URL"])
         (self.workdir / "logs").mkdir()
-        self._spawn("worker", "--queue", "cpu")
+        for _ in range(self.cpu_workers):  # one worker process per slot, as per GPU in production
+            self._spawn("worker", "--queue", "cpu")
+        self._spawn("worker", "--queue", "control")
         self._spawn("dispatcher")
         self._serve()
         self.key = self._create_team()
@@ -123,6 +132,12 @@ class RealStack:
             base_url=self.base_url, headers={"Authorization": f"Bearer {self.key}"}, timeout=60
         )
         self._wait(lambda: self.api.get("/readyz").status_code == 200, 60, "the API to be ready")
+        self._wait(self._workers_ready, 120, "the workers to be ready")
+
+    def _workers_ready(self) -> bool:
+        """Every Celery worker has logged that it is ready to take tasks."""
+        logs = sorted((self.workdir / "logs").glob("worker-*.log"))
+        return bool(logs) and all(" ready." in path.read_text(errors="replace") for path in logs)
 
     @property
     def api(self) -> httpx.Client:
@@ -141,7 +156,8 @@ class RealStack:
         command.upgrade(config, "head")
 
     def _spawn(self, *args: str) -> None:
-        log = open(self.workdir / "logs" / f"{args[0]}.log", "wb")  # noqa: SIM115  (the child owns it)
+        name = f"worker-{args[2]}-{len(self.processes)}" if args[0] == "worker" else args[0]  # one log each
+        log = open(self.workdir / "logs" / f"{name}.log", "wb")  # noqa: SIM115  (the child owns it)
         command = [sys.executable, "-m", "w2s_service.cli", *args]
         env = {**os.environ, **self.env}
         self.processes.append(subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=log))

@@ -13,4 +13,7 @@ bash scripts/install.sh
 w2s models prepare-offline models all-MiniLM-L6-v2
 ruff check .
 ruff format --check .
-python -m pytest -q "$@"
+# Two tiers: the fast one first (library, API, service logic in-process: a few minutes), then the
+# slow one (real processes, faults, real models, browsers, fuzzing).
+python -m pytest -q -m "not slow" "$@"
+python -m pytest -q -m slow "$@"

@@ -1,5 +1,6 @@
-"""Teams and API keys. Keys are random, shown once, and stored only as a sha256 hash: a key has
-256 bits of entropy, so a fast hash is enough and lookups stay a single indexed read."""
+"""Teams, API keys and dashboard sessions. Keys are random, shown once, and stored only as a sha256
+hash: a key has 256 bits of entropy, so a fast hash is enough and lookups stay a single indexed read.
+A disabled team's keys and sessions stop working."""
 
 from __future__ import annotations
 
@@ -7,52 +8,65 @@ import hashlib
 import hmac
 import secrets
 import threading
-import time
+from dataclasses import dataclass
 
+from cachetools import TTLCache
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.models import ApiKey, Team, utcnow
+from service.errors import Conflict
+from service.models import ApiKey, Team, WebSession, utcnow
 
 KEY_PREFIX = "w2s_"
 # How long an API process trusts a key it has checked (see KeyCache).
 KEY_CACHE_TTL_S = 5.0
 
 
+@dataclass(frozen=True)
+class KeyOwner:
+    """What a checked key is worth: its team, and the team's own request rate limit if it has one."""
+
+    team_id: str
+    requests_per_minute: int | None
+
+
 class KeyCache:
-    """Key hash -> team id of keys checked in the last ``ttl_s`` seconds, in this process.
+    """Key hash -> owner of keys checked in the last ``ttl_s`` seconds, in this process.
 
     Every API request authenticates; at hundreds of requests a second the auth query was a fifth of
-    a read's cost. The price: a key revoked in the database by anyone else (another API process, SQL)
-    keeps working here for up to ``ttl_s``. ``revoke_api_key`` in this process forgets it at once.
-    Only valid keys are remembered, so a new key works immediately. Thread-safe (the API's threadpool).
+    a read's cost. The price: a key revoked (or a team disabled) by another process keeps working
+    here for up to ``ttl_s``; ``revoke_api_key`` and ``set_team_disabled`` in this process take
+    effect at once. Only valid keys are remembered, so a new key works immediately. Thread-safe.
     """
 
     def __init__(self, ttl_s: float, max_entries: int = 10_000) -> None:
         self.ttl_s = ttl_s
-        self.max_entries = max_entries
-        self._entries: dict[str, tuple[str, float]] = {}  # key hash -> (team id, monotonic expiry)
+        self._cache: TTLCache[str, KeyOwner] = TTLCache(maxsize=max_entries, ttl=ttl_s)
         self._lock = threading.Lock()
 
-    def get(self, key_hash: str) -> str | None:
-        entry = self._entries.get(key_hash)
-        if entry is None or entry[1] <= time.monotonic():
+    def get(self, key_hash: str) -> KeyOwner | None:
+        if self.ttl_s <= 0:
             return None
-        return entry[0]
-
-    def put(self, key_hash: str, team_id: str) -> None:
         with self._lock:
-            if len(self._entries) >= self.max_entries:
-                self._entries.clear()  # many distinct keys within a TTL: rare, and a miss is only a query
-            self._entries[key_hash] = (team_id, time.monotonic() + self.ttl_s)
+            return self._cache.get(key_hash)
 
-    def forget(self, key_hash: str) -> None:
+    def put(self, key_hash: str, owner: KeyOwner) -> None:
         with self._lock:
-            self._entries.pop(key_hash, None)
+            self._cache[key_hash] = owner
+
+    def forget(self, key_hash: str | None = None, *, team_id: str | None = None) -> None:
+        with self._lock:
+            if key_hash is not None:
+                self._cache.pop(key_hash, None)
+            if team_id is not None:
+                for cached, owner in list(self._cache.items()):
+                    if owner.team_id == team_id:
+                        self._cache.pop(cached, None)
 
     def clear(self) -> None:
         with self._lock:
-            self._entries.clear()
+            self._cache.clear()
 
 
 KEY_CACHE = KeyCache(KEY_CACHE_TTL_S)
@@ -70,13 +84,15 @@ def create_team(
     gpu_quota: int | None = None,
     allow_trust_remote_code: bool = False,
 ) -> Team:
-    if session.scalar(select(Team).where(Team.name == name)) is not None:
-        raise ValueError(f"team name {name!r} is taken; choose another")
+    """A new team. The name's unique constraint decides a race between two requests for it."""
     team = Team(
         name=name, weight=weight, gpu_quota=gpu_quota, allow_trust_remote_code=allow_trust_remote_code
     )
-    session.add(team)
-    session.flush()
+    try:
+        with session.begin_nested():
+            session.add(team)
+    except IntegrityError:
+        raise Conflict(f"team name {name!r} is taken; choose another") from None
     return team
 
 
@@ -94,28 +110,32 @@ def team_for_key(session: Session, key: str) -> Team | None:
 
 
 def team_for_key_hash(session: Session, key_hash: str) -> Team | None:
-    """The team of an unrevoked key, from its hash (what the dashboard's session cookie holds)."""
+    """The enabled team of an unrevoked key, from its hash."""
     # One round trip: every request authenticates, so the key and its team come in one join.
     return session.scalar(
         select(Team)
         .join(ApiKey, ApiKey.team_id == Team.id)
-        .where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
+        .where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None), Team.disabled_at.is_(None))
     )
 
 
-def cached_team_id(key_hash: str) -> str | None:
-    """The team id of a key checked in the last few seconds; None means: ask the database."""
+def cached_owner(key_hash: str) -> KeyOwner | None:
+    """The owner of a key checked in the last few seconds; None means: ask the database."""
     return KEY_CACHE.get(key_hash)
 
 
-def team_id_for_key_hash(session: Session, key_hash: str) -> str | None:
-    """The team id of an unrevoked key, from the database; remembered for ``KEY_CACHE_TTL_S``."""
-    team_id = session.scalar(
-        select(ApiKey.team_id).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
-    )
-    if team_id is not None:
-        KEY_CACHE.put(key_hash, team_id)
-    return team_id
+def owner_of_key_hash(session: Session, key_hash: str) -> KeyOwner | None:
+    """The owner of an unrevoked key of an enabled team; remembered for ``KEY_CACHE_TTL_S``."""
+    row = session.execute(
+        select(Team.id, Team.requests_per_minute)
+        .join(ApiKey, ApiKey.team_id == Team.id)
+        .where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None), Team.disabled_at.is_(None))
+    ).first()
+    if row is None:
+        return None
+    owner = KeyOwner(row[0], row[1])
+    KEY_CACHE.put(key_hash, owner)
+    return owner
 
 
 def revoke_api_key(session: Session, *, key_id: str) -> bool:
@@ -134,4 +154,39 @@ def revoke_api_key(session: Session, *, key_id: str) -> bool:
 
 
 def is_admin_key(key: str, admin_key: str) -> bool:
-    return hmac.compare_digest(key.encode(), admin_key.encode())
+    # An unset admin key admits nobody, whatever is sent.
+    return bool(admin_key) and hmac.compare_digest(key.encode(), admin_key.encode())
+
+
+# -- dashboard sessions ---------------------------------------------------------------------------------
+
+
+def open_web_session(session: Session, *, team: Team, key_hash: str) -> str:
+    """A server-side dashboard session for a signed-in key; its id goes in the signed cookie."""
+    session_id = secrets.token_urlsafe(32)
+    session.add(WebSession(id=session_id, key_hash=key_hash, team_id=team.id))
+    session.flush()
+    return session_id
+
+
+def team_for_web_session(session: Session, session_id: str) -> Team | None:
+    """The team of an open session whose key still works (not revoked, team enabled)."""
+    return session.scalar(
+        select(Team)
+        .join(WebSession, WebSession.team_id == Team.id)
+        .join(ApiKey, ApiKey.key_hash == WebSession.key_hash)
+        .where(
+            WebSession.id == session_id,
+            WebSession.revoked_at.is_(None),
+            ApiKey.revoked_at.is_(None),
+            Team.disabled_at.is_(None),
+        )
+    )
+
+
+def close_web_session(session: Session, session_id: str) -> None:
+    session.execute(
+        update(WebSession)
+        .where(WebSession.id == session_id, WebSession.revoked_at.is_(None))
+        .values(revoked_at=utcnow())
+    )

@@ -4,7 +4,6 @@ dispatcher and a worker can share one file."""
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -15,6 +14,14 @@ from sqlalchemy import Engine, Insert, Table, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential,
+    wait_random,
+)
 
 from service.auth import KEY_CACHE
 from service.settings import get_settings
@@ -85,19 +92,23 @@ def database_unreachable(error: BaseException) -> bool:
 
 def retry_database(action: Callable[[], T], what: str, budget_s: float) -> T:
     """Run ``action`` (its own transaction), retrying for up to ``budget_s`` while the database is
-    unreachable (Postgres restarting, a failover): 0.5 s, 1 s, 2 s ... 10 s apart."""
-    deadline = time.monotonic() + budget_s
-    wait = 0.5
-    while True:
-        try:
-            return action()
-        except DBAPIError as error:
-            if not database_unreachable(error) or time.monotonic() + wait > deadline:
-                raise
-            first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-            logger.warning("%s: database unreachable, retrying in %.1f s: %s", what, wait, first_line)
-            time.sleep(wait)
-            wait = min(wait * 2, 10.0)
+    unreachable (Postgres restarting, a failover): 0.5 s, 1 s, 2 s ... 10 s apart, with jitter.
+    Any other error, or the budget spent, raises at once."""
+
+    def log_retry(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        first_line = str(error).splitlines()[0] if error and str(error) else type(error).__name__
+        wait = state.next_action.sleep if state.next_action else 0.0
+        logger.warning("%s: database unreachable, retrying in %.1f s: %s", what, wait, first_line)
+
+    retrying = Retrying(
+        retry=retry_if_exception(lambda error: isinstance(error, DBAPIError) and database_unreachable(error)),
+        wait=wait_exponential(multiplier=0.5, max=10.0) + wait_random(0, 0.25),
+        stop=stop_after_delay(budget_s),
+        before_sleep=log_retry,
+        reraise=True,
+    )
+    return retrying(action)
 
 
 def reset_caches() -> None:

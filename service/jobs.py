@@ -1,10 +1,10 @@
-"""Job service functions: create, list, read, cancel, retry. They take keyword arguments, raise
-``ValueError``/``LookupError`` a caller can show, and know nothing of HTTP."""
+"""Job service functions: create, list, read, cancel, retry. They take keyword arguments, raise the
+errors of :mod:`service.errors` (and spec errors) a caller can show, and know nothing of HTTP.
+Status changes go through :mod:`service.lifecycle`."""
 
 from __future__ import annotations
 
-import base64
-import datetime as dt
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,20 +12,21 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Row, Select, bindparam, func, or_, select, tuple_
+from sqlalchemy import Row, Select, bindparam, func, insert, or_, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, defer, joinedload, selectinload
 
+from service import lifecycle, limits
+from service.errors import InvalidInput, NotFound
+from service.lifecycle import log
 from service.models import Dataset, Job, LogLine, Stage, Team, new_id, utcnow
+from service.pagination import decode_cursor, page
+from service.planning import UPLOAD_PREFIX
 from service.settings import Settings
-from service.states import JobStatus, StageStatus, check_job_transition, check_stage_transition
+from service.states import STAGE_DONE, JobStatus
 from w2s.spec import CustomDatasetSpec, JobSpec, SpecError, parse_spec
 
-UPLOAD_PREFIX = "upload:"
-
-
-class NotFound(LookupError):
-    """The object does not exist for this team (another team's objects are 'not found' too)."""
+__all__ = ["UPLOAD_PREFIX", "NotFound", "log"]
 
 
 @dataclass(frozen=True)
@@ -68,19 +69,64 @@ def _runs_model_code(model: str) -> bool:
     return False
 
 
-def resolve_spec(session: Session, *, team: Team, raw: dict[str, Any], settings: Settings) -> JobSpec:
-    """Validate a spec for ``team``: uploaded datasets by id, file paths only inside the data
-    directory, and ``trust_remote_code`` only where an admin allowed it."""
+@dataclass(frozen=True)
+class ResolvedSpec:
+    """A spec checked for a team: ``spec`` as the library reads it, ``stored`` as the job keeps it
+    (an upload stays ``upload:<id>``: no server path ever appears in a job)."""
+
+    spec: JobSpec
+    stored: dict[str, Any]
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith((".", "/", "~")) or model.count("/") > 1
+
+
+def _expand(path: str) -> Path:
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:  # "~nobody": an unknown user's home is no model root
+        return Path("/nonexistent") / path.lstrip("~/")
+
+
+def _model_errors(raw: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
+    """Models are hub ids or directories under the model roots. A path outside them is refused the
+    same way whether or not it exists, so the answer reveals nothing about the server's files."""
+    roots = [_expand(str(root)) for root in settings.model_roots]
+    errors = []
+    for role in ("weak", "strong"):
+        entry = raw.get(role)
+        model = entry.get("model") if isinstance(entry, dict) else None
+        if isinstance(model, str) and _looks_like_path(model) and not _inside(_expand(model), roots):
+            where = ", ".join(str(root.resolve()) for root in roots) or "(none configured)"
+            errors.append(
+                (
+                    f"{role}.model",
+                    f"a model is a Hugging Face hub id (such as 'gpt2' or 'org/name') or a directory under "
+                    f"the model roots: {where}; ask an admin to add a model there (W2S_MODEL_ROOTS)",
+                )
+            )
+    return errors
+
+
+def resolve_spec(session: Session, *, team: Team, raw: dict[str, Any], settings: Settings) -> ResolvedSpec:
+    """Validate a spec for ``team``: models from known places, uploaded datasets by id, file paths
+    only inside the data directory, and ``trust_remote_code`` only where an admin allowed it."""
     raw = json.loads(json.dumps(raw))  # a private copy: we rewrite the dataset reference below
+    model_errors = _model_errors(raw, settings)
+    if model_errors:
+        raise SpecError(model_errors)
     errors: list[tuple[str, str]] = []
     dataset = raw.get("dataset")
     name = dataset.get("name") if isinstance(dataset, dict) else None
+    upload_name = None
     if isinstance(name, str) and name.startswith(UPLOAD_PREFIX):
         upload = session.get(Dataset, name.removeprefix(UPLOAD_PREFIX))
         if upload is None or upload.team_id != team.id:
             raise SpecError(
                 [("dataset.name", f"no uploaded dataset {name!r}; list yours with GET /v1/datasets")]
             )
+        upload_name = name
         dataset["name"] = {"path": upload.path, "text": upload.text_column, "label": upload.label_column}
     spec = parse_spec(raw)
     if isinstance(spec.dataset.name, CustomDatasetSpec):
@@ -117,77 +163,109 @@ def resolve_spec(session: Session, *, team: Team, raw: dict[str, Any], settings:
             )
     if errors:
         raise SpecError(errors)
-    return spec
+    stored = spec.model_dump(mode="json")
+    if upload_name is not None:
+        stored["dataset"]["name"] = upload_name
+    return ResolvedSpec(spec, stored)
 
 
-def dataset_label(spec: JobSpec) -> str:
-    name = spec.dataset.name
-    return name if isinstance(name, str) else Path(name.path).name
+def dataset_label(stored: dict[str, Any]) -> str:
+    name = stored["dataset"]["name"]
+    return name if isinstance(name, str) else Path(name["path"]).name
+
+
+def request_hash(body: Any) -> str:
+    """What identifies a request's body for Idempotency-Key checks: its canonical JSON."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def create_job(
     session: Session,
     *,
     team: Team,
-    spec: JobSpec,
+    resolved: ResolvedSpec,
+    settings: Settings,
     name: str = "",
     priority: int = 0,
     idempotency_key: str | None = None,
+    body_hash: str | None = None,
     sweep_id: str | None = None,
+    check_backlog: bool = True,
 ) -> tuple[Job, bool]:
-    """Create a queued job and its pending stages. With an idempotency key that the team used
-    before, return that job instead; the bool says whether a job was created."""
+    """Create a queued job and its pending stages, within the team's limits. With an idempotency key
+    that the team used before, return that job instead (the bool says whether a job was created);
+    the same key with a different body is refused."""
     if idempotency_key:
-        existing = session.scalar(
-            select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key)
-        )
+        existing = _job_for_key(session, team, idempotency_key, body_hash)
         if existing is not None:
             return existing, False
+    spec = resolved.spec
+    templates = expand_stages(spec)
+    limits.check_priority(team, settings, priority)
+    if sweep_id is None:
+        limits.check_job_size(team, settings, len(templates))
+    if check_backlog:
+        limits.check_backlog(session, team, settings, len(templates))
     job = Job(
+        id=new_id(),
         team_id=team.id,
         sweep_id=sweep_id,
         name=name,
         priority=priority,
-        spec=spec.model_dump(mode="json"),
-        dataset=dataset_label(spec),
+        spec=resolved.stored,
+        dataset=dataset_label(resolved.stored),
         weak_model=spec.weak.model,
         strong_model=spec.strong.model,
         idempotency_key=idempotency_key,
-        status=JobStatus.queued,
+        request_hash=body_hash,
+        created_at=utcnow(),
     )
-    by_kind_seed: dict[tuple[str, int], Stage] = {}
-    for template in expand_stages(spec):
-        # Ids are set here, not at flush, so students can point at their weak stage right away.
-        stage = Stage(
-            id=new_id(),
-            kind=template.kind,
-            seed=template.seed,
-            order=template.order,
-            status=StageStatus.pending,
-        )
-        if template.depends_on_kind:
-            stage.depends_on_id = by_kind_seed[template.depends_on_kind, template.seed].id
-        by_kind_seed[template.kind, template.seed] = stage
-        job.stages.append(stage)
     session.add(job)
     try:
         session.flush()
     except IntegrityError:
         # Two requests with the same idempotency key raced; the other one won.
         session.rollback()
-        existing = session.scalar(
-            select(Job).where(Job.team_id == team.id, Job.idempotency_key == idempotency_key)
-        )
+        existing = _job_for_key(session, team, idempotency_key, body_hash) if idempotency_key else None
         if existing is None:
             raise
         return existing, False
-    log(session, job_id=job.id, message=f"job created with {len(job.stages)} stages")
+    # One multi-row INSERT, not an ORM object per stage: a sweep may add tens of thousands.
+    ids: dict[tuple[str, int], str] = {}
+    rows = []
+    for template in templates:
+        ids[template.kind, template.seed] = stage_id = new_id()
+        depends_on = ids[template.depends_on_kind, template.seed] if template.depends_on_kind else None
+        rows.append(
+            {
+                "id": stage_id,
+                "job_id": job.id,
+                "kind": template.kind,
+                "seed": template.seed,
+                "order": template.order,
+                "depends_on_id": depends_on,
+                "team_id": team.id,
+                "priority": priority,
+                "job_created_at": job.created_at,
+            }
+        )
+    session.execute(insert(Stage), rows)
+    log(session, job_id=job.id, message=f"job created with {len(rows)} stages")
     return job, True
+
+
+def _job_for_key(session: Session, team: Team, key: str, body_hash: str | None) -> Job | None:
+    existing = session.scalar(select(Job).where(Job.team_id == team.id, Job.idempotency_key == key))
+    if existing is not None and body_hash and existing.request_hash and existing.request_hash != body_hash:
+        raise InvalidInput(
+            f"Idempotency-Key {key!r} was used for job {existing.id} with a different body; use a new key "
+            "for a new job, or send the same body to get that job back"
+        )
+    return existing
 
 
 # The read path of the API (GET /v1/jobs/{id} and GET /v1/jobs) uses Core statements of just the columns
 # it shows, built once: ORM objects, and rebuilding statements per call, cost more CPU than the queries.
-_STAGE_DONE = (StageStatus.succeeded, StageStatus.cached)
 _JOB_DETAIL = select(
     Job.id,
     Job.name,
@@ -233,7 +311,7 @@ _STAGE_DETAIL = (
 _N_STAGES = select(func.count()).where(Stage.job_id == Job.id).correlate(Job).scalar_subquery()
 _N_DONE = (
     select(func.count())
-    .where(Stage.job_id == Job.id, Stage.status.in_(_STAGE_DONE))
+    .where(Stage.job_id == Job.id, Stage.status.in_([str(status) for status in STAGE_DONE]))
     .correlate(Job)
     .scalar_subquery()
 )
@@ -283,21 +361,6 @@ def get_job(session: Session, *, team_id: str, job_id: str) -> Job:
     return job
 
 
-def encode_cursor(job: Job | Row[Any]) -> str:
-    raw = json.dumps([job.created_at.isoformat(), job.id])
-    return base64.urlsafe_b64encode(raw.encode()).decode()
-
-
-def decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
-    try:
-        created, job_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        return dt.datetime.fromisoformat(created), str(job_id)
-    except (ValueError, TypeError) as error:
-        raise ValueError(
-            "cursor: not a cursor from a previous page; omit it to start at the first page"
-        ) from error
-
-
 def list_jobs(
     session: Session,
     *,
@@ -322,13 +385,13 @@ def list_jobs(
         limit=limit,
         cursor=cursor,
     )
-    return _page(session.scalars(query, params).all(), limit)
+    return page(session.scalars(query, params).all(), limit)
 
 
 def list_job_summaries(
     session: Session,
     *,
-    team_id: str,
+    team_id: str | None,
     status: str | None = None,
     dataset: str | None = None,
     model: str | None = None,
@@ -350,13 +413,13 @@ def list_job_summaries(
         limit=limit,
         cursor=cursor,
     )
-    return _page(session.connection().execute(query, params).all(), limit)
+    return page(session.connection().execute(query, params).all(), limit)
 
 
 def _listing(
     kind: str,
     *,
-    team_id: str,
+    team_id: str | None,
     status: str | None,
     dataset: str | None,
     model: str | None,
@@ -367,7 +430,9 @@ def _listing(
 ) -> tuple[Select[Any], dict[str, Any]]:
     """A listing's statement and the values of its parameters."""
     # One more than a page: whether it comes back says whether there is a next page.
-    params: dict[str, Any] = {"team_id": team_id, "limit": limit + 1}
+    params: dict[str, Any] = {"limit": limit + 1}
+    if team_id is not None:  # None: every team's jobs (admins only)
+        params["team_id"] = team_id
     if status:
         params["status"] = JobStatus(status)
     if dataset:
@@ -399,7 +464,8 @@ def _listing_query(kind: str, bound: frozenset[str]) -> Select[Any]:
         )
     else:
         query = _JOB_SUMMARIES
-    query = query.where(Job.team_id == bindparam("team_id"))
+    if "team_id" in bound:
+        query = query.where(Job.team_id == bindparam("team_id"))
     if "status" in bound:
         query = query.where(Job.status == bindparam("status"))
     if "dataset" in bound:
@@ -422,49 +488,18 @@ def _listing_query(kind: str, bound: frozenset[str]) -> Select[Any]:
     return query.order_by(Job.created_at.desc(), Job.id.desc()).limit(bindparam("limit"))
 
 
-def _page(rows: Sequence[Any], limit: int) -> tuple[list[Any], str | None]:
-    next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
-    return list(rows[:limit]), next_cursor
-
-
 def cancel_job(session: Session, *, job: Job) -> Job:
     """Cancel now: pending and queued stages stop here; running ones stop at their next step."""
-    check_job_transition(job.status, JobStatus.cancelled)
-    job.status = JobStatus.cancelled
-    job.cancel_requested = True
-    job.finished_at = utcnow()
-    for stage in job.stages:
-        if stage.status in (StageStatus.pending, StageStatus.queued):
-            check_stage_transition(stage.status, StageStatus.cancelled)
-            stage.status = StageStatus.cancelled
-            stage.finished_at = utcnow()
-    log(session, job_id=job.id, message="cancel requested")
+    lifecycle.cancel_job(session, job.id)
+    session.expire_all()  # the lifecycle wrote with conditional statements
     return job
 
 
 def retry_job(session: Session, *, job: Job) -> Job:
     """Run the failed and cancelled stages of a failed or cancelled job again."""
-    check_job_transition(job.status, JobStatus.queued)
-    job.status = JobStatus.queued
-    job.cancel_requested = False
-    job.error = None
-    job.finished_at = None
-    job.results = None
-    for stage in job.stages:
-        if stage.status in (StageStatus.failed, StageStatus.cancelled):
-            check_stage_transition(stage.status, StageStatus.pending)
-            stage.status = StageStatus.pending
-            stage.attempts = 0
-            stage.error = None
-            stage.finished_at = None
-    log(session, job_id=job.id, message="retry requested")
+    lifecycle.retry_job(session, job.id)
+    session.expire_all()  # the lifecycle wrote with conditional statements
     return job
-
-
-def log(
-    session: Session, *, job_id: str, message: str, stage_id: str | None = None, level: str = "info"
-) -> None:
-    session.add(LogLine(job_id=job_id, stage_id=stage_id, message=message, level=level))
 
 
 def job_logs(session: Session, *, job: Job, after_id: int = 0, limit: int = 1000) -> list[LogLine]:

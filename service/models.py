@@ -18,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -53,6 +54,15 @@ class Team(Base):
     gpu_quota: Mapped[int | None] = mapped_column(Integer)  # concurrent GPU stages; None = default
     allow_trust_remote_code: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # Set by an admin: the team's keys stop working and its open jobs are cancelled.
+    disabled_at: Mapped[dt.datetime | None]
+    # Per-team overrides of the limits in service.settings; None = the setting.
+    max_priority: Mapped[int | None] = mapped_column(Integer)  # highest job priority it may ask for
+    max_queued_stages: Mapped[int | None] = mapped_column(Integer)
+    max_stages_per_job: Mapped[int | None] = mapped_column(Integer)
+    max_stages_per_sweep: Mapped[int | None] = mapped_column(Integer)
+    upload_quota_mb: Mapped[int | None] = mapped_column(Integer)
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer)
 
 
 class ApiKey(Base):
@@ -90,6 +100,19 @@ class Job(Base):
         Index("ix_jobs_team_status_created", "team_id", "status", "created_at", "id"),
         Index("ix_jobs_team_dataset_created", "team_id", "dataset", "created_at", "id"),
         Index("ix_jobs_status", "status"),
+        # The dispatcher's two job queries touch only the jobs they return.
+        Index(
+            "ix_jobs_to_plan",
+            "created_at",
+            postgresql_where=text("NOT planned AND status IN ('queued', 'running')"),
+            sqlite_where=text("NOT planned AND status IN ('queued', 'running')"),
+        ),
+        Index(
+            "ix_jobs_to_finish",
+            "created_at",
+            postgresql_where=text("finish_due AND status = 'running'"),
+            sqlite_where=text("finish_due AND status = 'running'"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
@@ -105,8 +128,18 @@ class Job(Base):
     weak_model: Mapped[str] = mapped_column(String(300))
     strong_model: Mapped[str] = mapped_column(String(300))
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    # sha256 of the request body that created the job: an Idempotency-Key reused with another body
+    # is refused instead of answered with this job.
+    request_hash: Mapped[str | None] = mapped_column(String(64))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     planned: Mapped[bool] = mapped_column(Boolean, default=False)  # stage keys computed
+    # Planning and finishing run as control tasks (worker/control.py); the dispatcher sends them
+    # and sends again one that a lost worker dropped.
+    plan_sent_at: Mapped[dt.datetime | None]
+    plan_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    finish_due: Mapped[bool] = mapped_column(Boolean, default=False)  # every stage has its result
+    finish_sent_at: Mapped[dt.datetime | None]
+    finish_attempts: Mapped[int] = mapped_column(Integer, default=0)
     results: Mapped[dict[str, Any] | None]
     manifest: Mapped[dict[str, Any] | None]
     gpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
@@ -129,10 +162,30 @@ class Stage(Base):
         UniqueConstraint("job_id", "kind", "seed", name="uq_stages_job_kind_seed"),
         Index("ix_stages_status", "status"),
         Index("ix_stages_stage_key", "stage_key"),
+        Index("ix_stages_depends_on", "depends_on_id"),
+        Index("ix_stages_team_status", "team_id", "status"),
+        # Admission reads, per queue and team, the next few ready stages in order: a seek.
+        Index(
+            "ix_stages_ready",
+            "gpu_class",
+            "team_id",
+            text("priority DESC"),
+            "job_created_at",
+            "job_id",
+            "order",
+            postgresql_where=text("status = 'pending' AND ready"),
+            sqlite_where=text("status = 'pending' AND ready"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    # Copied from the job, so admission orders ready stages from one index without a join.
+    team_id: Mapped[str] = mapped_column(String(32))
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    job_created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # Planned (it has a key and a queue) and its dependency, if any, has a result.
+    ready: Mapped[bool] = mapped_column(Boolean, default=False)
     order: Mapped[int] = mapped_column(Integer)  # run order within the job
     kind: Mapped[str] = mapped_column(String(200))  # weak | ceiling | student:<loss label>
     seed: Mapped[int] = mapped_column(Integer)
@@ -212,3 +265,39 @@ class Dataset(Base):
     size_bytes: Mapped[int] = mapped_column(BigIntId)
     sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class TeamUsage(Base):
+    """GPU-seconds a team used, per hour: fair share sums the last window's rows."""
+
+    __tablename__ = "team_usage"
+
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), primary_key=True)
+    hour: Mapped[dt.datetime] = mapped_column(primary_key=True)
+    gpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class AuditEntry(Base):
+    """One administrator action: who, what, on which object, with which values."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(100))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(200))
+    details: Mapped[dict[str, Any] | None]
+
+
+class WebSession(Base):
+    """A dashboard sign-in. The cookie carries its id; signing out revokes it here, so a copied
+    cookie stops working too."""
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_hash: Mapped[str] = mapped_column(String(64))
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[dt.datetime | None]

@@ -1,16 +1,18 @@
 """Admission: which ready stages get the free worker slots. Pure functions, no database.
 
-Order: higher job priority first; then the team with the fewest recent GPU-seconds per unit of
-fair-share weight (stages it already has in flight count as an estimated cost, so one round of
-admissions interleaves teams); then the oldest job. A team never has more stages in flight than
-its quota (concurrent GPUs; on a CPU-only deployment, worker slots), and a stage whose key is
-already queued or running elsewhere waits for that result instead of computing it twice.
+Order: across teams, the team with the fewest recent GPU-seconds per unit of fair-share weight
+(stages it already has in flight count as an estimated cost, so one round of admissions interleaves
+teams); within a team, higher job priority first, then the oldest job. Priority never crosses teams:
+a team that sets priority 100 on everything still waits for its fair share. A team never has more
+stages in flight than its quota (concurrent GPUs; on a CPU-only deployment, worker slots), and a
+stage whose key is already queued or running elsewhere waits for that result instead of computing
+it twice.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # What one in-flight stage counts for in fair share before its real GPU-seconds are known.
 IN_FLIGHT_COST_S = 600.0
@@ -40,27 +42,22 @@ class TeamShare:
         return (self.recent_gpu_seconds + self.active * IN_FLIGHT_COST_S) / max(self.weight, 1e-9)
 
 
-@dataclass
-class Admission:
-    admitted: list[Candidate] = field(default_factory=list)
-    waiting_on_duplicate: list[Candidate] = field(default_factory=list)
-    over_quota: list[Candidate] = field(default_factory=list)
-
-
 def admit(
     candidates: list[Candidate],
     teams: dict[str, TeamShare],
     free_slots: dict[str, int],
     busy_keys: set[str],
-) -> Admission:
-    """Choose which candidates to enqueue now. Mutates nothing it was given."""
+) -> list[Candidate]:
+    """The candidates to enqueue now, in admission order. Mutates nothing it was given."""
     teams = {tid: TeamShare(**vars(share)) for tid, share in teams.items()}
     slots = dict(free_slots)
     busy = set(busy_keys)
     remaining = list(candidates)
-    result = Admission()
+    admitted: list[Candidate] = []
     while remaining:
-        remaining.sort(key=lambda c: (-c.priority, teams[c.team_id].share(), c.created_at, c.job_id, c.order))
+        remaining.sort(
+            key=lambda c: (teams[c.team_id].share(), c.team_id, -c.priority, c.created_at, c.job_id, c.order)
+        )
         chosen = None
         for candidate in remaining:
             team = teams[candidate.team_id]
@@ -75,17 +72,12 @@ def admit(
         if chosen is None:
             break
         remaining.remove(chosen)
-        result.admitted.append(chosen)
+        admitted.append(chosen)
         slots[chosen.queue] -= 1
         teams[chosen.team_id].active += 1
         if chosen.stage_key is not None:
             busy.add(chosen.stage_key)
-    for candidate in remaining:
-        if candidate.stage_key is not None and candidate.stage_key in busy:
-            result.waiting_on_duplicate.append(candidate)
-        elif teams[candidate.team_id].active >= teams[candidate.team_id].quota:
-            result.over_quota.append(candidate)
-    return result
+    return admitted
 
 
 def route_queue(memory_gb: float | None, queue_slots: dict[str, int], gpu_classes: dict[str, float]) -> str:

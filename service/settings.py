@@ -14,18 +14,33 @@ from pydantic import Field, model_validator
 
 from w2s.settings import LibrarySettings
 
+# Published development values: they work only with W2S_ENVIRONMENT=development.
+DEV_ADMIN_KEY = "dev-admin-key"
+DEV_SESSION_SECRET = "dev-session-secret"
 # GPU memory classes, smallest first; a stage goes to the smallest class its estimate fits.
 DEFAULT_GPU_CLASSES = {"gpu-24g": 24.0, "gpu-80g": 80.0}
 
 
 class Settings(LibrarySettings):
-    environment: str = Field("development", description="development | production")
+    environment: str = Field(
+        "",
+        description="development | production; only development lets the built-in development "
+        "admin key and session secret work (`w2s-service dev` sets it)",
+    )
     state_dir: Path = Field(Path(".w2s"), description="where the embedded database, broker and store live")
     database_url: str = Field("", description="SQLAlchemy URL; empty = SQLite in state_dir")
     broker_url: str = Field("", description="Celery broker URL; empty = filesystem transport in state_dir")
     broker_key_prefix: str = Field("", description="prefix for every Redis key, to share one Redis safely")
-    admin_key: str = Field("dev-admin-key", description="bearer key of the administrator")
-    session_secret: str = Field("dev-session-secret", description="signs the dashboard's session cookie")
+    admin_key: str = Field(
+        "",
+        description="bearer key of the administrator; unset: admin endpoints are off "
+        "(development: dev-admin-key)",
+    )
+    session_secret: str = Field(
+        "",
+        description="signs the dashboard's session cookie; the API needs it "
+        "(development: dev-session-secret)",
+    )
     allow_trust_remote_code: bool = Field(False, description="let specs run model code from the hub")
     # Slots per queue the dispatcher may fill: one per worker process (one per GPU).
     queue_slots: dict[str, int] = Field(default_factory=lambda: {"cpu": 1})
@@ -40,6 +55,34 @@ class Settings(LibrarySettings):
         Path(""), description="where uploaded datasets are kept; empty = state_dir/uploads"
     )
     progress_flush_s: float = Field(2.0, description="how often workers write progress to the database")
+    # Control tasks (planning and finishing a job, worker/control.py).
+    control_timeout_s: float = Field(
+        600.0, gt=0, description="longest a job's planning or finishing may take"
+    )
+    max_control_attempts: int = Field(
+        3, ge=1, description="a job whose planning or finishing task is lost this often fails"
+    )
+    dispatch_batch: int = Field(
+        20, ge=1, description="teams whose next planning or finishing task the dispatcher sends per round"
+    )
+    control_concurrency: int = Field(
+        2,
+        ge=1,
+        description="processes of the control worker: one team's long planning leaves the others free",
+    )
+    # Limits; a team's own values (set by an admin) override these.
+    max_queued_stages: int = Field(50_000, ge=1, description="stages a team may have waiting or running")
+    max_stages_per_job: int = Field(2_000, ge=1, description="stages one job may have")
+    max_stages_per_sweep: int = Field(25_000, ge=1, description="stages one sweep may have")
+    upload_quota_mb: int = Field(2_048, ge=1, description="uploaded data a team may keep")
+    requests_per_minute: int = Field(1_200, ge=1, description="API requests per key per minute")
+    max_priority: int = Field(100, ge=-100, le=100, description="highest job priority a team may ask for")
+    # Where models may come from, besides hub ids: directories under these roots.
+    model_roots: list[Path] = Field(
+        default_factory=lambda: [Path("models")],
+        description="directories whose subdirectories jobs may name as models (JSON list)",
+    )
+    metrics_public: bool = Field(False, description="serve /metrics without the admin key")
     # Recovery from lost workers and lost broker messages (see worker/tasks.py and service/dispatch.py).
     heartbeat_interval_s: float = Field(10.0, gt=0, description="how often a running stage says it is alive")
     heartbeat_timeout_s: float = Field(
@@ -86,11 +129,20 @@ class Settings(LibrarySettings):
         return self
 
     @model_validator(mode="after")
-    def _refuse_default_secret(self) -> Settings:
-        if self.environment == "production" and self.admin_key == "dev-admin-key":
-            raise ValueError("W2S_ADMIN_KEY must be set to a secret in production")
-        if self.environment == "production" and self.session_secret == "dev-session-secret":
-            raise ValueError("W2S_SESSION_SECRET must be set to a secret in production")
+    def _development_secrets_in_development_only(self) -> Settings:
+        if self.environment == "development":
+            self.admin_key = self.admin_key or DEV_ADMIN_KEY
+            self.session_secret = self.session_secret or DEV_SESSION_SECRET
+            return self
+        for name, value, dev_value in (
+            ("W2S_ADMIN_KEY", self.admin_key, DEV_ADMIN_KEY),
+            ("W2S_SESSION_SECRET", self.session_secret, DEV_SESSION_SECRET),
+        ):
+            if value == dev_value:
+                raise ValueError(
+                    f"{name} is the published development value; set a secret of your own, or set "
+                    "W2S_ENVIRONMENT=development on a machine nobody else can reach"
+                )
         return self
 
     @property

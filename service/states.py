@@ -72,14 +72,17 @@ STAGE_TRANSITIONS: dict[StageStatus, frozenset[StageStatus]] = {
 
 JOB_TERMINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
 STAGE_DONE = frozenset({StageStatus.succeeded, StageStatus.cached})  # has a result
-STAGE_TERMINAL = STAGE_DONE | {StageStatus.failed, StageStatus.cancelled}
 STAGE_ACTIVE = frozenset({StageStatus.queued, StageStatus.running})  # holds a slot
 
 
-class InvalidTransition(ValueError):
+class InvalidTransition(Exception):
+    """A status change the state machine does not allow (the API answers 409)."""
+
     def __init__(self, what: str, current: str, new: str, allowed: frozenset[Any]):
         choices = ", ".join(sorted(allowed)) or "none: it is final"
-        super().__init__(f"{what} cannot go from {current} to {new} (allowed: {choices})")
+        verb = {"cancelled": "cancel", "queued": "retry"}.get(str(new))
+        reason = f"cannot {verb} a {current} {what}" if verb else f"{what} cannot go from {current} to {new}"
+        super().__init__(f"{reason} (from {current} it may go to: {choices})")
         self.current, self.new = current, new
 
 

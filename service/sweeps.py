@@ -8,20 +8,20 @@ from the stored result.
 
 from __future__ import annotations
 
-import base64
-import json
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from service.jobs import NotFound, create_job, decode_cursor, resolve_spec
+from service import limits
+from service.jobs import NotFound, ResolvedSpec, create_job, expand_stages, resolve_spec
 from service.models import Job, Sweep, Team, new_id
+from service.pagination import newest_first, page
 from service.settings import Settings
 from service.states import JOB_TERMINAL, JobStatus
-from w2s.spec import JobSpec, LossSpec, SpecError
+from w2s.spec import LossSpec, SpecError
 
 ROLES = {"weak": "weak_models", "strong": "strong_models"}
 
@@ -77,7 +77,7 @@ def create_sweep(
     validated before anything is added; an invalid one raises :class:`SpecError` whose fields are
     named as in the grid (``strong_models.1.mode``), each problem once.
     """
-    specs: list[JobSpec] = []
+    specs: list[ResolvedSpec] = []
     errors: dict[tuple[str, str], None] = {}  # ordered set: a bad weak model fails every pair
     for i, weak in enumerate(grid["weak_models"]):
         for j, strong in enumerate(grid["strong_models"]):
@@ -95,18 +95,24 @@ def create_sweep(
                 errors.update({(_relocate(loc, i, j), msg): None for loc, msg in error.errors})
     if errors:
         raise SpecError(list(errors))
+    n_stages = sum(len(expand_stages(resolved.spec)) for resolved in specs)
+    limits.check_priority(team, settings, priority)
+    limits.check_job_size(team, settings, n_stages, what="sweep")
+    limits.check_backlog(session, team, settings, n_stages)
     sweep = Sweep(id=new_id(), team_id=team.id, name=name, grid=grid)
     session.add(sweep)
     session.flush()  # the jobs' foreign key needs the row
     label = name or f"sweep-{sweep.id[:8]}"
-    for spec in specs:
+    for resolved in specs:
         create_job(
             session,
             team=team,
-            spec=spec,
-            name=f"{label}: {spec.weak.model} -> {spec.strong.model}"[:200],
+            resolved=resolved,
+            settings=settings,
+            name=f"{label}: {resolved.spec.weak.model} -> {resolved.spec.strong.model}"[:200],
             priority=priority,
             sweep_id=sweep.id,
+            check_backlog=False,  # checked once for the whole sweep above
         )
     return sweep
 
@@ -206,25 +212,12 @@ class SweepListing:
     n_jobs: int
 
 
-def _encode_cursor(sweep: Sweep) -> str:
-    # The jobs list's cursor format, so service.jobs.decode_cursor reads it.
-    raw = json.dumps([sweep.created_at.isoformat(), sweep.id])
-    return base64.urlsafe_b64encode(raw.encode()).decode()
-
-
 def list_sweeps(
     session: Session, *, team_id: str, limit: int = 50, cursor: str | None = None
 ) -> tuple[list[SweepListing], str | None]:
     """The team's sweeps, newest first, keyset-paginated, each with its status and job count."""
-    query = select(Sweep).where(Sweep.team_id == team_id)
-    if cursor:
-        created, sweep_id = decode_cursor(cursor)
-        query = query.where(
-            or_(Sweep.created_at < created, and_(Sweep.created_at == created, Sweep.id < sweep_id))
-        )
-    sweeps = list(session.scalars(query.order_by(Sweep.created_at.desc(), Sweep.id.desc()).limit(limit + 1)))
-    next_cursor = _encode_cursor(sweeps[limit - 1]) if len(sweeps) > limit else None
-    sweeps = sweeps[:limit]
+    query = newest_first(select(Sweep).where(Sweep.team_id == team_id), Sweep, limit=limit, cursor=cursor)
+    sweeps, next_cursor = page(session.scalars(query).all(), limit)
     statuses: dict[str, list[str]] = defaultdict(list)
     counts = select(Job.sweep_id, Job.status, func.count()).where(Job.sweep_id.in_([s.id for s in sweeps]))
     for sweep_id, status, count in session.execute(counts.group_by(Job.sweep_id, Job.status)):

@@ -6,7 +6,6 @@ rules below mirror its reader, so a job never fails late on a row that the uploa
 
 from __future__ import annotations
 
-import base64
 import codecs
 import csv
 import hashlib
@@ -18,12 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.jobs import NotFound, decode_cursor
-from service.models import Dataset, Team, new_id
+from service.errors import Conflict, InvalidInput, NotFound
+from service.limits import check_upload_quota
+from service.models import Dataset, Job, Team, new_id
+from service.pagination import newest_first, page
+from service.planning import UPLOAD_PREFIX
 from service.settings import Settings
+from service.states import JobStatus
+from w2s.datasets import infer_format as library_infer_format
 from w2s.datasets import parse_label
 
 Format = Literal["jsonl", "csv"]
@@ -36,7 +40,7 @@ _BOM = codecs.BOM_UTF8
 # The label spellings w2s.datasets accepts (case-insensitive, surrounding spaces ignored).
 
 
-class UploadTooLarge(ValueError):
+class UploadTooLarge(InvalidInput):
     """The upload is over ``max_upload_mb``."""
 
     def __init__(self, limit_mb: int):
@@ -46,7 +50,7 @@ class UploadTooLarge(ValueError):
         )
 
 
-class InvalidUpload(ValueError):
+class InvalidUpload(InvalidInput):
     """The file's content is unusable; ``errors`` lists ``(line or None, message)``, at most 20."""
 
     def __init__(self, errors: list[tuple[int | None, str]]):
@@ -72,19 +76,11 @@ class ScanResult:
 
 
 def infer_format(filename: str, given: str | None) -> Format:
-    if given in ("jsonl", "csv"):
-        return given  # type: ignore[return-value]
-    if given:
-        raise ValueError(f"format: {given!r} is not supported; use 'jsonl' or 'csv'")
-    suffix = Path(filename).suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        return "jsonl"
-    if suffix == ".csv":
-        return "csv"
-    raise ValueError(
-        f"cannot tell the format of {filename or 'the file'!r} from its name; "
-        "name it *.jsonl or *.csv, or set the form field format to 'jsonl' or 'csv'"
-    )
+    """The library's rule (w2s.datasets.infer_format), so an upload is read as a job will read it."""
+    try:
+        return library_infer_format(filename, given)
+    except ValueError as error:
+        raise InvalidInput(str(error)) from None
 
 
 def _short(value: Any) -> str:
@@ -261,7 +257,7 @@ def create_dataset(
     """
     fmt = infer_format(filename, format)
     if text_column == label_column:
-        raise ValueError(f"text_column and label_column are both {text_column!r}; name two columns")
+        raise InvalidInput(f"text_column and label_column are both {text_column!r}; name two columns")
     dataset_id = new_id()
     folder = settings.uploads_dir / team.id
     folder.mkdir(parents=True, exist_ok=True)
@@ -276,6 +272,7 @@ def create_dataset(
         scan = scan_file(temp, fmt, text_column=text_column, label_column=label_column)
         if scan.errors:
             raise InvalidUpload(scan.errors)
+        check_upload_quota(session, team, settings, copied.size)
         os.replace(temp, final)
     finally:
         temp.unlink(missing_ok=True)
@@ -312,24 +309,27 @@ def get_dataset(session: Session, *, team_id: str, dataset_id: str) -> Dataset:
     return dataset
 
 
-def _encode_cursor(dataset: Dataset) -> str:
-    # The jobs list's cursor format, so service.jobs.decode_cursor reads it.
-    raw = json.dumps([dataset.created_at.isoformat(), dataset.id])
-    return base64.urlsafe_b64encode(raw.encode()).decode()
-
-
 def list_datasets(
     session: Session, *, team_id: str, limit: int = 50, cursor: str | None = None
 ) -> tuple[list[Dataset], str | None]:
     """The team's uploads, newest first, keyset-paginated like the jobs list."""
-    query = select(Dataset).where(Dataset.team_id == team_id)
-    if cursor:
-        created, dataset_id = decode_cursor(cursor)
-        query = query.where(
-            or_(Dataset.created_at < created, and_(Dataset.created_at == created, Dataset.id < dataset_id))
-        )
-    rows = list(
-        session.scalars(query.order_by(Dataset.created_at.desc(), Dataset.id.desc()).limit(limit + 1))
+    query = newest_first(
+        select(Dataset).where(Dataset.team_id == team_id), Dataset, limit=limit, cursor=cursor
     )
-    next_cursor = _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
-    return rows[:limit], next_cursor
+    return page(session.scalars(query).all(), limit)
+
+
+def delete_dataset(session: Session, *, dataset: Dataset) -> None:
+    """Delete an upload and its file; refused while a job that is waiting or running uses it."""
+    user = session.scalar(
+        select(Job.id).where(
+            Job.dataset == f"{UPLOAD_PREFIX}{dataset.id}",
+            Job.status.in_([JobStatus.queued, JobStatus.running]),
+        )
+    )
+    if user is not None:
+        raise Conflict(f"job {user} uses this dataset and has not ended; cancel it or let it finish first")
+    path = Path(dataset.path)
+    session.delete(dataset)
+    session.flush()
+    path.unlink(missing_ok=True)

@@ -33,6 +33,7 @@ SECRETS = {
     "W2S_SESSION_SECRET": "dummy-session-secret",
 }
 QUEUES = {"gpu-80g", "gpu-24g", "cpu"}
+CONTROL = "control"  # planning and finishing jobs: no slots, no GPU
 EXPECTED_SERVICES = {
     "postgres",
     "redis",
@@ -42,10 +43,11 @@ EXPECTED_SERVICES = {
     "worker-gpu0",
     "worker-gpu1",
     "worker-cpu",
+    "worker-control",
     "flower",
 }
 # Our long-running services: they share settings and volumes.
-APP_SERVICES = {"api", "dispatcher", "worker-gpu0", "worker-gpu1", "worker-cpu"}
+APP_SERVICES = {"api", "dispatcher", "worker-gpu0", "worker-gpu1", "worker-cpu", "worker-control"}
 NAMED_VOLUMES = {"artifacts", "models-cache", "pgdata", "redisdata"}
 
 _VARIABLE = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
@@ -109,7 +111,19 @@ def queues_of(service: dict) -> list[str]:
 
 
 def workers(services: dict) -> dict[str, dict]:
-    return {name: svc for name, svc in services.items() if command_of(svc)[:2] == ["w2s-service", "worker"]}
+    """The stage workers (the control worker is not one: it holds no slot)."""
+    return {
+        name: svc
+        for name, svc in services.items()
+        if command_of(svc)[:2] == ["w2s-service", "worker"] and queues_of(svc) != [CONTROL]
+    }
+
+
+def test_one_control_worker_plans_and_finishes_jobs(services):
+    control = [name for name, svc in services.items() if queues_of(svc) == [CONTROL]]
+    assert control == ["worker-control"]
+    assert not gpu_devices(services["worker-control"])
+    assert "cpu" in services["worker-control"]["build"]["args"]["TORCH_VARIANT"]
 
 
 def gpu_devices(service: dict) -> list[dict]:

@@ -487,7 +487,7 @@ def test_custom_missing_column_lists_columns(tmp_path: Path) -> None:
 
 def test_custom_format_inference(tmp_path: Path) -> None:
     path = _write_jsonl(tmp_path / "rows.txt", [{"text": f"t{i}", "label": i % 2} for i in range(10)])
-    with pytest.raises(ValueError, match="cannot infer the format"):
+    with pytest.raises(ValueError, match="cannot tell the format"):
         load_splits(source=CustomSource(path=str(path)), n_train=None, n_test=None, seed=0, data_dir=None)
     splits = load_splits(
         source=CustomSource(path=str(path), format="jsonl"), n_train=None, n_test=None, seed=0, data_dir=None

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from helpers import offline_model_dir, shared_data_dir
 from w2s import stages, train
@@ -61,11 +62,39 @@ def test_full_pipeline_gpt2_weak_bert_strong_every_loss(
 
 @pytest.mark.parametrize("mode", ["probe", "lora"])
 def test_probe_and_lora_modes(
-    mode: str, tiny_gpt2: Path, tiny_bert: Path, sst2_dir: Path, tmp_path: Path
+    mode: str,
+    tiny_gpt2: Path,
+    tiny_bert: Path,
+    sst2_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    trained: list[dict[str, bool]] = []  # per stage: parameter name -> trainable
+    real_fit = stages.fit
+
+    def recording_fit(model: Any, *args: Any, **kwargs: Any) -> Any:
+        before = {name: param.detach().clone() for name, param in model.named_parameters()}
+        trained.append({name: param.requires_grad for name, param in model.named_parameters()})
+        outcome = real_fit(model, *args, **kwargs)
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+        assert all(torch.equal(before[n], dict(model.named_parameters())[n]) for n in frozen)
+        return outcome
+
+    monkeypatch.setattr(stages, "fit", recording_fit)
     spec = parse_spec(tiny_spec(tiny_bert, tiny_gpt2, mode=mode, losses=["xent", "logconf"]))
     experiment = run_experiment(spec, store=ArtifactStore(str(tmp_path / "store")), data_dir=sst2_dir)
     check_results_shape(experiment.results, ["xent", "logconf"], seeds=1)
+    assert len(trained) == 4  # weak, ceiling, two students
+    for params in trained:
+        trainable = {name for name, is_trainable in params.items() if is_trainable}
+        if mode == "probe":
+            # Only a head on cached features is trained: no backbone parameter is even in the model.
+            assert trainable == set(params) == {"head.weight", "head.bias"}
+        else:
+            # LoRA: adapters and the head train; every pretrained backbone weight stays frozen.
+            assert any("lora_" in name for name in trainable) and {"head.weight", "head.bias"} <= trainable
+            assert all("lora_" in name or name.startswith("head.") for name in trainable)
+            assert any(not is_trainable for is_trainable in params.values())
 
 
 def test_same_spec_same_results_and_cache_hits_skip_work(

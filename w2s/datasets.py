@@ -84,16 +84,20 @@ class LabeledTexts:
         return len(self.texts)
 
     def content_hash(self) -> str:
-        """SHA-256 hex digest of the texts and labels, in order.
+        """SHA-256 hex digest of the texts and labels, in order (computed once: the instance is frozen).
 
         Each example is encoded as ``<label>\\t<utf-8 byte length>\\n<utf-8 bytes>`` after a version
         header; the length prefix makes the encoding unambiguous whatever the texts contain.
         """
+        cached = self.__dict__.get("_content_hash")
+        if cached is not None:
+            return str(cached)
         digest = hashlib.sha256(_HASH_VERSION)
         for text, label in zip(self.texts, self.labels, strict=True):
             data = text.encode("utf-8")
             digest.update(f"{label}\t{len(data)}\n".encode("ascii"))
             digest.update(data)
+        object.__setattr__(self, "_content_hash", digest.hexdigest())
         return digest.hexdigest()
 
     def balance(self) -> dict[int, int]:
@@ -675,17 +679,22 @@ def parse_label(value: Any) -> int:
     raise ValueError(f"label {value!r} is not one of 0/1, true/false, '0'/'1', 'true'/'false'")
 
 
-def _infer_format(path: Path, given: Literal["jsonl", "csv"] | None) -> Literal["jsonl", "csv"]:
-    if given is not None:
-        return given
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        return "jsonl"
-    if suffix == ".csv":
-        return "csv"
-    raise ValueError(
-        f"{path}: cannot infer the format from suffix {suffix!r}; set format to 'jsonl' or 'csv'"
-    )
+FORMAT_SUFFIXES: dict[str, Literal["jsonl", "csv"]] = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
+
+
+def infer_format(name: str | Path, given: str | None = None) -> Literal["jsonl", "csv"]:
+    """A custom file's format: ``given`` if set, else from the name's suffix (.jsonl, .ndjson, .csv)."""
+    if given in ("jsonl", "csv"):
+        return given  # type: ignore[return-value]
+    if given:
+        raise ValueError(f"format: {given!r} is not supported; use 'jsonl' or 'csv'")
+    fmt = FORMAT_SUFFIXES.get(Path(name).suffix.lower())
+    if fmt is None:
+        raise ValueError(
+            f"cannot tell the format of {str(name) or 'the file'!r} from its name; name it *.jsonl or "
+            "*.csv, or set format to 'jsonl' or 'csv'"
+        )
+    return fmt
 
 
 def _missing_column(
@@ -705,7 +714,7 @@ def _read_custom(path: Path, source: CustomSource) -> tuple[list[tuple[str, int]
     """
     if not path.is_file():
         raise ValueError(f"custom dataset file not found: {path}")
-    fmt = _infer_format(path, source.format)
+    fmt = infer_format(path, source.format)
     records: list[tuple[int, Mapping[str, Any]]] = []
     if fmt == "csv":
         # utf-8-sig: spreadsheet exports often start with a BOM, which would corrupt the first column name.

@@ -224,15 +224,28 @@ def _check_param_type(loss: str, field: str, hint: Any, value: Any) -> Any:
     if hint is float:
         # bool is an int subclass: reject it explicitly, True is not a coefficient.
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"loss {loss!r}: {field} must be a number, got {value!r}")
-        return float(value)
+            raise ValueError(f"loss {loss!r}: {field} must be a number, got {_short(value)}")
+        try:
+            number = float(value)
+        except OverflowError:  # a 400-digit integer
+            raise ValueError(f"loss {loss!r}: {field} is beyond a float's range: {_short(value)}") from None
+        if not math.isfinite(number):
+            raise ValueError(f"loss {loss!r}: {field} must be finite, got {_short(value)}")
+        return number
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"loss {loss!r}: {field} must be an integer, got {value!r}")
+            raise ValueError(f"loss {loss!r}: {field} must be an integer, got {_short(value)}")
+        if abs(value) >= 2**63:
+            raise ValueError(f"loss {loss!r}: {field} is beyond the range of a 64-bit integer")
         return value
     if hint in (bool, str) and not isinstance(value, hint):
         raise ValueError(f"loss {loss!r}: {field} must be a {hint.__name__}, got {value!r}")
     return value  # other annotations: left to the class's own __post_init__ checks
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def build_loss(name: str, params: Mapping[str, Any] | None = None) -> Loss:

@@ -160,7 +160,7 @@ def run_experiment(
     manifest = {
         "started_at": started_at.isoformat(),
         "finished_at": dt.datetime.now(dt.UTC).isoformat(),
-        "versions": library_versions() | {"python": platform.python_version()},
+        "versions": {**library_versions(), "python": platform.python_version()},
         "device": str(device or pick_device()),
         "device_kind": device_kind,
         "spec": spec.model_dump(mode="json"),

@@ -78,7 +78,10 @@ class StageCancelled(Exception):
     """Training was stopped by the progress callback; nothing was stored."""
 
 
+@functools.cache
 def library_versions() -> dict[str, str]:
+    """The key format and the versions of the packages that compute a stage (read once per process:
+    reading package metadata costs milliseconds, and a sweep computes thousands of keys)."""
     versions = {"key_format": str(KEY_FORMAT)}
     for package in ("w2s-service", "torch", "transformers", "peft"):
         try:

@@ -1,9 +1,12 @@
 """``w2s-service``: run the service's processes and administer teams.
 
-    w2s-service dev                      # migrate, then API + one worker per queue + dispatcher
+    w2s-service dev                      # migrate, then API + workers + control worker + dispatcher
     w2s-service migrate | api | worker --queue Q | dispatcher
     w2s-service create-team NAME         # prints the team's first API key (shown once)
     w2s-service create-key TEAM_NAME
+    w2s-service teams | keys TEAM | revoke-key KEY_ID | audit
+    w2s-service team-set TEAM [--weight W] [--gpu-quota N] [--max-priority P] [--disable | --enable] ...
+    w2s-service jobs [--team TEAM] [--status S] | cancel-job JOB_ID
 
 This module is the composition root: the one place that knows all of api/, worker/ and service/.
 """
@@ -16,7 +19,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,19 +28,25 @@ logger = logging.getLogger("w2s_service")
 def wait_for_database(timeout_s: float) -> None:
     from sqlalchemy import text
     from sqlalchemy.exc import OperationalError
+    from tenacity import RetryError, retry_if_exception_type, stop_after_delay, wait_fixed
+    from tenacity import Retrying as Retry
 
     from service.db import get_engine
 
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with get_engine().connect() as connection:
-                connection.execute(text("SELECT 1"))
-            return
-        except OperationalError as error:
-            if time.monotonic() > deadline:
-                raise SystemExit(f"database not reachable after {timeout_s:.0f}s: {error}") from None
-            time.sleep(1.0)
+    def ping() -> None:
+        with get_engine().connect() as connection:
+            connection.execute(text("SELECT 1"))
+
+    try:
+        Retry(
+            retry=retry_if_exception_type(OperationalError),
+            wait=wait_fixed(1.0),
+            stop=stop_after_delay(timeout_s),
+        )(ping)
+    except RetryError as error:
+        raise SystemExit(
+            f"database not reachable after {timeout_s:.0f}s: {error.last_attempt.exception()}"
+        ) from None
 
 
 def migrate(timeout_s: float = 60.0) -> None:
@@ -68,7 +76,8 @@ def cmd_api(args: argparse.Namespace) -> int:
     # "auto" picks uvloop and httptools (dependencies; measured up to 5% less CPU per read than asyncio
     # and h11) and falls back to those where uvloop cannot be installed (Windows).
     uvicorn.run(
-        "api.main:app",
+        "api.main:create_app",
+        factory=True,  # built in each worker process, from its settings
         host=args.host,
         port=args.port,
         workers=settings.api_workers,
@@ -80,22 +89,15 @@ def cmd_api(args: argparse.Namespace) -> int:
     return 0
 
 
-def worker_argv(queue: str, embedded: bool) -> list[str]:
-    argv = [
-        "worker",
-        "--queues",
-        queue,
-        "--concurrency",
-        "1",
-        "--prefetch-multiplier",
-        "1",
-        "--max-tasks-per-child",
-        "1",
-        "--hostname",
-        f"{queue}-{os.getpid()}@%h",
-        "--loglevel",
-        "INFO",
-    ]
+def worker_argv(queue: str, embedded: bool, control_concurrency: int = 2) -> list[str]:
+    """Celery's worker arguments beyond the app's config (worker/celery_app.py): the queue, a host
+    name, and for the control queue a child that serves many tasks (planning is light on memory and
+    its caches of datasets and tokenizers are worth keeping)."""
+    from worker.celery_app import CONTROL_QUEUE
+
+    argv = ["worker", "--queues", queue, "--hostname", f"{queue}-{os.getpid()}@%h", "--loglevel", "INFO"]
+    if queue == CONTROL_QUEUE:
+        argv += ["--max-tasks-per-child", "100", "--concurrency", str(control_concurrency)]
     if embedded:
         # The filesystem transport has no broadcast: skip the worker-to-worker chatter.
         argv += ["--without-mingle", "--without-gossip", "--without-heartbeat"]
@@ -106,7 +108,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from service.settings import get_settings
     from worker.celery_app import app
 
-    app.worker_main(worker_argv(args.queue, get_settings().embedded_broker))
+    settings = get_settings()
+    app.worker_main(worker_argv(args.queue, settings.embedded_broker, settings.control_concurrency))
     return 0
 
 
@@ -129,13 +132,18 @@ def _stop_on_signals():  # type: ignore[no-untyped-def]
 
 def cmd_dev(args: argparse.Namespace) -> int:
     """Everything in one command, on the embedded default unless settings say otherwise."""
+    # A development stack: the published development secrets work here, and only here.
+    os.environ.setdefault("W2S_ENVIRONMENT", "development")
+    from service.db import reset_caches
     from service.settings import get_settings
+    from worker.celery_app import CONTROL_QUEUE
 
+    reset_caches()
     settings = get_settings()
     migrate()
     me = [sys.executable, "-m", "w2s_service.cli"]
     commands = [[*me, "api", "--host", args.host, "--port", str(args.port)], [*me, "dispatcher"]]
-    commands += [[*me, "worker", "--queue", queue] for queue in settings.queue_slots]
+    commands += [[*me, "worker", "--queue", queue] for queue in [*settings.queue_slots, CONTROL_QUEUE]]
     children = [subprocess.Popen(command) for command in commands]
     print(f"w2s-service: API on http://{args.host}:{args.port} (docs at /docs)")
     print(f"w2s-service: database {settings.database_url}, broker {settings.broker_url}")
@@ -159,38 +167,133 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_create_team(args: argparse.Namespace) -> int:
-    from service.auth import create_api_key, create_team
+    from service import admin
     from service.db import session_scope
 
     with session_scope() as session:
-        team = create_team(
+        team, key = admin.new_team(
             session,
+            actor="cli",
             name=args.name,
             weight=args.weight,
             gpu_quota=args.gpu_quota,
             allow_trust_remote_code=args.allow_trust_remote_code,
         )
-        _, key = create_api_key(session, team=team, name="first key")
         print(f"team {team.name} ({team.id})")
         print(f"api key (shown once): {key}")
     return 0
 
 
 def cmd_create_key(args: argparse.Namespace) -> int:
-    from sqlalchemy import select
-
-    from service.auth import create_api_key
+    from service import admin
     from service.db import session_scope
-    from service.models import Team
 
     with session_scope() as session:
-        team = session.scalar(select(Team).where(Team.name == args.team))
-        if team is None:
-            raise ValueError(
-                f"no team named {args.team!r}; create it with: w2s-service create-team {args.team}"
-            )
-        _, key = create_api_key(session, team=team, name=args.name)
+        team = admin.team_by_name_or_id(session, args.team)
+        _, key = admin.new_key(session, team=team, name=args.name, actor="cli")
         print(f"api key for {team.name} (shown once): {key}")
+    return 0
+
+
+LIMIT_FLAGS = (
+    "weight",
+    "gpu_quota",
+    "max_priority",
+    "max_queued_stages",
+    "max_stages_per_job",
+    "max_stages_per_sweep",
+    "upload_quota_mb",
+    "requests_per_minute",
+)
+
+
+def cmd_teams(args: argparse.Namespace) -> int:
+    from service import admin
+    from service.db import session_scope
+
+    with session_scope() as session:
+        for team in admin.list_teams(session):
+            limits = ", ".join(
+                f"{name}={getattr(team, name)}" for name in LIMIT_FLAGS if getattr(team, name) is not None
+            )
+            state = f"disabled {team.disabled_at:%Y-%m-%d %H:%M}" if team.disabled_at else "enabled"
+            print(f"{team.name:<24} {team.id}  {state}  {limits}")
+    return 0
+
+
+def cmd_team_set(args: argparse.Namespace) -> int:
+    from service import admin
+    from service.db import session_scope
+
+    changes = {name: getattr(args, name) for name in LIMIT_FLAGS if getattr(args, name) is not None}
+    with session_scope() as session:
+        team = admin.team_by_name_or_id(session, args.team)
+        if changes:
+            admin.update_team(session, team=team, changes=changes, actor="cli")
+        if args.disable or args.enable:
+            cancelled = admin.set_team_disabled(session, team=team, disabled=args.disable, actor="cli")
+            state = "disabled" if args.disable else "enabled"
+            print(f"team {team.name} {state}; {cancelled} open jobs cancelled")
+        print(
+            f"team {team.name}: " + (", ".join(f"{k}={v}" for k, v in changes.items()) or "no limits changed")
+        )
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from service import admin
+    from service.db import session_scope
+
+    with session_scope() as session:
+        team = admin.team_by_name_or_id(session, args.team)
+        for key in admin.list_keys(session, team=team):
+            state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "active"
+            print(f"{key.id}  {key.prefix}...  {key.name or '-':<16} {state}")
+    return 0
+
+
+def cmd_revoke_key(args: argparse.Namespace) -> int:
+    from service import admin
+    from service.db import session_scope
+
+    with session_scope() as session:
+        admin.revoke_key(session, key_id=args.key_id, actor="cli")
+    print(f"key {args.key_id} revoked")
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from service import admin
+    from service.db import session_scope
+    from service.jobs import list_job_summaries
+
+    with session_scope() as session:
+        team_id = admin.team_by_name_or_id(session, args.team).id if args.team else None
+        rows, _ = list_job_summaries(session, team_id=team_id, status=args.status, limit=args.limit)
+        for row in rows:
+            progress = f"{row.n_done}/{row.n_stages}"
+            print(f"{row.id}  {row.status:<9} {progress:>9}  {row.created_at:%Y-%m-%d %H:%M}  {row.name}")
+    return 0
+
+
+def cmd_cancel_job(args: argparse.Namespace) -> int:
+    from service import admin
+    from service.db import session_scope
+
+    with session_scope() as session:
+        admin.cancel_any_job(session, job_id=args.job_id, actor="cli")
+    print(f"job {args.job_id} cancelled")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from service import admin
+    from service.db import session_scope
+
+    with session_scope() as session:
+        for entry in reversed(admin.audit_entries(session, limit=args.limit)):
+            when = f"{entry.at:%Y-%m-%d %H:%M:%S}"
+            print(f"{when}  {entry.actor:<8} {entry.action:<14} {entry.target}  {entry.details or ''}")
     return 0
 
 
@@ -222,15 +325,50 @@ def build_parser() -> argparse.ArgumentParser:
     key.add_argument("team")
     key.add_argument("--name", default="")
     key.set_defaults(handler=cmd_create_key)
+    commands.add_parser("teams", help="every team, its state and its own limits").set_defaults(
+        handler=cmd_teams
+    )
+    team_set = commands.add_parser(
+        "team-set", help="change a team's weight, quota, limits; disable or enable it"
+    )
+    team_set.add_argument("team", help="name or id")
+    for name in LIMIT_FLAGS:
+        team_set.add_argument(
+            f"--{name.replace('_', '-')}", type=float if name == "weight" else int, default=None
+        )
+    switch = team_set.add_mutually_exclusive_group()
+    switch.add_argument("--disable", action="store_true", help="keys stop working; open jobs are cancelled")
+    switch.add_argument("--enable", action="store_true")
+    team_set.set_defaults(handler=cmd_team_set)
+    keys = commands.add_parser("keys", help="a team's API keys")
+    keys.add_argument("team", help="name or id")
+    keys.set_defaults(handler=cmd_keys)
+    revoke = commands.add_parser("revoke-key", help="revoke an API key")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(handler=cmd_revoke_key)
+    jobs = commands.add_parser("jobs", help="jobs of any team, newest first")
+    jobs.add_argument("--team", help="name or id (default: every team)")
+    jobs.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled"])
+    jobs.add_argument("--limit", type=int, default=50)
+    jobs.set_defaults(handler=cmd_jobs)
+    cancel = commands.add_parser("cancel-job", help="cancel any team's job")
+    cancel.add_argument("job_id")
+    cancel.set_defaults(handler=cmd_cancel_job)
+    audit = commands.add_parser("audit", help="the latest admin actions")
+    audit.add_argument("--limit", type=int, default=50)
+    audit.set_defaults(handler=cmd_audit)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from service.errors import ServiceError
+    from service.states import InvalidTransition
+
     try:
         return args.handler(args)
-    except ValueError as error:
+    except (ValueError, ServiceError, InvalidTransition) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

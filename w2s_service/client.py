@@ -8,10 +8,11 @@ other 4xx/5xx, or why the server could not be reached (``status == 0``). Nothing
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-import httpx
+if TYPE_CHECKING:  # httpx comes with the service extra; `w2s run` works without it
+    import httpx
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 UNREACHABLE = 0  # ApiError.status when no HTTP response came back
@@ -69,6 +70,8 @@ def error_message(response: httpx.Response) -> str:
 
 def _transport_reason(error: httpx.TransportError) -> str:
     text = str(error).lower()
+    import httpx
+
     if isinstance(error, httpx.TimeoutException):
         return "timed out"
     if "refused" in text:
@@ -94,6 +97,8 @@ class W2SClient:
         if key:
             headers["Authorization"] = f"Bearer {key}"
         self.has_key = bool(key)
+        import httpx
+
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
 
     def close(self) -> None:
@@ -116,6 +121,8 @@ class W2SClient:
         params: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
     ) -> Any:
+        import httpx
+
         try:
             response = self._http.request(
                 method,

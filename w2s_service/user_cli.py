@@ -38,6 +38,7 @@ from rich.table import Table
 from rich.text import Text
 
 from w2s import cli as library_cli
+from w2s import plots
 from w2s_service.client import DEFAULT_URL, ApiError, W2SClient
 
 EXIT_OK = 0
@@ -395,90 +396,22 @@ def cmd_sweep_submit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _model_name(entry: Any) -> str:
-    return entry.get("model", "") if isinstance(entry, dict) else str(entry)
+def sweep_plot_data(sweep: dict[str, Any]) -> plots.SweepFigureData:
+    """The figure's data for a sweep as GET /v1/sweeps/{id} returns it: w2s.plots' one definition,
+    the one the dashboard draws too."""
+    return plots.sweep_figure_data(sweep["grid"], sweep["table"], name=sweep.get("name") or "")
 
 
-def _ordered(*groups: list[str]) -> list[str]:
-    return list(dict.fromkeys(name for group in groups for name in group))
-
-
-def dataset_label(grid: dict[str, Any]) -> str:
-    name = (grid.get("dataset") or {}).get("name", "?")
-    return Path(str(name.get("path", "?"))).name if isinstance(name, dict) else str(name)
-
-
-def plot_sweep(sweep: dict[str, Any]) -> Any:
-    """The paper's plot: test accuracy per strong model (categorical, in grid order), one colour
-    per weak model, the xent student solid and other losses dashed, the strong ceiling in black.
-    Returns a matplotlib Figure (Agg canvas; no pyplot, so no global backend state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    grid, rows = sweep["grid"], sweep["table"]
-    strong = _ordered(
-        [_model_name(e) for e in grid.get("strong_models", [])], [r["strong_model"] for r in rows]
-    )
-    weak = _ordered([_model_name(e) for e in grid.get("weak_models", [])], [r["weak_model"] for r in rows])
-    losses = _ordered(*[list(r["students"]) for r in rows])
-    by_pair = {(r["weak_model"], r["strong_model"]): r for r in rows}
-    nan = float("nan")
-
-    def value(number: float | None) -> float:
-        return nan if number is None else number
-
-    figure = Figure(figsize=(max(6.0, 1.6 * len(strong) + 2) + 3.5, 4.8), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    x = list(range(len(strong)))
-    colours = [f"C{i % 10}" for i in range(len(weak))]
-    dashes = ["--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
-    for colour, weak_model in zip(colours, weak, strict=True):
-        others = 0
-        for loss in losses:
-            ys = [
-                value(by_pair.get((weak_model, s), {}).get("students", {}).get(loss, {}).get("accuracy"))
-                for s in strong
-            ]
-            if loss == "xent":
-                style = "-"
-            else:
-                style, others = dashes[others % len(dashes)], others + 1
-            axes.plot(
-                x,
-                ys,
-                color=colour,
-                linestyle=style,
-                marker="o",
-                markersize=4,
-                label=f"weak {short_model(weak_model)}, student {loss}",
-            )
-    ceiling = []
-    for s in strong:
-        values = [r["ceiling_accuracy"] for r in rows if r["strong_model"] == s and r["ceiling_accuracy"]]
-        ceiling.append(sum(values) / len(values) if values else nan)
-    axes.plot(
-        x,
-        ceiling,
-        color="black",
-        linestyle="-",
-        linewidth=2,
-        marker="s",
-        markersize=5,
-        label="strong ceiling",
-    )
-    axes.set_xticks(x, [short_model(s) for s in strong], rotation=15 if len(strong) > 3 else 0)
-    axes.set_xlabel("strong model")
-    axes.set_ylabel("test accuracy")
-    title = f"weak-to-strong on {dataset_label(grid)}"
-    axes.set_title(f"{title} ({sweep['name']})" if sweep.get("name") else title)
-    axes.grid(alpha=0.3)
-    # Outside the axes: inside, it hides the curves near the ceiling.
-    figure.legend(fontsize="small", loc="outside right upper")
-    return figure
+def plot_sweep(sweep: dict[str, Any], fmt: str = "png", dpi: int = 150) -> bytes:
+    """The paper's plot of a sweep (see w2s.plots) as a file's bytes: png, svg, pdf, ..."""
+    return plots.render_sweep(sweep_plot_data(sweep), fmt, dpi)
 
 
 def cmd_sweep_plot(args: argparse.Namespace) -> int:
+    out: Path | None = args.out
+    fmt = out.suffix.removeprefix(".").lower() if out is not None and out.suffix else "png"
+    if fmt not in plots.supported_formats():  # before asking the server: a typo costs nothing
+        raise CommandError(f"--out {out}: cannot write .{fmt}; use .png, .svg or .pdf")
     with make_client(args) as client:
         sweep = client.get_sweep(args.id)
     rows = sweep["table"]
@@ -489,9 +422,10 @@ def cmd_sweep_plot(args: argparse.Namespace) -> int:
         )
     if len(with_results) < len(rows):
         stderr().print(f"{len(rows) - len(with_results)} of {len(rows)} jobs have no results yet")
-    out: Path = args.out or Path(f"sweep-{sweep['id'][:8]}.png")
+    out = out or Path(f"sweep-{sweep['id'][:8]}.png")
+    image = plot_sweep(sweep, fmt, args.dpi)
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot_sweep(sweep).savefig(out, dpi=args.dpi)
+    out.write_bytes(image)
     print(f"wrote {out}")
     return EXIT_OK
 
@@ -573,9 +507,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_submit.add_argument("--name")
     sweep_submit.add_argument("--priority", type=int)
     sweep_submit.set_defaults(handler=cmd_sweep_submit)
-    plot = sweeps.add_parser("plot", parents=parents, help="plot test accuracy per strong model (PNG)")
+    plot = sweeps.add_parser("plot", parents=parents, help="plot test accuracy per strong model")
     plot.add_argument("id")
-    plot.add_argument("--out", type=Path, help="the PNG to write (default sweep-<id>.png)")
+    plot.add_argument(
+        "--out", type=Path, help="the file to write, PNG, SVG or PDF by extension (default sweep-<id>.png)"
+    )
     plot.add_argument("--dpi", type=int, default=150)
     plot.set_defaults(handler=cmd_sweep_plot)
     return parser

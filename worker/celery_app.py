@@ -13,6 +13,10 @@ from kombu import Queue
 from service.settings import Settings, get_settings
 
 STAGE_TASK = "w2s.run_stage"
+PLAN_TASK = "w2s.plan_job"
+FINISH_TASK = "w2s.finish_job"
+# Planning and finishing jobs (worker/control.py) run on their own queue and worker.
+CONTROL_QUEUE = "control"
 
 
 def broker_options(settings: Settings) -> dict[str, object]:
@@ -37,13 +41,20 @@ def broker_options(settings: Settings) -> dict[str, object]:
 
 
 def queue_names(settings: Settings) -> list[str]:
-    return sorted(set(settings.queue_slots) | set(settings.gpu_classes) | {"cpu"})
+    return sorted(set(settings.queue_slots) | set(settings.gpu_classes) | {"cpu", CONTROL_QUEUE})
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
-    app = Celery("w2s", broker=settings.broker_url, include=["worker.tasks"])
+    app = Celery("w2s", broker=settings.broker_url, include=["worker.tasks", "worker.control"])
+    limit = settings.control_timeout_s
     app.conf.update(
+        task_routes={PLAN_TASK: {"queue": CONTROL_QUEUE}, FINISH_TASK: {"queue": CONTROL_QUEUE}},
+        # The soft limit raises inside the task, which fails the job; the hard limit kills a task
+        # stuck where the soft one cannot reach (native code), and the dispatcher resends it.
+        task_annotations={
+            name: {"soft_time_limit": limit, "time_limit": limit + 30} for name in (PLAN_TASK, FINISH_TASK)
+        },
         broker_transport_options=broker_options(settings),
         broker_connection_retry_on_startup=True,
         task_queues=[Queue(name, routing_key=name) for name in queue_names(settings)],

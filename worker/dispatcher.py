@@ -1,4 +1,6 @@
-"""The dispatcher process: run a dispatch round, commit, enqueue what it admitted; repeat.
+"""The dispatcher process: run a dispatch round, commit, send what it picked (stages to their
+queues, planning and finishing to the control queue); repeat. It never imports torch: rounds
+do no heavy work.
 
 Only one dispatcher acts at a time: on Postgres each round holds a transaction-level advisory
 lock, so a second replica waits its turn instead of double-admitting.
@@ -10,38 +12,47 @@ import logging
 import threading
 
 from celery import Celery
-from sqlalchemy import text
+from sqlalchemy import text, update
 from sqlalchemy.exc import DBAPIError
 
 from service.db import database_unreachable, session_scope
 from service.dispatch import RoundReport, dispatch_round
-from service.models import Stage
+from service.lifecycle import unadmit_stage
+from service.models import Job
 from service.settings import Settings, get_settings
-from service.states import StageStatus
-from w2s.store import ArtifactStore
+from worker.celery_app import FINISH_TASK, PLAN_TASK, STAGE_TASK
 
 logger = logging.getLogger(__name__)
 
 DISPATCH_LOCK_ID = 0x7732_5345  # "w2SE"
 
 
-def run_round(settings: Settings, celery_app: Celery, store: ArtifactStore) -> RoundReport | None:
+def run_round(settings: Settings, celery_app: Celery) -> RoundReport | None:
     with session_scope() as session:
         is_postgres = session.bind.dialect.name == "postgresql"  # type: ignore[union-attr]
         lock = text("SELECT pg_try_advisory_xact_lock(:id)")
         if is_postgres and not session.execute(lock, {"id": DISPATCH_LOCK_ID}).scalar():
             return None  # another dispatcher is in its round
-        report = dispatch_round(session, settings, store)
-    # Committed first, then enqueued: the task re-reads a row that exists.
-    for stage_id, queue in [*(report.admitted or []), *report.resent]:
+        report = dispatch_round(session, settings)
+    # Committed first, then sent: the task re-reads a row that exists.
+    for stage_id, queue in [*report.admitted, *report.resent]:
         try:
-            celery_app.send_task("w2s.run_stage", args=[stage_id], queue=queue)
+            celery_app.send_task(STAGE_TASK, args=[stage_id], queue=queue)
         except Exception as error:  # broker down: hand the slot back, the next round tries again
             logger.warning("could not enqueue stage %s on %s: %s", stage_id, queue, error)
             with session_scope() as session:
-                stage = session.get(Stage, stage_id)
-                if stage is not None and stage.status == StageStatus.queued:
-                    stage.status = StageStatus.pending
+                unadmit_stage(session, stage_id)
+    for task, job_ids, column in (
+        (PLAN_TASK, report.plan, Job.plan_sent_at),
+        (FINISH_TASK, report.finish, Job.finish_sent_at),
+    ):
+        for job_id in job_ids:
+            try:
+                celery_app.send_task(task, args=[job_id])
+            except Exception as error:  # broker down: due again next round
+                logger.warning("could not send %s for job %s: %s", task, job_id, error)
+                with session_scope() as session:
+                    session.execute(update(Job).where(Job.id == job_id).values({column.key: None}))
     return report
 
 
@@ -53,27 +64,19 @@ def run_dispatcher(
         from worker.celery_app import make_celery
 
         celery_app = make_celery(settings)
-    store = ArtifactStore(settings.store_uri)
     stop = stop or threading.Event()
-    # Planning needs torch and transformers (stage keys, memory estimates): import them now, not
-    # on the first job, which would otherwise wait seconds for its first stage.
-    import w2s.memory
-    import w2s.pipeline  # noqa: F401
-
     logger.info("dispatcher: queues %s", settings.queue_slots)
     while not stop.is_set():
         try:
-            report = run_round(settings, celery_app, store)
-            if report and (
-                report.admitted or report.finished or report.cached or report.planned or report.resent
-            ):
+            report = run_round(settings, celery_app)
+            if report:
                 logger.info(
-                    "round: planned %d, cached %d, admitted %d, resent %d, finished %d",
-                    report.planned,
-                    report.cached,
-                    len(report.admitted or []),
+                    "round: admitted %d, resent %d, to plan %d, to finish %d, failed %d",
+                    len(report.admitted),
                     len(report.resent),
-                    report.finished,
+                    len(report.plan),
+                    len(report.finish),
+                    report.failed,
                 )
         except DBAPIError as error:
             if database_unreachable(error):

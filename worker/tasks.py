@@ -26,15 +26,17 @@ import time
 from typing import Any
 
 from celery.signals import worker_init
-from sqlalchemy import delete, update
+from celery.utils.time import get_exponential_backoff_interval
+from sqlalchemy import update
 from sqlalchemy.exc import DBAPIError
 
+from service import lifecycle
 from service.db import database_unreachable, insert_ignoring_duplicates, retry_database, session_scope
-from service.dispatch import record_result, stage_plans
-from service.jobs import log
-from service.models import MetricPoint, Stage, utcnow
+from service.lifecycle import Claim
+from service.models import Job, MetricPoint, Stage, utcnow
+from service.planning import library_spec, stage_plans
 from service.settings import Settings, get_settings
-from service.states import STAGE_DONE, JobStatus, StageStatus, check_stage_transition
+from service.states import StageStatus
 from worker.celery_app import STAGE_TASK, app
 
 logger = logging.getLogger(__name__)
@@ -45,11 +47,15 @@ def _preload_stage_code(**_: Any) -> None:
     """Import torch, transformers and the w2s stage code in the parent, before the pool forks: a
     second or more saved on every stage. Importing torch does not initialise CUDA, and nothing here
     runs a torch op, so no CUDA or OpenMP state is created that a forked child could not use."""
-    import transformers  # noqa: F401
+    import transformers
+    from transformers import AutoConfig, AutoModel, AutoTokenizer  # noqa: F401  (lazy modules, loaded now)
 
     import w2s.memory
     import w2s.pipeline
+    import w2s.splits
     import w2s.stages  # noqa: F401
+
+    del transformers
 
 
 def _first_line(error: BaseException) -> str:
@@ -119,15 +125,21 @@ class ProgressWriter:
                         for step, name, value in self.points
                     ],
                 )
+            progress: dict[str, Any] = {"heartbeat_at": utcnow()}
             if self.latest is not None:
-                stage.step = self.latest.step
-                stage.total_steps = self.latest.total_steps
+                progress |= {"step": self.latest.step, "total_steps": self.latest.total_steps}
                 if math.isfinite(self.latest.loss):  # JSON columns take no NaN
-                    stage.metrics = {**(stage.metrics or {}), "loss": self.latest.loss}
-            stage.heartbeat_at = utcnow()
-            self.cancelled = stage.job.cancel_requested
+                    progress["metrics"] = {**(stage.metrics or {}), "loss": self.latest.loss}
+            session.execute(update(Stage).where(Stage.id == self.stage_id).values(**progress))
+            self.cancelled = bool(session.scalar(select_cancel_requested(self.stage_id)))
         self.points.clear()
         self.last_flush = time.monotonic()
+
+
+def select_cancel_requested(stage_id: str) -> Any:
+    from sqlalchemy import select
+
+    return select(Job.cancel_requested).join(Stage, Stage.job_id == Job.id).where(Stage.id == stage_id)
 
 
 def _is_current(stage: Stage, attempt: int | None) -> bool:
@@ -158,8 +170,7 @@ class Heartbeat(threading.Thread):
                         )
                         .values(heartbeat_at=utcnow())
                     ).rowcount
-                    stage = session.get(Stage, self.stage_id)
-                    if not owned or stage is None or stage.job.cancel_requested:
+                    if not owned or session.scalar(select_cancel_requested(self.stage_id)):
                         self.writer.cancelled = True  # the next training step stops the run
             except DBAPIError as error:
                 logger.warning("heartbeat of stage %s not written: %s", self.stage_id, _first_line(error))
@@ -177,186 +188,100 @@ def _device_name() -> str | None:
     return None
 
 
-def claim_stage(stage_id: str, worker: str, settings: Settings) -> dict[str, Any] | None:
-    """Mark the stage running as a new attempt and return what the run needs, or None if this
-    delivery must not run (a duplicate, a finished or cancelled stage, or attempts used up)."""
+def claim_stage(stage_id: str, worker: str, settings: Settings) -> Claim | None:
+    """Start a new attempt of the stage (service/lifecycle.py), or None if this delivery must not run."""
     with session_scope() as session:
-        stage = session.get(Stage, stage_id)
-        if stage is None or stage.status in STAGE_DONE:
-            return None  # deleted, or a duplicate delivery of a finished stage
-        job = stage.job
-        if job.cancel_requested or job.status in (JobStatus.cancelled, JobStatus.failed):
-            if stage.status in (StageStatus.queued, StageStatus.running):
-                stage.status = StageStatus.cancelled
-                stage.finished_at = utcnow()
-            return None
-        if stage.status not in (StageStatus.queued, StageStatus.running):
-            return None  # pending again (a retry reset it): the dispatcher will send it when admitted
-        if stage.status == StageStatus.running and stage.worker != worker and _alive(stage, settings):
-            # Sent twice (a redelivery raced a live attempt): the live attempt keeps it.
-            logger.info("stage %s is running on %s; duplicate delivery dropped", stage_id, stage.worker)
-            return None
-        if stage.attempts >= settings.max_stage_attempts:
-            stage.status = StageStatus.failed
-            stage.error = (
-                f"gave up after {stage.attempts} attempts; last error: {stage.error or 'worker lost'}"
-            )
-            stage.finished_at = utcnow()
-            log(session, job_id=job.id, stage_id=stage.id, message=stage.error, level="error")
-            return None
-        if stage.status == StageStatus.running:
-            # Its last attempt's worker died (this worker runs one task at a time, so if it was here
-            # it is gone; elsewhere, its heartbeat stopped).
-            log(
-                session,
-                job_id=job.id,
-                stage_id=stage.id,
-                message=f"{stage.kind}/{stage.seed}: redelivered; attempt {stage.attempts} on "
-                f"{stage.worker} was lost",
-                level="warning",
-            )
-        if stage.attempts:
-            # The curves show the attempt that produces the result, not a lost one's partial run.
-            session.execute(delete(MetricPoint).where(MetricPoint.stage_id == stage.id))
-            stage.step = 0
-        check_stage_transition(stage.status, StageStatus.running)
-        stage.status = StageStatus.running
-        stage.attempts += 1
-        stage.worker = worker
-        stage.started_at = utcnow()
-        stage.heartbeat_at = stage.started_at
-        log(
+        return lifecycle.claim_stage(
             session,
-            job_id=job.id,
-            stage_id=stage.id,
-            message=f"{stage.kind}/{stage.seed}: attempt {stage.attempts} on {worker}",
+            stage_id,
+            worker,
+            max_attempts=settings.max_stage_attempts,
+            heartbeat_timeout_s=settings.heartbeat_timeout_s,
         )
-        return {
-            "spec": job.spec,
-            "kind": stage.kind,
-            "seed": stage.seed,
-            "job_id": job.id,
-            "attempt": stage.attempts,
-        }
 
 
-def _alive(stage: Stage, settings: Settings) -> bool:
-    if stage.heartbeat_at is None:
-        return False
-    beat = stage.heartbeat_at if stage.heartbeat_at.tzinfo else stage.heartbeat_at.replace(tzinfo=dt.UTC)
-    return (utcnow() - beat).total_seconds() < settings.heartbeat_timeout_s
-
-
-def _finish(
+def persist_outcome(
     stage_id: str,
     status: StageStatus,
     *,
     attempt: int,
+    settings: Settings,
     error: str | None = None,
     record: dict[str, Any] | None = None,
-    settings: Settings,
 ) -> None:
-    retry_database(
-        lambda: _write_outcome(stage_id, status, attempt, error, record, settings),
-        f"stage {stage_id}: writing its outcome",
-        settings.db_retry_s,
-    )
+    """Write the attempt's outcome, retrying while the database is unreachable: a finished stage's
+    result is not thrown away because the database blinked."""
 
-
-def _write_outcome(
-    stage_id: str,
-    status: StageStatus,
-    attempt: int,
-    error: str | None,
-    record: dict[str, Any] | None,
-    settings: Settings,
-) -> None:
-    with session_scope() as session:
-        stage = session.get(Stage, stage_id)
-        if stage is None:
-            return
-        if not _is_current(stage, attempt):
-            # Requeued while this attempt looked dead; the current attempt writes the outcome.
-            logger.warning("stage %s: outcome of superseded attempt %d discarded", stage_id, attempt)
-            return
-        check_stage_transition(stage.status, status)
-        now = utcnow()
-        if stage.started_at is not None:
-            started = (
-                stage.started_at if stage.started_at.tzinfo else stage.started_at.replace(tzinfo=now.tzinfo)
+    def write() -> None:
+        with session_scope() as session:
+            lifecycle.finish_stage(
+                session,
+                stage_id,
+                status,
+                attempt=attempt,
+                store_uri=settings.store_uri,
+                error=error,
+                record=record,
             )
-            used = (now - started).total_seconds()
-            stage.gpu_seconds += used
-            stage.job.gpu_seconds += used  # per job as it accrues, whether the job ends well or not
-        stage.status = status
-        stage.error = error
-        if status in STAGE_DONE or status in (StageStatus.failed, StageStatus.cancelled):
-            stage.finished_at = now
-        if record is not None:
-            stage.result = record
-            stage.stage_key = record["key"]
-            stage.metrics = {
-                **(stage.metrics or {}),
-                "accuracy": record["accuracy"],
-                "auroc": record["auroc"],
-            }
-            record_result(session, stage, record, settings.store_uri)
-        message = f"{stage.kind}/{stage.seed}: {status}" + (f": {error}" if error else "")
-        log(
-            session,
-            job_id=stage.job_id,
-            stage_id=stage.id,
-            message=message,
-            level="error" if error else "info",
-        )
+
+    retry_database(write, f"stage {stage_id}: writing its outcome", settings.db_retry_s)
+
+
+def load_plan(claim: Claim, settings: Settings) -> Any:
+    """The w2s plan of the claimed stage (only its seed's data is prepared)."""
+    with session_scope() as session:
+        spec = library_spec(session, spec=claim.spec, team_id=session.get(Stage, claim.stage_id).team_id)  # type: ignore[union-attr]
+    return stage_plans(spec, settings, seeds=[claim.seed])[claim.kind, claim.seed]
 
 
 def execute_stage(stage_id: str, *, worker: str, settings: Settings | None = None) -> str:
-    """Run one stage to its end state and return that state."""
+    """Load the stage, run it, persist its outcome; return the state it ended in."""
     settings = settings or get_settings()
     claim = retry_database(
         lambda: claim_stage(stage_id, worker, settings), f"stage {stage_id}: claim", settings.db_retry_s
     )
     if claim is None:
         return "skipped"
-    from w2s.spec import JobSpec
     from w2s.stages import StageCancelled, run_stage
     from w2s.store import ArtifactStore
     from w2s.train import StageError
 
-    attempt = claim["attempt"]
-    writer = ProgressWriter(stage_id, settings.progress_flush_s, attempt)
-    heartbeat = Heartbeat(stage_id, attempt, settings.heartbeat_interval_s, writer)
+    writer = ProgressWriter(stage_id, settings.progress_flush_s, claim.attempt)
+    heartbeat = Heartbeat(stage_id, claim.attempt, settings.heartbeat_interval_s, writer)
     heartbeat.start()
     try:
         try:
             device = _device_name()
             if device:
                 with session_scope() as session:
-                    session.get(Stage, stage_id).gpu = device  # type: ignore[union-attr]
-            spec = JobSpec.model_validate(claim["spec"])
-            plan = stage_plans(spec, settings, seeds=[claim["seed"]])[claim["kind"], claim["seed"]]
-            result = run_stage(plan, ArtifactStore(settings.store_uri), callback=writer)
+                    session.execute(update(Stage).where(Stage.id == stage_id).values(gpu=device))
+            result = run_stage(load_plan(claim, settings), ArtifactStore(settings.store_uri), callback=writer)
         except StageCancelled:
             writer.final_flush(settings.db_retry_s)
-            _finish(stage_id, StageStatus.cancelled, attempt=attempt, settings=settings)
+            persist_outcome(stage_id, StageStatus.cancelled, attempt=claim.attempt, settings=settings)
             return StageStatus.cancelled
         except (ValueError, MemoryError, StageError) as error:
             # Bad input, diverged training or out of memory will fail again: stop now, with the
             # message shown.
             message = str(error) if isinstance(error, StageError) else f"{type(error).__name__}: {error}"
-            _finish(stage_id, StageStatus.failed, attempt=attempt, error=message, settings=settings)
+            persist_outcome(
+                stage_id, StageStatus.failed, attempt=claim.attempt, error=message, settings=settings
+            )
             return StageStatus.failed
         except Exception as error:
             if "OutOfMemoryError" in type(error).__name__:
                 message = f"out of GPU memory: {error}"
-                _finish(stage_id, StageStatus.failed, attempt=attempt, error=message, settings=settings)
+                persist_outcome(
+                    stage_id, StageStatus.failed, attempt=claim.attempt, error=message, settings=settings
+                )
                 return StageStatus.failed
             raise
         writer.final_flush(settings.db_retry_s)
-        status = StageStatus.cached if result.cached else StageStatus.succeeded
-        _finish(stage_id, status, attempt=attempt, record=result.to_record(), settings=settings)
-        return status
+        outcome = StageStatus.cached if result.cached else StageStatus.succeeded
+        persist_outcome(
+            stage_id, outcome, attempt=claim.attempt, record=result.to_record(), settings=settings
+        )
+        return outcome
     finally:
         heartbeat.stop()
 
@@ -369,25 +294,6 @@ def user_message(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def requeue_after_error(stage_id: str, worker: str, error: BaseException, countdown: float) -> None:
-    """A transient failure: the stage goes back to queued (its slot kept) for Celery's retry."""
-    with session_scope() as session:
-        stage = session.get(Stage, stage_id)
-        # Only this worker's own attempt (it runs one task at a time): never a newer attempt elsewhere.
-        if stage is not None and stage.status == StageStatus.running and stage.worker == worker:
-            stage.status = check_stage_transition(stage.status, StageStatus.queued)
-            stage.error = user_message(error)
-            # Due back after the backoff: the dispatcher must not resend it as lost before then.
-            stage.sent_at = utcnow() + dt.timedelta(seconds=countdown)
-            log(
-                session,
-                job_id=stage.job_id,
-                stage_id=stage.id,
-                message=f"will retry in {countdown:.0f} s: {stage.error}",
-                level="warning",
-            )
-
-
 @app.task(name=STAGE_TASK, bind=True, max_retries=None)
 def run_stage_task(self: Any, stage_id: str) -> str:
     worker = self.request.hostname or socket.gethostname()
@@ -395,9 +301,13 @@ def run_stage_task(self: Any, stage_id: str) -> str:
         return execute_stage(stage_id, worker=worker)
     except Exception as error:
         logger.exception("stage %s failed", stage_id)
-        # Attempts are bounded in claim_stage; back off 5 s, 10 s, 20 s ... (by default) up to 5 min.
-        countdown = min(get_settings().retry_backoff_s * 2**self.request.retries, 300.0)
+        # Attempts are bounded in claim_stage; Celery's exponential backoff with full jitter:
+        # up to 5 s, 10 s, 20 s ... (by default), at most 5 min.
+        countdown = get_exponential_backoff_interval(
+            factor=get_settings().retry_backoff_s, retries=self.request.retries, maximum=300, full_jitter=True
+        )
         # If the database is down too, the retry below finds the stage still running: fine.
-        with contextlib.suppress(DBAPIError):
-            requeue_after_error(stage_id, worker, error, countdown)
+        with contextlib.suppress(DBAPIError), session_scope() as session:
+            due = utcnow() + dt.timedelta(seconds=countdown)
+            lifecycle.requeue_after_error(session, stage_id, worker, user_message(error), due)
         raise self.retry(exc=error, countdown=countdown) from error

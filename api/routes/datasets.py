@@ -133,3 +133,9 @@ def list_datasets(
 @router.get("/{dataset_id}", response_model=DatasetPublic)
 def read_dataset(dataset: DatasetDep) -> DatasetPublic:
     return DatasetPublic.model_validate(dataset)
+
+
+@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, responses=error_responses(409))
+def delete_dataset(dataset: DatasetDep, session: SessionDep) -> None:
+    """Delete one of your uploads (and its file). 409 while a job that has not ended uses it."""
+    uploads.delete_dataset(session, dataset=dataset)

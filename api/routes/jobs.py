@@ -7,7 +7,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
@@ -27,7 +27,7 @@ from api.schemas import (
 from service import jobs as job_service
 from service.db import session_scope
 from service.models import Job, MetricPoint
-from service.states import JOB_TERMINAL, InvalidTransition, JobStatus
+from service.states import JOB_TERMINAL, JobStatus
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], responses=error_responses(400, 401, 404, 413, 422))
 
@@ -46,10 +46,18 @@ def submit_job(
     response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JobPublic:
-    """Queue a job. A repeat with the same ``Idempotency-Key`` returns the first job (200)."""
-    spec = job_service.resolve_spec(session, team=team, raw=body.spec(), settings=settings)
+    """Queue a job. A repeat with the same ``Idempotency-Key`` and body returns the first job (200);
+    the same key with another body is a 422."""
+    resolved = job_service.resolve_spec(session, team=team, raw=body.spec(), settings=settings)
     job, created = job_service.create_job(
-        session, team=team, spec=spec, name=body.name, priority=body.priority, idempotency_key=idempotency_key
+        session,
+        team=team,
+        resolved=resolved,
+        settings=settings,
+        name=body.name,
+        priority=body.priority,
+        idempotency_key=idempotency_key,
+        body_hash=job_service.request_hash(body.model_dump()),
     )
     if not created:
         response.status_code = status.HTTP_200_OK
@@ -168,12 +176,9 @@ def read_logs(
     responses=error_responses(409),
 )
 def cancel_job(job: JobDep, session: SessionDep) -> JobPublic:
-    """Cancel: waiting stages stop now; running ones stop at their next training step."""
-    try:
-        job_service.cancel_job(session, job=job)
-    except InvalidTransition as error:
-        raise HTTPException(status.HTTP_409_CONFLICT, f"cannot cancel a {error.current} job") from None
-    return job_public(job)
+    """Cancel: waiting stages stop now; running ones stop at their next training step. 409 if the
+    job has already ended."""
+    return job_public(job_service.cancel_job(session, job=job))
 
 
 @router.post(
@@ -183,12 +188,6 @@ def cancel_job(job: JobDep, session: SessionDep) -> JobPublic:
     responses=error_responses(409),
 )
 def retry_job(job: JobDep, session: SessionDep) -> JobPublic:
-    """Run a failed or cancelled job's unfinished stages again; finished stages are kept."""
-    try:
-        job_service.retry_job(session, job=job)
-    except InvalidTransition as error:
-        raise HTTPException(
-            status.HTTP_409_CONFLICT,
-            f"only failed or cancelled jobs can be retried; this one is {error.current}",
-        ) from None
-    return job_public(job)
+    """Run a failed or cancelled job's unfinished stages again; finished stages are kept. 409 if
+    the job is not failed or cancelled."""
+    return job_public(job_service.retry_job(session, job=job))

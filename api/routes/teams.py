@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter, status
 
 from api.deps import AdminDep, SessionDep, SettingsDep, TeamDep
 from api.schemas import ApiKeyCreate, ApiKeyCreated, TeamCreate, TeamPublic, UsagePublic, error_responses
-from service import auth
+from service import admin, auth
 from service.models import Team
 from service.usage import team_usage
 
@@ -16,20 +16,17 @@ router = APIRouter(tags=["teams"], responses=error_responses(400, 401, 403, 404,
 
 @router.post("/teams", status_code=status.HTTP_201_CREATED, response_model=TeamPublic)
 def create_team(body: TeamCreate, session: SessionDep, _: AdminDep) -> Team:
-    """Admin only."""
-    try:
-        return auth.create_team(session, **body.model_dump())
-    except ValueError as error:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
+    """Admin only. 409 if the name is taken. Keys: POST /v1/teams/{id}/keys."""
+    team = auth.create_team(session, **body.model_dump())
+    admin.audit(session, action="create_team", target=team.id, details=body.model_dump())
+    return team
 
 
 @router.post("/teams/{team_id}/keys", status_code=status.HTTP_201_CREATED, response_model=ApiKeyCreated)
 def create_key(team_id: str, body: ApiKeyCreate, session: SessionDep, _: AdminDep) -> ApiKeyCreated:
     """Admin only. The key is in this response and nowhere else."""
-    team = session.get(Team, team_id)
-    if team is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"team {team_id} not found")
-    row, key = auth.create_api_key(session, team=team, name=body.name)
+    team = admin.team_by_id(session, team_id)
+    row, key = admin.new_key(session, team=team, name=body.name)
     return ApiKeyCreated(id=row.id, team_id=team.id, name=row.name, prefix=row.prefix, key=key)
 
 

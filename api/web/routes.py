@@ -2,6 +2,9 @@
 cancel/retry actions. Thin like the /v1 routes: they call service functions and render the /v1
 schemas; api/web/views.py turns those into what the templates draw.
 
+The figures are SVGs drawn here by w2s.plots (the same code as `w2s sweep plot`): the pages show
+them as images and reload them when the data changes; no chart script runs in the browser.
+
 Pages authenticate with the session cookie only, and /v1 never reads it. State-changing requests
 are POSTs that carry the session's CSRF token (a form field or the X-CSRF-Token header)."""
 
@@ -12,7 +15,7 @@ import hashlib
 import logging
 from collections.abc import Callable, Coroutine
 from pathlib import Path as FilePath
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 from urllib.parse import quote
 
 from fastapi import APIRouter, Form, Header, HTTPException, Path, Query, Request, status
@@ -20,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from starlette.templating import Jinja2Templates
 
@@ -41,10 +44,11 @@ from api.web.session import (
 )
 from service import jobs as job_service
 from service import sweeps as sweep_service
-from service.jobs import NotFound
+from service.errors import NotFound, ServiceError
 from service.models import Job, Sweep, Team
 from service.states import JOB_TERMINAL, InvalidTransition
 from service.usage import team_usage
+from w2s import plots
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +57,8 @@ TEMPLATES_DIR = HERE / "templates"
 STATIC_DIR = HERE / "static"
 JOBS_PER_PAGE = 50
 LOG_LINES = 2000
+SVG = "image/svg+xml"
+CURVE_PANELS: tuple[plots.Panel, ...] = ("loss", "accuracy")
 
 
 def _static_version() -> str:
@@ -135,6 +141,8 @@ class PageRoute(APIRoute):
                 )
             except NotFound as error:
                 response = error_page(request, 404, "Not found", f"{str(error).capitalize()}.")
+            except ServiceError as error:
+                response = error_page(request, error.status_code, "Request refused", str(error))
             except DataError:
                 # A value Postgres cannot hold (a NUL character in an id): bad input, not an outage.
                 response = error_page(
@@ -198,10 +206,10 @@ def login(
     return RedirectResponse(target, status.HTTP_303_SEE_OTHER)
 
 
-@pages.api_route("/logout", methods=["GET", "POST"])
-def logout(request: Request) -> RedirectResponse:
-    # GET too, so /logout typed in the address bar works: signing out cannot hurt anyone.
-    sign_out(request)
+@pages.post("/logout")
+def logout(request: Request, session: SessionDep) -> RedirectResponse:
+    # POST only: a link or an image on another page must not be able to act on the session.
+    sign_out(request, session)
     return RedirectResponse("/login", status.HTTP_303_SEE_OTHER)
 
 
@@ -332,17 +340,14 @@ def job_page(request: Request, session: SessionDep, team: PageTeamDep, job_id: J
     _page_team(request, team)
     job = job_service.get_job(session, team_id=team.id, job_id=job_id)
     public = job_public(job)
-    series, metrics_after = metric_series(session, job)
+    _, metrics_after = metric_series(session, job)
     logs = _logs(session, job, 0)
     data = {
         "job_id": job.id,
         "terminal": job.status in JOB_TERMINAL,
-        "series": views.chart_series(public, series),
         "metrics_after": metrics_after,
         "logs_after": logs[-1].id if logs else 0,
         "stage_names": _stage_names(public),
-        # A list: the template's tojson sorts object keys, which would lose the run order.
-        "stage_order": [stage.id for stage in public.stages],
     }
     return render(
         request,
@@ -361,12 +366,10 @@ class JobLive(BaseModel):
     job: JobPublic
     terminal: bool
     fragments: dict[str, str]
-    series: list[dict[str, Any]]
-    metrics_after: int
+    metrics_after: int = Field(description="the newest metric point's id: the curves' version")
     logs: list[LogLinePublic]
     logs_after: int
     stage_names: dict[str, str]
-    stage_order: list[str]
 
 
 @ui.get("/jobs/{job_id}.json", response_model=JobLive)
@@ -378,24 +381,42 @@ def job_live(
     metrics_after: Annotated[int, Query(ge=0)] = 0,
     logs_after: Annotated[int, Query(ge=0)] = 0,
 ) -> JobLive:
-    """What changed on a job page since the last poll: new metric points and log lines after the
-    given ids, and the header, timeline and results redrawn."""
+    """What changed on a job page since the last poll: the newest metric point (the page reloads its
+    curves when it moves), log lines after the given id, and the header, timeline and results."""
     request.state.team = team
     job = job_service.get_job(session, team_id=team.id, job_id=job_id)
     public = job_public(job)
-    series, last_metric = metric_series(session, job, metrics_after)
+    _, last_metric = metric_series(session, job, metrics_after)
     logs = _logs(session, job, logs_after)
     return JobLive(
         job=public,
         terminal=job.status in JOB_TERMINAL,
         fragments=_job_fragments(request, public),
-        series=views.chart_series(public, series),
         metrics_after=last_metric,
         logs=logs,
         logs_after=logs[-1].id if logs else logs_after,
         stage_names=_stage_names(public),
-        stage_order=[stage.id for stage in public.stages],
     )
+
+
+@pages.get("/jobs/{job_id}/curves/{panel}.svg", response_model=None)
+def job_curves(
+    request: Request,
+    session: SessionDep,
+    team: PageTeamDep,
+    job_id: JobId,
+    panel: Annotated[str, Path(max_length=20)],
+) -> Response:
+    """The job page's training curves, one panel (loss, or accuracy), from every metric point the
+    job has: what GET /v1/jobs/{id}/metrics returns, drawn."""
+    _page_team(request, team)
+    job = job_service.get_job(session, team_id=team.id, job_id=job_id)
+    if panel not in CURVE_PANELS:
+        raise NotFound(f"no {panel!r} curves: there are {' and '.join(CURVE_PANELS)}")
+    series, _ = metric_series(session, job)
+    # Coloured by run order, as on the page's stage timeline.
+    data = plots.curves_figure_data(series, order=[stage.id for stage in job.stages])
+    return Response(plots.render_curves_svg(data, cast(plots.Panel, panel)), media_type=SVG)
 
 
 def _job_action(
@@ -519,6 +540,25 @@ def sweep_json(request: Request, session: SessionDep, team: PageTeamDep, sweep_i
     )
 
 
+def _sweep_figure(sweep: SweepPublic) -> plots.SweepFigureData:
+    # From the sweep's JSON, exactly as `w2s sweep plot` reads it from GET /v1/sweeps/{id}.
+    document = sweep.model_dump(mode="json")
+    return plots.sweep_figure_data(document["grid"], document["table"], name=document["name"] or "")
+
+
+def _figure_version(data: plots.SweepFigureData) -> str:
+    # Changes when, and only when, a value in the figure does: the page reloads the image then.
+    return hashlib.sha256(repr(data).encode()).hexdigest()[:16]
+
+
+@pages.get("/sweeps/{sweep_id}/plot.svg", response_model=None)
+def sweep_plot(request: Request, session: SessionDep, team: PageTeamDep, sweep_id: SweepId) -> Response:
+    """The sweep page's figure (see w2s.plots): the one `w2s sweep plot --out plot.svg` writes."""
+    _page_team(request, team)
+    sweep = _sweep(session, team, sweep_id)
+    return Response(plots.render_sweep_svg(_sweep_figure(sweep)), media_type=SVG)
+
+
 def _sweep_fragments(request: Request, sweep: SweepPublic) -> dict[str, str]:
     losses = views.sweep_losses(sweep)
     return {
@@ -531,7 +571,11 @@ def _sweep_fragments(request: Request, sweep: SweepPublic) -> dict[str, str]:
 def sweep_page(request: Request, session: SessionDep, team: PageTeamDep, sweep_id: SweepId) -> HTMLResponse:
     _page_team(request, team)
     sweep = _sweep(session, team, sweep_id)
-    data = {"sweep_id": sweep.id, "terminal": sweep.status in JOB_TERMINAL, "plot": views.sweep_plot(sweep)}
+    data = {
+        "sweep_id": sweep.id,
+        "terminal": sweep.status in JOB_TERMINAL,
+        "plot_version": _figure_version(_sweep_figure(sweep)),
+    }
     return render(
         request,
         "sweep.html",
@@ -545,7 +589,7 @@ def sweep_page(request: Request, session: SessionDep, team: PageTeamDep, sweep_i
 class SweepLive(BaseModel):
     sweep: SweepPublic
     terminal: bool
-    plot: dict[str, Any]
+    plot_version: str = Field(description="changes when the figure's data does")
     fragments: dict[str, str]
 
 
@@ -556,7 +600,7 @@ def sweep_live(request: Request, session: SessionDep, team: UiTeamDep, sweep_id:
     return SweepLive(
         sweep=sweep,
         terminal=sweep.status in JOB_TERMINAL,
-        plot=views.sweep_plot(sweep),
+        plot_version=_figure_version(_sweep_figure(sweep)),
         fragments=_sweep_fragments(request, sweep),
     )
 

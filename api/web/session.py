@@ -1,9 +1,9 @@
 """Dashboard sign-in: the session cookie's contents, the signed-in team, and CSRF tokens.
 
-The cookie (Starlette's SessionMiddleware: signed, httponly, same-site lax) holds the sha256 of
-the API key, never the key itself: the cookie is signed but not encrypted, and a hash cannot be
-replayed as a bearer key against /v1. Every request looks the hash up again, so revoking the key
-signs its dashboard sessions out too.
+The cookie (Starlette's SessionMiddleware: signed, httponly, same-site lax) holds the id of a
+server-side session (``web_sessions``), never the key: the cookie is signed but not encrypted.
+Every request looks the session up again: signing out revokes it on the server (a copied cookie
+stops working too), and revoking the key or disabling the team signs its sessions out.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from fastapi import Depends, HTTPException, Request, status
 from sqlalchemy.orm import Session
 
 from api.deps import SessionDep
-from service.auth import hash_key, team_for_key, team_for_key_hash
+from service.auth import close_web_session, hash_key, open_web_session, team_for_key, team_for_web_session
 from service.models import Team
 
 CSRF_FIELD = "csrf"
@@ -57,8 +57,8 @@ def sign_in(request: Request, session: Session, key: str) -> Team | None:
     request.session.clear()
     request.session.update(
         {
+            "session_id": open_web_session(session, team=team, key_hash=hash_key(key)),
             "team_id": team.id,
-            "key_hash": hash_key(key),
             "key_prefix": key[:10],
             CSRF_FIELD: secrets.token_urlsafe(32),
         }
@@ -66,18 +66,21 @@ def sign_in(request: Request, session: Session, key: str) -> Team | None:
     return team
 
 
-def sign_out(request: Request) -> None:
+def sign_out(request: Request, session: Session) -> None:
+    session_id = request.session.get("session_id")
+    if isinstance(session_id, str):
+        close_web_session(session, session_id)
     request.session.clear()
 
 
 def session_team(request: Request, session: Session) -> Team | None:
     data: dict[str, Any] = request.session
-    key_hash, team_id = data.get("key_hash"), data.get("team_id")
-    if not isinstance(key_hash, str) or not isinstance(team_id, str):
+    session_id, team_id = data.get("session_id"), data.get("team_id")
+    if not isinstance(session_id, str) or not isinstance(team_id, str):
         return None
-    team = team_for_key_hash(session, key_hash)
+    team = team_for_web_session(session, session_id)
     if team is None or team.id != team_id:
-        request.session.clear()  # revoked key or stale cookie: sign out
+        request.session.clear()  # signed out, revoked key, disabled team or stale cookie
         return None
     return team
 

@@ -1,6 +1,6 @@
 """What the dashboard shows, computed from the API's public schemas: table rows, the stage timeline,
-the results table, the curl command, the sweep plot and its CSV. No database access and no HTTP
-here, so every figure on a page is the figure the /v1 API returns."""
+the results table, the curl command and the sweep's CSV (w2s.plots draws the figures). No database
+access and no HTTP here, so every figure on a page is the figure the /v1 API returns."""
 
 from __future__ import annotations
 
@@ -16,26 +16,10 @@ from typing import Any
 
 from pydantic import Field
 
-from api.schemas import JobPublic, JobSummary, MetricSeries, StagePublic, SweepPublic, job_summary
+from api.schemas import JobPublic, JobSummary, StagePublic, SweepPublic, job_summary
 from service.states import JOB_TERMINAL
+from w2s.plots import PALETTE
 from w2s.results import FLAG_DESCRIPTIONS
-
-# Categorical colours, readable on white and told apart by most colour-blind readers (Tableau 10).
-PALETTE = [
-    "#4e79a7",
-    "#f28e2b",
-    "#e15759",
-    "#76b7b2",
-    "#59a14f",
-    "#edc948",
-    "#b07aa1",
-    "#ff9da7",
-    "#9c755f",
-    "#bab0ac",
-]
-# Dash patterns for the sweep plot: the xent student is solid, every other loss gets one of these.
-DASHES = ["7 4", "2 3", "10 3 2 3", "1 5"]
-CEILING_COLOR = "#111111"
 
 JOB_STATUSES = ["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -338,23 +322,6 @@ def example_curl(base_url: str) -> str:
     )
 
 
-def chart_series(job: JobPublic, series: list[MetricSeries]) -> list[dict[str, Any]]:
-    """Metric points for the browser, with the stage's label and timeline colour."""
-    colors = stage_colors(job)
-    labels = {s.id: f"{stage_label(s.kind)} · seed {s.seed}" for s in job.stages}
-    return [
-        {
-            "stage_id": s.stage_id,
-            "name": s.name,
-            "label": labels.get(s.stage_id, s.kind),
-            "color": colors.get(s.stage_id, PALETTE[0]),
-            "steps": s.steps,
-            "values": s.values,
-        }
-        for s in series
-    ]
-
-
 def job_actions(job: JobPublic) -> dict[str, bool]:
     """Which buttons the job page shows; mirrors the transitions in service.states."""
     return {"cancel": job.status in ("queued", "running"), "retry": job.status in ("failed", "cancelled")}
@@ -364,80 +331,11 @@ def job_actions(job: JobPublic) -> dict[str, bool]:
 # Sweeps
 
 
-def _grid_models(entries: list[Any]) -> list[str]:
-    names = []
-    for entry in entries:
-        name = entry if isinstance(entry, str) else entry.get("model") if isinstance(entry, dict) else None
-        if isinstance(name, str) and name not in names:
-            names.append(name)
-    return names
-
-
 def sweep_losses(sweep: SweepPublic) -> list[str]:
     labels: list[str] = []
     for row in sweep.table:
         labels += [loss for loss in row.students if loss not in labels]
     return labels
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
-def sweep_plot(sweep: SweepPublic) -> dict[str, Any]:
-    """The paper's figure: test accuracy against the strong model (categorical, in grid order),
-    one line per weak model and loss (xent solid, others dashed) and the strong ceiling in black.
-    Each weak model's own accuracy is a dotted line in its colour, the floor PGR is measured from."""
-    strong = _grid_models(sweep.grid.get("strong_models", []))
-    weak = _grid_models(sweep.grid.get("weak_models", []))
-    for row in sweep.table:  # a model the grid does not name (defensive): append it in table order
-        strong += [row.strong_model] if row.strong_model not in strong else []
-        weak += [row.weak_model] if row.weak_model not in weak else []
-    losses = sweep_losses(sweep)
-    position = {model: i for i, model in enumerate(strong)}
-    series: list[dict[str, Any]] = []
-    ceiling: list[list[Any]] = []
-    for model in strong:
-        values = [r.ceiling_accuracy for r in sweep.table if r.strong_model == model]
-        ceiling.append([position[model], _mean([v for v in values if v is not None])])
-    series.append({"label": "strong ceiling", "color": CEILING_COLOR, "width": 2.5, "points": ceiling})
-    others = [loss for loss in losses if loss != "xent"]
-    dashes = {loss: DASHES[i % len(DASHES)] for i, loss in enumerate(others)}  # xent: none, solid
-    for w, weak_model in enumerate(weak):
-        color = PALETTE[w % len(PALETTE)]
-        rows = [r for r in sweep.table if r.weak_model == weak_model]
-        for loss in losses:
-            points = [
-                [position[r.strong_model], r.students.get(loss, {}).get("accuracy")]
-                for r in sorted(rows, key=lambda r: position[r.strong_model])
-            ]
-            series.append(
-                {
-                    "label": f"{short_model(weak_model)} → student ({loss})",
-                    "color": color,
-                    "dash": dashes.get(loss),
-                    "width": 2,
-                    "points": points,
-                }
-            )
-        weak_values = [r.weak_accuracy for r in rows if r.weak_accuracy is not None]
-        if weak_values and strong:
-            level = _mean(weak_values)
-            series.append(
-                {
-                    "label": f"{short_model(weak_model)} (weak supervisor)",
-                    "color": color,
-                    "dash": "1 4",
-                    "width": 1.5,
-                    "markers": False,
-                    "points": [[0, level], [len(strong) - 1, level]] if len(strong) > 1 else [[0, level]],
-                }
-            )
-    return {
-        "x": {"label": "strong model", "categories": [short_model(m) for m in strong], "titles": strong},
-        "y": {"label": "test accuracy", "format": "0.00"},
-        "series": series,
-    }
 
 
 def sweep_csv(sweep: SweepPublic) -> str:

@@ -3,6 +3,7 @@ pointing at it, table truncation between tests, an API client and team factories
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,8 +37,11 @@ def pg_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def service_env(pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
-    """Settings for one test: the session's Postgres, a private state dir, store and data dir."""
+def service_env(
+    pg_url: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[dict[str, str]]:
+    """Settings for one test: the session's Postgres, a private state dir, store and data dir; models
+    may live anywhere under pytest's temporary directory (where the tiny models are built)."""
     from helpers import write_sst2_like
 
     data_dir = write_sst2_like(tmp_path / "data")
@@ -47,8 +51,11 @@ def service_env(pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         "W2S_ARTIFACT_STORE": str(tmp_path / "store"),
         "W2S_DATA_DIR": str(data_dir),
         "W2S_ADMIN_KEY": ADMIN_KEY,
+        "W2S_SESSION_SECRET": "test-session-secret",
+        "W2S_MODEL_ROOTS": json.dumps([str(tmp_path_factory.getbasetemp())]),
         "W2S_PROGRESS_FLUSH_S": "0.2",
         "W2S_DISPATCH_INTERVAL_S": "0.2",
+        "HF_HUB_OFFLINE": "1",  # planning pins hub models to a revision only when online
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)

@@ -167,7 +167,9 @@ def test_health_ready_metrics_docs(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["database"] == "ok"
-    assert "w2s_http_requests_total" in client.get("/metrics").text
+    # The counts describe every team's work: the admin key reads them.
+    assert client.get("/metrics").status_code == 401
+    assert "w2s_http_requests_total" in client.get("/metrics", headers=ADMIN).text
     assert client.get("/docs").status_code == 200
     assert "/v1/jobs" in client.get("/openapi.json").json()["paths"]
 
@@ -267,7 +269,7 @@ def test_request_metrics_name_the_route(client: TestClient, make_team) -> None: 
     assert client.get(f"/v1/jobs/{'0' * 32}", headers=team.headers).status_code == 404
     refused = client.put("/v1/jobs", headers=team.headers)
     assert refused.status_code == 405 and refused.headers["allow"] == "GET, POST"
-    text = client.get("/metrics").text
+    text = client.get("/metrics", headers=ADMIN).text
     # The route label is the path template (its router's part of it), never the id itself.
     assert re.search(
         r'w2s_http_requests_total\{method="GET",route="[^"]*/jobs/\{job_id\}",status="404"\}', text

@@ -17,8 +17,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 
+from api.web.routes import _figure_version
 from service.db import session_scope
-from service.models import ApiKey, Job, Stage
+from service.models import ApiKey, Job, MetricPoint, Stage
+from w2s_service import user_cli
 
 JOB = {
     "name": "probe-sst2",
@@ -124,7 +126,7 @@ def test_good_key_sets_an_httponly_cookie_without_the_key(client: TestClient, ma
     # The cookie is signed, not encrypted: it must not carry the key itself.
     payload = cookie.split("=", 1)[1].split(";")[0].split(".")[0]
     decoded = base64.b64decode(payload + "=" * (-len(payload) % 4)).decode()
-    assert team.key not in decoded and "key_hash" in decoded
+    assert team.key not in decoded and "session_id" in decoded  # a server-side session's id
     page = client.get("/team")
     assert page.status_code == 200 and "Sign out" in page.text
 
@@ -135,7 +137,19 @@ def test_login_ignores_a_foreign_next(client: TestClient, make_team) -> None:  #
     assert response.headers["location"] == "/"
 
 
-@pytest.mark.parametrize("path", ["/", "/team", "/sweeps", "/jobs/abc", "/sweeps/abc", "/sweeps/abc.csv"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/",
+        "/team",
+        "/sweeps",
+        "/jobs/abc",
+        "/sweeps/abc",
+        "/sweeps/abc.csv",
+        "/jobs/abc/curves/loss.svg",
+        "/sweeps/abc/plot.svg",
+    ],
+)
 def test_pages_require_login(client: TestClient, path: str) -> None:
     response = client.get(path, follow_redirects=False)
     assert response.status_code == 303
@@ -247,11 +261,54 @@ def test_job_page(client: TestClient, make_team) -> None:  # type: ignore[no-unt
     assert 'id="cancel-button"' not in html
 
     live = client.get(f"/ui/jobs/{job['id']}.json").json()
-    assert live["stage_order"] == [stage["id"] for stage in live["job"]["stages"]]
+    assert "series" not in live and live["metrics_after"] == 0  # no points: the curves' version
     assert live["terminal"] is True and live["job"]["status"] == "succeeded"
     assert set(live["fragments"]) == {"header", "timeline", "results"}
     assert "0.760" in live["fragments"]["results"]
     assert any("job created" in line["message"] for line in live["logs"])
+
+
+def svg_of(response: Any) -> str:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/svg+xml"
+    assert response.headers["cache-control"] == "no-store"  # a team's data, like the pages
+    assert response.headers["content-security-policy"].startswith("default-src 'self'")
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.text.startswith("<?xml") and "<svg" in response.text
+    return response.text
+
+
+def test_job_curves_are_svgs_drawn_on_the_server(client: TestClient, make_team) -> None:  # type: ignore[no-untyped-def]
+    team = make_team()
+    job = submit(client, team.headers)
+    login(client, team.key)
+    page = client.get(f"/jobs/{job['id']}").text
+    for panel in ("loss", "accuracy"):
+        image = re.search(rf'<img class="chart-img" id="chart-{panel}"[^>]*>', page, re.S)
+        assert image is not None
+        assert f'src="/jobs/{job["id"]}/curves/{panel}.svg?v=0"' in image.group(0)
+        assert 'alt="' in image.group(0)
+    empty = svg_of(client.get(f"/jobs/{job['id']}/curves/loss.svg"))
+    assert "Waiting for the first training steps" in empty
+
+    weak, ceiling = job["stages"][0]["id"], job["stages"][1]["id"]
+    with session_scope() as session:
+        for stage_id, base in ((weak, 0.9), (ceiling, 0.6)):
+            for step in (1, 2, 3):
+                session.add(MetricPoint(stage_id=stage_id, step=step, name="loss", value=base / step))
+                session.add(MetricPoint(stage_id=stage_id, step=step, name="train_accuracy", value=0.5))
+        session.add(MetricPoint(stage_id=weak, step=3, name="eval_accuracy", value=0.6))
+    loss = svg_of(client.get(f"/jobs/{job['id']}/curves/loss.svg?v=12"))
+    assert ">Training loss</text>" in loss and ">weak · seed 0</text>" in loss
+    assert ">ceiling · seed 0</text>" in loss and "Waiting" not in loss
+    accuracy = svg_of(client.get(f"/jobs/{job['id']}/curves/accuracy.svg"))
+    assert ">Accuracy</text>" in accuracy and ">evaluation</text>" in accuracy
+    # What the page polls moves with the newest point, so the page reloads the images then.
+    live = client.get(f"/ui/jobs/{job['id']}.json?metrics_after=0").json()
+    assert live["metrics_after"] > 0
+    page = client.get(f"/jobs/{job['id']}").text
+    assert f'curves/loss.svg?v={live["metrics_after"]}"' in page
+    assert client.get(f"/jobs/{job['id']}/curves/bogus.svg").status_code == 404
 
 
 def test_a_failed_stage_shows_its_error_and_retry(client: TestClient, make_team) -> None:  # type: ignore[no-untyped-def]
@@ -282,6 +339,10 @@ def test_other_teams_objects_are_404(client: TestClient, make_team) -> None:  # 
     assert client.get(f"/ui/jobs/{job['id']}.json").status_code == 404
     assert client.get(f"/sweeps/{sweep['id']}").status_code == 404
     assert client.get(f"/sweeps/{sweep['id']}.csv").status_code == 404
+    for image in (f"/jobs/{job['id']}/curves/loss.svg", f"/sweeps/{sweep['id']}/plot.svg"):
+        response = client.get(image)
+        assert response.status_code == 404 and "Not found" in response.text  # exactly as the pages
+        assert response.headers["content-type"].startswith("text/html")
     assert client.get("/ui/jobs.json").json()["jobs"] == []
     token = csrf_of(client.get("/").text)
     assert client.post(f"/jobs/{job['id']}/cancel", data={"csrf": token}).status_code == 404
@@ -332,19 +393,24 @@ def test_sweep_page_and_exports(client: TestClient, make_team) -> None:  # type:
     data = json.loads(
         re.search(r'<script type="application/json" id="sweep-data">(.*?)</script>', page.text).group(1)
     )
-    plot = data["plot"]
-    assert plot["x"]["categories"] == ["gpt2-medium", "gpt2-large"]  # grid order
-    ceiling = plot["series"][0]
-    assert ceiling["label"] == "strong ceiling" and ceiling["color"] == "#111111"
-    assert ceiling["points"] == [[0, pytest.approx(0.80)], [1, pytest.approx(0.85)]]
-    xent = next(s for s in plot["series"] if s["label"] == "gpt2 → student (xent)")
-    assert xent["dash"] is None and xent["points"] == [[0, 0.75], [1, 0.78]]
-    logconf = next(s for s in plot["series"] if s["label"] == "distilgpt2 → student (logconf(aux_coef=0.5))")
-    assert logconf["dash"] and logconf["points"] == [[0, 0.72], [1, None]]
+    version = data["plot_version"]
+    assert '<img class="chart-img chart-wide" id="sweep-plot"' in page.text
+    assert f'src="/sweeps/{sweep["id"]}/plot.svg?v={version}"' in page.text
     assert sweep["id"][:12] in client.get("/sweeps").text
+    svg = svg_of(client.get(f"/sweeps/{sweep['id']}/plot.svg?v={version}"))
+    for label in (
+        "gpt2 → student (xent)",
+        "distilgpt2 → student (logconf(aux_coef=0.5))",
+        "gpt2 (weak supervisor)",
+        "strong ceiling",
+        "gpt2-medium",
+        "gpt2-large",
+    ):
+        assert f">{label}</text>" in svg, label
 
     live = client.get(f"/ui/sweeps/{sweep['id']}.json").json()
-    assert live["terminal"] is False and live["plot"] == plot  # one job still queued: keep polling
+    assert live["terminal"] is False and "plot" not in live  # one job still queued: keep polling
+    assert live["plot_version"] == version  # nothing changed: the page keeps its image
     assert "PGR by loss" in live["fragments"]["tables"]
 
     exported = client.get(f"/sweeps/{sweep['id']}.csv")
@@ -366,6 +432,35 @@ def test_sweep_page_and_exports(client: TestClient, make_team) -> None:  # type:
     assert exported_json.headers["content-type"].startswith("application/json")
     assert exported_json.json() == client.get(f"/v1/sweeps/{sweep['id']}", headers=team.headers).json()
     assert exported_json.json()["pgr_summary"]["xent"]["mean"] == pytest.approx((0.5 + 8 / 15 + 1 / 3) / 3)
+
+    last = sweep["table"][3]["job_id"]
+    finish(last, results(0.65, 0.85, {"xent": 0.71, "logconf(aux_coef=0.5)": 0.74}))
+    live = client.get(f"/ui/sweeps/{sweep['id']}.json").json()
+    assert live["terminal"] is True and live["plot_version"] != version  # new figures: a new image
+
+
+def test_cli_and_dashboard_draw_the_same_sweep_figure(client: TestClient, make_team) -> None:  # type: ignore[no-untyped-def]
+    team = make_team()
+    sweep = client.post("/v1/sweeps", json=GRID, headers=team.headers).json()
+    jobs = {(row["weak_model"], row["strong_model"]): row["job_id"] for row in sweep["table"]}
+    # The cases the two old copies disagreed on: a 0.0 ceiling, a missing one, the weak models.
+    finish(jobs["gpt2", "gpt2-medium"], results(0.70, 0.80, {"xent": 0.75, "logconf(aux_coef=0.5)": 0.77}))
+    finish(jobs["gpt2", "gpt2-large"], results(0.70, 0.0, {"xent": 0.60, "logconf(aux_coef=0.5)": 0.61}))
+    finish(jobs["distilgpt2", "gpt2-medium"], results(0.65, 0.90, {"xent": 0.70}))  # one student missing
+    login(client, team.key)
+
+    api = client.get(f"/v1/sweeps/{sweep['id']}", headers=team.headers).json()
+    cli_data = user_cli.sweep_plot_data(api)
+    values = {s.label: s.values for s in cli_data.series}
+    assert values["strong ceiling"][0] == pytest.approx(0.85) and values["strong ceiling"][1] == 0.0
+    assert values["distilgpt2 (weak supervisor)"] == (0.65, None)
+    assert values["distilgpt2 → student (logconf(aux_coef=0.5))"] == (None, None)
+
+    dashboard = svg_of(client.get(f"/sweeps/{sweep['id']}/plot.svg"))
+    assert user_cli.plot_sweep(api, "svg").decode() == dashboard  # the same figure, byte for byte
+    page = client.get(f"/sweeps/{sweep['id']}").text
+    data = json.loads(re.search(r'id="sweep-data">(.*?)</script>', page).group(1))
+    assert data["plot_version"] == _figure_version(cli_data)  # and the same data
 
 
 def test_team_page(client: TestClient, make_team) -> None:  # type: ignore[no-untyped-def]
@@ -400,7 +495,9 @@ def test_database_down_shows_an_error_panel(
 def test_static_files_are_local(client: TestClient) -> None:
     html = client.get("/login").text
     assets = re.findall(r'(?:src|href)="(/static/[^"?]+)', html)
-    assert {"/static/app.css", "/static/app.js", "/static/chart.js"} <= set(assets)
+    assert {"/static/app.css", "/static/app.js"} <= set(assets)
     for asset in assets:
         assert client.get(asset).status_code == 200
+    # The figures are drawn on the server: no chart script, and none fetched from elsewhere.
+    assert "chart" not in " ".join(assets) and client.get("/static/chart.js").status_code == 404
     assert "http://" not in re.sub(r"http://testserver", "", html) and "https://" not in html

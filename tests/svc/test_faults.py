@@ -30,6 +30,8 @@ from w2s.pipeline import run_experiment
 from w2s.spec import JobSpec
 from w2s.store import ArtifactStore
 
+pytestmark = pytest.mark.slow  # real processes killed and restarted, private Postgres and Redis
+
 FAST_RECOVERY = {
     "W2S_QUEUE_SLOTS": '{"cpu": 1}',
     "W2S_PROGRESS_FLUSH_S": "0.2",
@@ -85,6 +87,7 @@ class Cluster:
         self.processes.start(name, "worker", "--queue", "cpu", env=env)
 
     def start_dispatcher(self) -> None:
+        self.processes.start("control", "worker", "--queue", "control")
         self.processes.start("dispatcher", "dispatcher")
 
     def submit(self, body: dict[str, Any]) -> str:

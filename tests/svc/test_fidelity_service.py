@@ -23,7 +23,7 @@ from service.db import session_scope
 from service.dispatch import dispatch_round
 from service.models import Job, Stage
 from service.settings import get_settings
-from w2s.store import ArtifactStore
+from worker.control import finish_job_task, plan_job_task
 from worker.tasks import execute_stage
 
 
@@ -42,14 +42,17 @@ def nan_loss() -> Iterator[None]:
         yield
 
 
-def run_rounds(job_id: str, rounds: int = 6) -> dict[str, Any]:
-    """Dispatch rounds, running every admitted stage here, until the job ends."""
+def run_rounds(job_id: str, rounds: int = 8) -> dict[str, Any]:
+    """Dispatch rounds, running control tasks and admitted stages here, until the job ends."""
     settings = get_settings()
-    store = ArtifactStore(settings.store_uri)
     for _ in range(rounds):
         with session_scope() as session:
-            report = dispatch_round(session, settings, store)
-        for stage_id, _queue in report.admitted or []:
+            report = dispatch_round(session, settings)
+        for planned in report.plan:
+            plan_job_task(planned)
+        for finished in report.finish:
+            finish_job_task(finished)
+        for stage_id, _queue in report.admitted:
             execute_stage(stage_id, worker="in-process", settings=settings)
         with session_scope() as session:
             job = session.get(Job, job_id)

@@ -20,6 +20,8 @@ from sqlalchemy import func, select
 from service.db import session_scope
 from service.models import Job
 
+pytestmark = pytest.mark.slow  # a real uvicorn server under concurrent load
+
 ROOT = Path(__file__).resolve().parents[2]
 REQUESTS, KEYS, CLIENTS = 200, 50, 50
 
@@ -30,7 +32,17 @@ def live_api(service_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     log = open(tmp_path / "api.log", "wb")  # noqa: SIM115 (closed below)
-    command = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "api.main:create_app",
+        "--factory",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     process = subprocess.Popen(
         [*command, "--log-level", "warning"],
         cwd=ROOT,

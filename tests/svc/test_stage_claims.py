@@ -11,11 +11,13 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from test_worker_e2e import tiny_job
 
+from service import lifecycle
 from service.db import session_scope
 from service.dispatch import RoundReport, recover_lost_stages
 from service.models import LogLine, MetricPoint, Stage, utcnow
 from service.settings import get_settings
-from worker.tasks import ProgressWriter, _write_outcome, claim_stage
+from service.states import StageStatus
+from worker.tasks import ProgressWriter, claim_stage
 
 
 @pytest.fixture
@@ -48,7 +50,7 @@ def set_stage(stage_id: str, **values: object) -> None:
 
 def test_first_claim_runs_attempt_one(stage_id: str) -> None:
     claim = claim_stage(stage_id, "worker-a", get_settings())
-    assert claim is not None and claim["attempt"] == 1
+    assert claim is not None and claim.attempt == 1
     stage = stage_row(stage_id)
     assert (stage.status, stage.attempts, stage.worker) == ("running", 1, "worker-a")
 
@@ -69,7 +71,7 @@ def test_redelivery_after_the_worker_died_starts_a_clean_attempt(stage_id: str) 
     set_stage(stage_id, heartbeat_at=utcnow() - dt.timedelta(seconds=settings.heartbeat_timeout_s + 1))
 
     claim = claim_stage(stage_id, "worker-b", settings)
-    assert claim is not None and claim["attempt"] == 2
+    assert claim is not None and claim.attempt == 2
     with session_scope() as session:
         points = session.scalar(select(func.count()).where(MetricPoint.stage_id == stage_id))
         messages = session.scalars(select(LogLine.message).where(LogLine.stage_id == stage_id)).all()
@@ -82,7 +84,7 @@ def test_the_same_worker_getting_its_stage_back_means_its_last_attempt_died(stag
     # process was killed and Celery requeued the task), however fresh its heartbeat.
     claim_stage(stage_id, "worker-a", get_settings())
     claim = claim_stage(stage_id, "worker-a", get_settings())
-    assert claim is not None and claim["attempt"] == 2
+    assert claim is not None and claim.attempt == 2
 
 
 def test_a_superseded_attempt_writes_nothing(stage_id: str) -> None:
@@ -91,7 +93,10 @@ def test_a_superseded_attempt_writes_nothing(stage_id: str) -> None:
     set_stage(stage_id, heartbeat_at=utcnow() - dt.timedelta(seconds=settings.heartbeat_timeout_s + 1))
     claim_stage(stage_id, "worker-b", settings)
 
-    _write_outcome(stage_id, "failed", 1, "late error from the lost attempt", None, settings)
+    with session_scope() as session:
+        lifecycle.finish_stage(
+            session, stage_id, StageStatus.failed, attempt=1, store_uri=settings.store_uri, error="late error"
+        )
     writer = ProgressWriter(stage_id, 0.0, attempt=1)
     writer.points.append((1, "loss", 0.5))
     writer.flush()

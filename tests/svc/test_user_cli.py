@@ -167,7 +167,11 @@ def test_submit_prints_only_the_id_and_the_job_exists(
         "student:logconf",
     ]
     # The same idempotency key: the same job, not a second one.
-    assert w2s("submit", str(spec), "--idempotency-key", "k-1").out.strip() == job_id
+    again = w2s("submit", str(spec), "--name", "baseline", "--priority", "5", "--idempotency-key", "k-1")
+    assert again.out.strip() == job_id
+    # The same key with a different body is refused, naming the key (exit 2: bad input).
+    other = w2s("submit", str(spec), "--idempotency-key", "k-1")
+    assert other.code == 2 and "k-1" in other.err
     # YAML works too, and --url/--key flags override the environment.
     yaml_spec = job_spec(tmp_path, tiny_bert, tiny_gpt2, name="spec.yaml")
     again = w2s("submit", str(yaml_spec), "--url", w2s.url, "--key", w2s.key)
@@ -429,21 +433,34 @@ def test_sweep_submit_and_plot(w2s: W2S, tmp_path: Path, tiny_bert: Path, tiny_g
     assert out.read_bytes().startswith(PNG_MAGIC) and out.stat().st_size > 10_000
     assert "1 of 4 jobs have no results yet" in result.err
 
-    figure = user_cli.plot_sweep(w2s.api.get_sweep(sweep_id))
-    axes = figure.axes[0]
-    lines = {line.get_label(): line for line in axes.get_lines()}
-    assert set(lines) == {
-        "weak tiny-bert, student xent",
-        "weak tiny-bert, student logconf",
-        "weak tiny-gpt2, student xent",
-        "weak tiny-gpt2, student logconf",
+    svg_out = tmp_path / "plots" / "plot.svg"
+    result = w2s("sweep", "plot", sweep_id, "--out", str(svg_out))
+    assert result.code == 0, result.err
+    svg = svg_out.read_text()
+    assert svg.startswith("<?xml") and ">strong ceiling</text>" in svg
+    unknown = w2s("sweep", "plot", sweep_id, "--out", str(tmp_path / "plot.xyz"))
+    assert unknown.code == 2 and one_line(unknown.err) and ".xyz" in unknown.err
+
+    # The figure is w2s.plots' (the dashboard draws the same): its data, then what is drawn.
+    sweep = w2s.api.get_sweep(sweep_id)
+    assert user_cli.plot_sweep(sweep, "svg").decode() == svg
+    data = user_cli.sweep_plot_data(sweep)
+    series = {s.label: s for s in data.series}
+    assert set(series) == {
+        "tiny-bert → student (xent)",
+        "tiny-bert → student (logconf)",
+        "tiny-gpt2 → student (xent)",
+        "tiny-gpt2 → student (logconf)",
+        "tiny-bert (weak supervisor)",
+        "tiny-gpt2 (weak supervisor)",
         "strong ceiling",
     }
-    assert lines["strong ceiling"].get_color() == "black"
-    assert lines["weak tiny-bert, student xent"].get_linestyle() == "-"
-    assert lines["weak tiny-bert, student logconf"].get_linestyle() == "--"
-    bert, gpt2 = lines["weak tiny-bert, student xent"], lines["weak tiny-gpt2, student xent"]
-    assert bert.get_color() != gpt2.get_color()
-    assert bert.get_color() == lines["weak tiny-bert, student logconf"].get_color()
-    assert [tick.get_text() for tick in axes.get_xticklabels()] == ["tiny-gpt2", "tiny-bert"]  # grid order
-    assert "sst2" in axes.get_title() and "tiny-grid" in axes.get_title()
+    assert series["strong ceiling"].color == "#000000"
+    bert, gpt2 = series["tiny-bert → student (xent)"], series["tiny-gpt2 → student (xent)"]
+    assert bert.dash == () and series["tiny-bert → student (logconf)"].dash != ()
+    assert bert.color != gpt2.color and bert.color == series["tiny-bert → student (logconf)"].color
+    assert data.x_labels == ["tiny-gpt2", "tiny-bert"]  # grid order
+    assert sum(value is not None for value in bert.values + gpt2.values) == 3  # one job still running
+    assert "sst2" in data.title and "tiny-grid" in data.title
+    for label in [*series, "tiny-gpt2", "tiny-bert", data.title]:
+        assert f">{label}</text>" in svg, label

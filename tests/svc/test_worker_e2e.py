@@ -6,6 +6,7 @@ Postgres + Redis (the production configuration) for most tests, and the embedded
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -24,6 +25,8 @@ from sqlalchemy import select
 from service.db import reset_caches, session_scope
 from service.models import MetricPoint, Stage
 from w2s.store import ArtifactStore
+
+pytestmark = pytest.mark.slow  # real worker and dispatcher processes
 
 ROOT = Path(__file__).resolve().parents[2]
 REDIS_DB = 15
@@ -94,6 +97,7 @@ def stack(service_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.Monke
     (tmp_path / "logs").mkdir()
     running = Stack(env, tmp_path / "logs")
     running.start("worker", "--queue", "cpu")
+    running.start("worker", "--queue", "control")
     running.start("dispatcher")
     yield running
     running.stop()
@@ -216,8 +220,16 @@ def test_embedded_default_runs_a_job_with_no_servers(
         "W2S_ARTIFACT_STORE": str(tmp_path / "state" / "store"),
         "W2S_DATA_DIR": str(write_sst2_like(tmp_path / "data")),
         "W2S_DISPATCH_INTERVAL_S": "0.2",
+        "W2S_ENVIRONMENT": "development",  # as `w2s-service dev` runs it
+        "W2S_MODEL_ROOTS": json.dumps([str(tiny_bert.parent)]),
     }
-    for key in ("W2S_DATABASE_URL", "W2S_BROKER_URL", "W2S_QUEUE_SLOTS"):
+    for key in (
+        "W2S_DATABASE_URL",
+        "W2S_BROKER_URL",
+        "W2S_QUEUE_SLOTS",
+        "W2S_ADMIN_KEY",
+        "W2S_SESSION_SECRET",
+    ):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -232,6 +244,7 @@ def test_embedded_default_runs_a_job_with_no_servers(
     (tmp_path / "logs").mkdir()
     embedded = Stack(env, tmp_path / "logs")
     embedded.start("worker", "--queue", "cpu")
+    embedded.start("worker", "--queue", "control")
     embedded.start("dispatcher")
     try:
         with session_scope() as session:

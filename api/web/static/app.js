@@ -1,5 +1,6 @@
 /* Dashboard behaviour: live relative times, copy buttons, and the pages' polling of /ui/*.json.
-   Pages are fully rendered by the server; this only keeps them current without a reload. */
+   Pages are fully rendered by the server, figures included (SVG images); this only keeps them
+   current without a reload. */
 (function () {
   "use strict";
 
@@ -158,6 +159,16 @@
     }
   }
 
+  // ---- figures: SVGs drawn by the server -----------------------------------------------------
+
+  // Points the image at the figure's `version` (the data it shows); a new URL makes the browser
+  // fetch it again, and it keeps showing the old figure until the new one has loaded.
+  function refreshFigure(img, version) {
+    if (!img) return;
+    var url = img.getAttribute("data-src") + "?v=" + encodeURIComponent(version);
+    if (img.getAttribute("src") !== url) img.setAttribute("src", url);
+  }
+
   // ---- jobs page ------------------------------------------------------------------------------
 
   function initJobs() {
@@ -181,59 +192,10 @@
     var dataNode = $("#job-data");
     if (!dataNode) return;
     var data = JSON.parse(dataNode.textContent);
-    var store = {};
-    var order = data.stage_order || [];
 
-    function merge(series) {
-      series.forEach(function (s) {
-        var key = s.stage_id + "|" + s.name;
-        var entry = store[key] || (store[key] = {
-          stage_id: s.stage_id, name: s.name, label: s.label, color: s.color, steps: [], values: [],
-        });
-        for (var i = 0; i < s.steps.length; i++) {
-          entry.steps.push(s.steps[i]);
-          entry.values.push(s.values[i]);
-        }
-      });
-    }
-
-    function lines(name, dash) {
-      return Object.keys(store).map(function (key) { return store[key]; })
-        .filter(function (e) { return e.name === name; })
-        .sort(function (a, b) { return order.indexOf(a.stage_id) - order.indexOf(b.stage_id); })
-        .map(function (e) {
-          var points = e.steps.map(function (step, i) { return [step, e.values[i]]; });
-          points.sort(function (a, b) { return a[0] - b[0]; });
-          return {
-            label: e.label + (name === "eval_accuracy" ? " (eval)" : ""),
-            legendLabel: e.label,
-            key: e.stage_id,
-            color: e.color,
-            dash: dash,
-            width: 1.6,
-            points: points,
-          };
-        });
-    }
-
-    function draw() {
-      var loss = $("#chart-loss");
-      var accuracy = $("#chart-accuracy");
-      if (!window.W2SChart) return;
-      if (loss) {
-        window.W2SChart.render(loss, {
-          x: { label: "training step", integer: true },
-          y: { label: "loss", digits: 4 },
-          series: lines("loss"),
-        });
-      }
-      if (accuracy) {
-        window.W2SChart.render(accuracy, {
-          x: { label: "training step", integer: true },
-          y: { label: "accuracy", min: 0, max: 1, digits: 3 },
-          series: lines("train_accuracy").concat(lines("eval_accuracy", "5 3")),
-        });
-      }
+    function refreshCurves(version) {
+      refreshFigure($("#chart-loss"), version);
+      refreshFigure($("#chart-accuracy"), version);
     }
 
     function appendLogs(lines, names) {
@@ -268,8 +230,6 @@
       if (atBottom) box.scrollTop = box.scrollHeight;
     }
 
-    merge(data.series);
-    draw();
     var logs = $("#job-logs");
     if (logs) logs.scrollTop = logs.scrollHeight;
     if (data.terminal) return;
@@ -283,48 +243,33 @@
         replace($("#job-header"), live.fragments.header);
         replace($("#job-timeline"), live.fragments.timeline);
         replace($("#job-results"), live.fragments.results);
-        order = live.stage_order;
-        merge(live.series);
-        if (live.series.length) draw();
         appendLogs(live.logs, live.stage_names);
+        // The newest metric point's id versions the curves: reload them only when it moves.
+        if (live.metrics_after !== metricsAfter) refreshCurves(live.metrics_after);
         metricsAfter = live.metrics_after;
         logsAfter = live.logs_after;
         if (!live.terminal) return true;
-        // Finished: draw every point once more from the start, in case two stages' writes
-        // committed out of id order while we were reading incrementally.
-        return getJSON(base + "?metrics_after=0&logs_after=" + logsAfter).then(function (full) {
-          store = {};
-          merge(full.series);
-          draw();
-          return false;
-        });
+        // Finished: draw the curves once more. A point that committed after a newer one (two
+        // stages writing at once) does not move the newest id, so it may not be drawn yet.
+        refreshCurves(metricsAfter + "-end");
+        return false;
       });
     }, 2000);
   }
 
   // ---- sweep page -----------------------------------------------------------------------------
 
-  function plotSpec(plot) {
-    return {
-      x: plot.x,
-      y: { label: plot.y.label, min: 0, max: 1, digits: 3 },
-      series: plot.series,
-      height: 400,
-    };
-  }
-
   function initSweep() {
     var dataNode = $("#sweep-data");
     if (!dataNode) return;
     var data = JSON.parse(dataNode.textContent);
-    var chart = $("#sweep-plot");
-    if (chart && window.W2SChart) window.W2SChart.render(chart, plotSpec(data.plot));
     if (data.terminal) return;
     poll(function () {
       return getJSON("/ui/sweeps/" + encodeURIComponent(data.sweep_id) + ".json").then(function (live) {
         replace($("#sweep-header"), live.fragments.header);
         replace($("#sweep-tables"), live.fragments.tables);
-        if (chart && window.W2SChart) window.W2SChart.render(chart, plotSpec(live.plot));
+        // The version is a hash of the figure's data: the image reloads only when a value changed.
+        refreshFigure($("#sweep-plot"), live.plot_version);
         return !live.terminal;
       });
     }, 3000);

@@ -1,0 +1,120 @@
+"""Per-team limits: stages per job and per sweep, stages waiting or running, upload storage and
+requests per key per minute. Each has a setting (``W2S_MAX_...``) and an admin's per-team override."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from service.errors import LimitExceeded
+from service.models import Dataset, Stage, Team
+from service.settings import Settings
+from service.states import StageStatus
+
+WAITING = [StageStatus.pending, StageStatus.queued, StageStatus.running]
+
+
+def limit_of(team: Team, settings: Settings, name: str) -> int:
+    """The team's own value of limit ``name`` if an admin set one, else the setting."""
+    own = getattr(team, name)
+    return int(own) if own is not None else int(getattr(settings, name))
+
+
+def check_priority(team: Team, settings: Settings, priority: int) -> None:
+    ceiling = limit_of(team, settings, "max_priority")
+    if priority > ceiling:
+        raise LimitExceeded(
+            f"priority: {priority} is above your team's ceiling of {ceiling}; priority orders your own "
+            "jobs only (across teams, fair share decides), so a lower value loses nothing against others",
+            limit="max_priority",
+            value=ceiling,
+        )
+
+
+def check_job_size(team: Team, settings: Settings, n_stages: int, *, what: str = "job") -> None:
+    name = "max_stages_per_job" if what == "job" else "max_stages_per_sweep"
+    limit = limit_of(team, settings, name)
+    if n_stages > limit:
+        raise LimitExceeded(
+            f"the {what} has {n_stages:,} stages and the limit ({name}) is {limit:,}: use fewer seeds, "
+            f"losses or models, split it into several {what}s, or ask an admin to raise your team's {name}",
+            limit=name,
+            value=limit,
+        )
+
+
+def check_backlog(session: Session, team: Team, settings: Settings, adding: int) -> None:
+    """Stages waiting or running for the team, plus ``adding``, within max_queued_stages (429)."""
+    limit = limit_of(team, settings, "max_queued_stages")
+    waiting = session.scalar(
+        select(func.count()).select_from(Stage).where(Stage.team_id == team.id, Stage.status.in_(WAITING))
+    )
+    if (waiting or 0) + adding > limit:
+        raise LimitExceeded(
+            f"your team has {waiting:,} stages waiting or running and this request adds {adding:,}; the "
+            f"limit (max_queued_stages) is {limit:,}. Submit it when some have finished, or cancel jobs "
+            "you no longer need",
+            limit="max_queued_stages",
+            value=limit,
+            retry_after_s=60,
+        )
+
+
+def check_upload_quota(session: Session, team: Team, settings: Settings, adding_bytes: int) -> None:
+    quota_mb = limit_of(team, settings, "upload_quota_mb")
+    used = session.scalar(
+        select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(Dataset.team_id == team.id)
+    )
+    if (used or 0) + adding_bytes > quota_mb * 1024 * 1024:
+        raise LimitExceeded(
+            f"your team's uploads would take {((used or 0) + adding_bytes) / 2**20:,.1f} MB and the quota "
+            f"(upload_quota_mb) is {quota_mb:,} MB: delete uploads you no longer need "
+            "(DELETE /v1/datasets/<id>) or ask an admin to raise it",
+            limit="upload_quota_mb",
+            value=quota_mb,
+        )
+
+
+class RateLimiter:
+    """Requests per key per minute, in fixed one-minute windows: in Redis when the service has it
+    (every API process shares the count), else in this process."""
+
+    def __init__(self, redis_url: str | None = None, prefix: str = "") -> None:
+        self._redis: Any = None
+        if redis_url and redis_url.startswith(("redis://", "rediss://")):
+            import redis
+
+            self._redis = redis.Redis.from_url(redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        self._prefix = prefix
+        self._counts: dict[tuple[str, int], int] = {}
+        self._lock = threading.Lock()
+
+    def hit(self, key_hash: str, limit: int) -> int | None:
+        """Count a request; None if within ``limit``, else the seconds until the window resets."""
+        now = time.time()
+        window = int(now // 60)
+        count = self._count(key_hash, window)
+        if count is None or count <= limit:
+            return None
+        return max(1, int(60 - now % 60) + 1)
+
+    def _count(self, key_hash: str, window: int) -> int | None:
+        if self._redis is not None:
+            name = f"{self._prefix}w2s:rate:{key_hash[:32]}:{window}"
+            try:
+                pipe = self._redis.pipeline()
+                pipe.incr(name)
+                pipe.expire(name, 120)
+                return int(pipe.execute()[0])
+            except Exception:  # Redis unreachable: do not turn an outage of the limiter into one of the API
+                return None
+        with self._lock:
+            if len(self._counts) > 100_000:
+                self._counts = {k: v for k, v in self._counts.items() if k[1] >= window}
+            count = self._counts.get((key_hash, window), 0) + 1
+            self._counts[(key_hash, window)] = count
+            return count

@@ -1,0 +1,176 @@
+"""Planning and finishing a job: the service's calls into the w2s library.
+
+These run in control tasks (worker/control.py), never in the dispatch round: they load datasets and
+tokenizers, hash model files, estimate memory and compute bootstrap statistics, which can take
+seconds or minutes. A stored job spec names uploads as ``upload:<id>``; :func:`library_spec` turns
+that into the file the library reads, for the team that owns it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.lifecycle import PlannedStage, job_succeeded, mark_planned
+from service.models import Dataset, Job, Stage, utcnow
+from service.scheduler import route_queue
+from service.settings import Settings
+from service.states import StageStatus
+
+logger = logging.getLogger(__name__)
+
+UPLOAD_PREFIX = "upload:"
+
+
+class PlanningError(ValueError):
+    """A job that cannot be planned as asked; the message is shown on the job."""
+
+
+def library_spec(session: Session, *, spec: dict[str, Any], team_id: str) -> Any:
+    """The job spec as the library reads it: an ``upload:<id>`` dataset becomes the team's file."""
+    from w2s.spec import JobSpec
+
+    raw = json.loads(json.dumps(spec))
+    dataset = raw.get("dataset") or {}
+    name = dataset.get("name")
+    if isinstance(name, str) and name.startswith(UPLOAD_PREFIX):
+        upload = session.get(Dataset, name.removeprefix(UPLOAD_PREFIX))
+        if upload is None or upload.team_id != team_id:
+            raise PlanningError(f"dataset.name: the uploaded dataset {name!r} no longer exists")
+        dataset["name"] = {"path": upload.path, "text": upload.text_column, "label": upload.label_column}
+    return JobSpec.model_validate(raw)
+
+
+@functools.lru_cache(maxsize=64)
+def _seed_data(spec_json: str, seed: int, data_dir: str | None) -> Any:
+    from w2s.spec import JobSpec
+    from w2s.splits import prepare_seed_data
+
+    spec = JobSpec.model_validate_json(spec_json)
+    return prepare_seed_data(spec, seed, Path(data_dir) if data_dir else None)
+
+
+def experiment_data(spec: Any, settings: Settings, seeds: list[int] | None = None) -> dict[int, Any]:
+    """Each seed's clean data (w2s.splits), cached in this process: planning and finishing read it."""
+    spec_json = json.dumps(spec.model_dump(mode="json"), sort_keys=True)
+    data_dir = str(settings.data_dir) if settings.data_dir else None
+    return {seed: _seed_data(spec_json, seed, data_dir) for seed in (seeds or spec.seeds)}
+
+
+def stage_plans(spec: Any, settings: Settings, seeds: list[int] | None = None) -> dict[tuple[str, int], Any]:
+    """The w2s plans of a job's stages (of ``seeds`` only, if given), keyed by (kind, seed), for the
+    device kind this deployment's workers run on."""
+    from w2s.pipeline import plan_experiment
+
+    data = experiment_data(spec, settings, seeds)
+    narrowed = spec.model_copy(update={"seeds": list(data)}) if seeds else spec
+    plans = plan_experiment(narrowed, data, device_kind=settings.device_kind)
+    return {(plan.kind, plan.seed): plan for plan in plans}
+
+
+def hub_revision(model: str) -> str | None:
+    """The commit a hub model id points at now, or None offline or when the hub cannot be reached."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        return str(HfApi().model_info(model, timeout=10).sha) or None
+    except Exception as error:  # offline, unknown id, private: the job runs on what loads
+        logger.info("could not pin %s to a revision: %s", model, error)
+        return None
+
+
+def pin_revisions(spec: dict[str, Any]) -> dict[str, Any]:
+    """Hub models without a revision get the commit they point at now, so every stage of the job
+    (and its stage keys) means the same weights even if the hub moves on while it runs."""
+    pinned = json.loads(json.dumps(spec))
+    for role in ("weak", "strong"):
+        model = pinned[role]
+        if model.get("revision") is None and not Path(model["model"]).expanduser().is_dir():
+            revision = hub_revision(model["model"])
+            if revision:
+                model["revision"] = revision
+    return pinned
+
+
+def plan_job(session: Session, job_id: str, settings: Settings, store: Any) -> bool:
+    """Compute every stage's key, memory estimate and queue; stages whose key already has a result
+    complete at once. Raises on any problem (the control task fails the job with the message);
+    False if the job no longer needs planning."""
+    from w2s.memory import estimate_memory_gb
+
+    job = session.get(Job, job_id)
+    if job is None or job.planned or job.status not in ("queued", "running"):
+        return False
+    pinned = pin_revisions(job.spec)
+    if pinned != job.spec:
+        job.spec = pinned  # the workers read the spec: they load the pinned revision
+        session.flush()
+    spec = library_spec(session, spec=job.spec, team_id=job.team_id)
+    plans = stage_plans(spec, settings)
+    stages = session.execute(
+        select(Stage.id, Stage.kind, Stage.seed, Stage.status).where(Stage.job_id == job_id)
+    ).all()
+    planned: dict[str, PlannedStage] = {}
+    cached: dict[str, dict[str, Any]] = {}
+    for stage_id, kind, seed, status in stages:
+        plan = plans[kind, seed]
+        memory_gb = estimate_memory_gb(plan.model, plan.config)
+        planned[stage_id] = PlannedStage(
+            plan.key, route_queue(memory_gb, settings.queue_slots, settings.gpu_classes), memory_gb
+        )
+        if status == StageStatus.pending:
+            record = store.get_record("stages", plan.key)
+            if record is not None:
+                cached[stage_id] = record
+    return mark_planned(session, job_id, planned, cached)
+
+
+def finish_job(session: Session, job_id: str, settings: Settings, store: Any) -> bool:
+    """Aggregate the stage results into the library's results document; False if the job is not
+    (or no longer) due to be finished."""
+    from w2s.pipeline import experiment_results
+
+    job = session.get(Job, job_id)
+    if job is None or job.status != "running" or not job.finish_due:
+        return False
+    spec = library_spec(session, spec=job.spec, team_id=job.team_id)
+    data = experiment_data(spec, settings)
+    stages = session.scalars(select(Stage).where(Stage.job_id == job_id).order_by(Stage.order)).all()
+    results_of = {(stage.kind, stage.seed): stage.result or {} for stage in stages}
+
+    def probs(kind: str, seed: int) -> np.ndarray:
+        return store.get_array(results_of[kind, seed]["test_probs"])
+
+    timings: dict[str, float] = {}
+    for stage in stages:
+        seconds = (
+            0.0 if stage.status == StageStatus.cached else float((stage.result or {}).get("seconds", 0.0))
+        )
+        timings[stage.kind] = timings.get(stage.kind, 0.0) + seconds
+    if job.started_at is not None:
+        started = job.started_at if job.started_at.tzinfo else job.started_at.replace(tzinfo=utcnow().tzinfo)
+        timings["total"] = (utcnow() - started).total_seconds()
+    results = experiment_results(spec, data, probs, timings)
+    manifest = {
+        "dataset": {str(seed): data[seed].summary() for seed in spec.seeds},
+        "device_kind": settings.device_kind,
+        "seeds": spec.seeds,
+        "stages": [{"kind": s.kind, "seed": s.seed, "key": s.stage_key, "status": s.status} for s in stages],
+    }
+    name = (job.spec.get("dataset") or {}).get("name")
+    if isinstance(name, str) and name.startswith(UPLOAD_PREFIX):
+        for summary in manifest["dataset"].values():  # the upload's id, never its server path
+            summary["name"] = name
+            summary["sources"] = {"train": name, "test": name}
+    session.expunge_all()  # the lifecycle writes with conditional statements, not these objects
+    return job_succeeded(session, job_id, results=results, manifest=manifest)

@@ -1,0 +1,215 @@
+"""w2s.plots on its own: the sweep figure's data (gaps, zero ceilings, the weak models' line), the
+SVG it draws, a job's curves, and importing the module without matplotlib."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from w2s import plots
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+GRID = {
+    "dataset": {"name": "sst2", "n_train": 40},
+    "weak_models": ["gpt2", {"model": "./models/distilgpt2", "mode": "probe"}],
+    "strong_models": ["gpt2-medium", {"model": "gpt2-large", "mode": "probe"}, "gpt2-xl"],
+    "losses": ["xent", {"name": "logconf", "aux_coef": 0.5}],
+}
+DISTIL = "./models/distilgpt2"
+
+
+def row(
+    weak: str, strong: str, weak_acc: float | None, ceiling: float | None, students: dict[str, float | None]
+) -> dict[str, Any]:
+    """A row as GET /v1/sweeps/{id} has it (service.sweeps.SweepRow, as JSON)."""
+    done = ceiling is not None
+    return {
+        "job_id": f"{weak}-{strong}",
+        "weak_model": weak,
+        "strong_model": strong,
+        "status": "succeeded" if done else "queued",
+        "weak_accuracy": weak_acc,
+        "ceiling_accuracy": ceiling,
+        "students": {loss: {"accuracy": acc, "pgr": None} for loss, acc in students.items()},
+    }
+
+
+LOGCONF = "logconf(aux_coef=0.5)"
+TABLE = [
+    row("gpt2", "gpt2-medium", 0.70, 0.80, {"xent": 0.75, LOGCONF: 0.77}),
+    # A ceiling of exactly 0.0 is a figure, not a gap; the logconf student has no result.
+    row("gpt2", "gpt2-large", 0.70, 0.0, {"xent": 0.60, LOGCONF: None}),
+    row(DISTIL, "gpt2-medium", 0.65, 0.90, {"xent": 0.70, LOGCONF: 0.72}),
+    # Still queued: no figures at all (a None ceiling is missing, not 0).
+    row(DISTIL, "gpt2-large", None, None, {"xent": None, LOGCONF: None}),
+    # The logconf student is absent from the row altogether.
+    row(DISTIL, "gpt2-xl", 0.66, 0.95, {"xent": 0.80}),
+    # No row for (gpt2, gpt2-xl): that job's points are gaps too.
+]
+
+
+def test_sweep_figure_data_by_hand() -> None:
+    data = plots.sweep_figure_data(GRID, TABLE, name="family")
+    assert data.title == "weak-to-strong on sst2 (family)"
+    assert data.strong_models == ("gpt2-medium", "gpt2-large", "gpt2-xl")  # grid order
+    assert [s.label for s in data.series] == [
+        "gpt2 → student (xent)",
+        f"gpt2 → student ({LOGCONF})",
+        "distilgpt2 → student (xent)",
+        f"distilgpt2 → student ({LOGCONF})",
+        "gpt2 (weak supervisor)",
+        "distilgpt2 (weak supervisor)",
+        "strong ceiling",
+    ]
+    values = {s.label: s.values for s in data.series}
+    assert values["gpt2 → student (xent)"] == (0.75, 0.60, None)
+    assert values[f"gpt2 → student ({LOGCONF})"] == (0.77, None, None)
+    assert values["distilgpt2 → student (xent)"] == (0.70, None, 0.80)
+    assert values[f"distilgpt2 → student ({LOGCONF})"] == (0.72, None, None)
+    # The weak model's own accuracy at each strong model: that job's weak figure.
+    assert values["gpt2 (weak supervisor)"] == (0.70, 0.70, None)
+    assert values["distilgpt2 (weak supervisor)"] == (0.65, None, 0.66)
+    # gpt2-medium: (0.80 + 0.90) / 2; gpt2-large: the 0.0 counts, the queued job's None does not.
+    ceiling = values["strong ceiling"]
+    assert ceiling[0] == pytest.approx(0.85) and ceiling[1] == 0.0 and ceiling[2] == 0.95
+
+    gpt2_xent = data.series_named("gpt2 → student (xent)")
+    gpt2_logconf = data.series_named(f"gpt2 → student ({LOGCONF})")
+    distil_xent = data.series_named("distilgpt2 → student (xent)")
+    assert gpt2_xent.dash == () and gpt2_logconf.dash != ()  # xent solid, other losses dashed
+    assert gpt2_xent.color == gpt2_logconf.color == plots.PALETTE[0] != distil_xent.color
+    assert (gpt2_xent.weak_model, gpt2_xent.loss) == ("gpt2", "xent")
+    weak_line = data.series_named("distilgpt2 (weak supervisor)")
+    assert weak_line.role == "weak" and weak_line.color == distil_xent.color and weak_line.dash
+    strong = data.series_named("strong ceiling")
+    assert strong.role == "ceiling" and strong.color == "#000000" and strong.dash == ()
+    assert data.x_labels == ["gpt2-medium", "gpt2-large", "gpt2-xl"]
+    assert not data.empty
+
+
+def test_models_the_grid_does_not_name_are_appended_and_no_results_is_empty() -> None:
+    extra = [*TABLE, row("gpt2", "/data/models/llama-3-8b", 0.71, 0.91, {"xent": 0.83})]
+    data = plots.sweep_figure_data(GRID, extra)
+    assert data.strong_models[-1] == "/data/models/llama-3-8b" and data.x_labels[-1] == "llama-3-8b"
+    assert data.series_named("gpt2 → student (xent)").values == (0.75, 0.60, None, 0.83)
+    assert data.title == "weak-to-strong on sst2"
+
+    nothing = plots.sweep_figure_data(GRID, [row("gpt2", "gpt2-medium", None, None, {"xent": None})])
+    assert nothing.empty
+    assert nothing.series_named("strong ceiling").values == (None, None, None)
+
+
+def test_sweep_figure_draws_the_data() -> None:
+    data = plots.sweep_figure_data(GRID, TABLE, name="family")
+    figure = plots.sweep_figure(data)
+    axes = figure.axes[0]
+    lines = {line.get_label(): line for line in axes.get_lines()}
+    assert set(lines) == {s.label for s in data.series}
+    assert [tick.get_text() for tick in axes.get_xticklabels()] == ["gpt2-medium", "gpt2-large", "gpt2-xl"]
+    assert axes.get_ylim() == (0.0, 1.0)
+    ceiling = lines["strong ceiling"].get_ydata()
+    assert ceiling[1] == 0.0 and ceiling[2] == 0.95  # 0.0 drawn as a point
+    logconf = lines[f"gpt2 → student ({LOGCONF})"]
+    assert math.isnan(logconf.get_ydata()[1])  # a gap, never a 0
+    assert lines["gpt2 → student (xent)"].get_linestyle() == "-" and logconf.get_linestyle() != "-"
+
+
+def test_sweep_svg_is_small_deterministic_and_labelled() -> None:
+    data = plots.sweep_figure_data(GRID, TABLE, name="family")
+    svg = plots.render_sweep_svg(data)
+    assert svg.startswith("<?xml") and "<svg" in svg
+    for label in [s.label for s in data.series] + ["gpt2-medium", "test accuracy", "strong model"]:
+        assert f">{label}</text>" in svg, label  # text stays text (svg.fonttype none)
+    assert "weak-to-strong on sst2 (family)" in svg
+    assert "<image" not in svg and len(svg) < 60_000
+    assert plots.render_sweep_svg(plots.sweep_figure_data(GRID, TABLE, name="family")) == svg
+    assert plots.render_sweep_png(data).startswith(PNG_MAGIC)
+    assert "No results yet" in plots.render_sweep_svg(plots.sweep_figure_data(GRID, []))
+
+
+def metric(stage_id: str, kind: str, seed: int, name: str, points: dict[int, float]) -> dict[str, Any]:
+    """A series as GET /v1/jobs/{id}/metrics returns it."""
+    return {
+        "stage_id": stage_id,
+        "kind": kind,
+        "seed": seed,
+        "name": name,
+        "steps": list(points),
+        "values": list(points.values()),
+    }
+
+
+SERIES = [
+    metric("s3", "student:xent", 0, "loss", {2: 0.5, 1: 0.6}),  # out of order: drawn sorted
+    metric("s3", "student:xent", 0, "train_accuracy", {1: 0.6, 2: 0.7}),
+    metric("s1", "weak", 0, "eval_accuracy", {2: 0.66}),
+    metric("s1", "weak", 0, "loss", {1: 0.9, 2: 0.7}),
+    metric("s1", "weak", 0, "train_accuracy", {1: 0.55, 2: 0.65}),
+    metric("s1", "weak", 0, "lr", {1: 1e-4}),  # not drawn
+]
+
+
+def test_curves_figure_data() -> None:
+    data = plots.curves_figure_data(SERIES, order=["s1", "s2", "s3"])
+    assert [(c.stage, c.metric) for c in data.loss] == [("weak · seed 0", "loss"), ("xent · seed 0", "loss")]
+    xent_loss = data.loss[1]
+    assert xent_loss.steps == (1, 2) and xent_loss.values == (0.6, 0.5)
+    # Colours by run order, as the stage timeline: s2 (no points yet) keeps its colour.
+    assert data.loss[0].color == plots.PALETTE[0] and xent_loss.color == plots.PALETTE[2]
+    assert [(c.stage, c.metric, c.dash == ()) for c in data.accuracy] == [
+        ("weak · seed 0", "train_accuracy", True),
+        ("weak · seed 0", "eval_accuracy", False),  # evaluation dashed
+        ("xent · seed 0", "train_accuracy", True),
+    ]
+    # Without the run order: per seed, weak, ceiling, then the students.
+    unordered = plots.curves_figure_data(
+        [*SERIES, metric("s4", "weak", 1, "loss", {1: 0.8}), metric("s5", "ceiling", 0, "loss", {1: 0.4})]
+    )
+    assert [c.stage for c in unordered.loss] == [
+        "weak · seed 0",
+        "ceiling · seed 0",
+        "xent · seed 0",
+        "weak · seed 1",
+    ]
+
+
+def test_curves_svgs() -> None:
+    data = plots.curves_figure_data(SERIES, order=["s1", "s2", "s3"])
+    loss = plots.render_curves_svg(data, "loss")
+    accuracy = plots.render_curves_svg(data, "accuracy")
+    assert ">Training loss</text>" in loss and ">training step</text>" in loss and ">loss</text>" in loss
+    assert ">weak · seed 0</text>" in loss and ">xent · seed 0</text>" in loss
+    assert ">Accuracy</text>" in accuracy and ">evaluation</text>" in accuracy
+    assert ">training batches</text>" in accuracy and ">weak · seed 0</text>" in accuracy
+    assert plots.curves_figure(data, "accuracy").axes[0].get_ylim() == (0.0, 1.0)
+    assert plots.render_curves_svg(data, "loss") == loss
+    empty = plots.render_curves_svg(plots.curves_figure_data([]), "loss")
+    assert "Waiting for the first training steps" in empty
+
+
+def test_the_data_needs_no_matplotlib() -> None:
+    program = f"""
+import sys
+sys.modules["matplotlib"] = None  # importing it now fails, as if it were not installed
+sys.path.insert(0, {str(ROOT / "tests")!r})
+from test_plots import GRID, TABLE, SERIES
+from w2s import plots
+assert plots.sweep_figure_data(GRID, TABLE).series[0].values == (0.75, 0.60, None)
+assert plots.curves_figure_data(SERIES).loss
+try:
+    plots.render_sweep_svg(plots.sweep_figure_data(GRID, TABLE))
+except ImportError:
+    print("drawing needs matplotlib")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "drawing needs matplotlib"
