@@ -15,7 +15,7 @@ import hashlib
 import logging
 from collections.abc import Callable, Coroutine
 from pathlib import Path as FilePath
-from typing import Annotated, Any, cast
+from typing import Annotated, Any, Literal, cast
 from urllib.parse import quote
 
 from fastapi import APIRouter, Form, Header, HTTPException, Path, Query, Request, status
@@ -25,6 +25,7 @@ from fastapi.routing import APIRoute
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from pydantic import BaseModel, Field
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
+from sqlalchemy.orm import Session
 from starlette.templating import Jinja2Templates
 
 from api.deps import SessionDep, SettingsDep
@@ -449,45 +450,34 @@ CsrfForm = Annotated[str | None, Form(alias=CSRF_FIELD, max_length=200)]
 CsrfHeader = Annotated[str | None, Header(alias="X-CSRF-Token", max_length=200)]
 
 
-@pages.post("/jobs/{job_id}/cancel", response_model=None)
-def cancel_job(
-    request: Request,
-    session: SessionDep,
-    team: PageTeamDep,
-    job_id: JobId,
-    csrf: CsrfForm = None,
-    csrf_header: CsrfHeader = None,
-) -> Response:
-    _page_team(request, team)
-    return _job_action(
-        request,
-        session,
-        team,
-        job_id,
-        csrf_header or csrf,
-        lambda job: job_service.cancel_job(session, job=job),
+# What each job action does and what the page says after it.
+JOB_ACTIONS: dict[str, tuple[Callable[[Session, Job], Any], str]] = {
+    "cancel": (
+        lambda session, job: job_service.cancel_job(session, job=job),
         "Cancelled. Running stages stop at their next training step.",
-    )
+    ),
+    "retry": (
+        lambda session, job: job_service.retry_job(session, job=job),
+        "Queued again: the failed and cancelled stages will run; finished ones are kept.",
+    ),
+}
 
 
-@pages.post("/jobs/{job_id}/retry", response_model=None)
-def retry_job(
+@pages.post("/jobs/{job_id}/{action}", response_model=None)
+def job_action(
     request: Request,
     session: SessionDep,
     team: PageTeamDep,
     job_id: JobId,
+    action: Literal["cancel", "retry"],
     csrf: CsrfForm = None,
     csrf_header: CsrfHeader = None,
 ) -> Response:
+    """The job page's cancel and retry buttons (the same service functions as /v1)."""
     _page_team(request, team)
+    act, done = JOB_ACTIONS[action]
     return _job_action(
-        request,
-        session,
-        team,
-        job_id,
-        csrf_header or csrf,
-        lambda job: job_service.retry_job(session, job=job),
-        "Queued again: the failed and cancelled stages will run; finished ones are kept.",
+        request, session, team, job_id, csrf_header or csrf, lambda job: act(session, job), done
     )
 
 

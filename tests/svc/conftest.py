@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import redis
 from alembic import command
 from fastapi.testclient import TestClient
 from sqlalchemy import text
@@ -18,7 +19,7 @@ from sqlalchemy import text
 from service.auth import create_api_key, create_team
 from service.db import get_engine, reset_caches, session_scope
 from service.models import Base
-from svc_support import PG_ADMIN_URL, alembic_config
+from svc_support import PG_ADMIN_URL, REDIS_DB, Stack, alembic_config
 
 ADMIN_KEY = "test-admin-key"
 
@@ -94,3 +95,28 @@ def make_team(service_env: dict[str, str]):  # type: ignore[no-untyped-def]
             return TeamKey(team.id, key)
 
     return factory
+
+
+@pytest.fixture
+def stack(service_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
+    # A key prefix of its own, so concurrent test runs sharing this Redis never take each other's tasks.
+    prefix = f"w2s-test-{uuid.uuid4().hex[:8]}:"
+    env = {
+        **service_env,
+        "W2S_BROKER_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
+        "W2S_BROKER_KEY_PREFIX": prefix,
+        "W2S_QUEUE_SLOTS": '{"cpu": 1}',
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    reset_caches()
+    (tmp_path / "logs").mkdir()
+    running = Stack(env, tmp_path / "logs")
+    running.start("worker", "--queue", "cpu")
+    running.start("worker", "--queue", "control")
+    running.start("dispatcher")
+    yield running
+    running.stop()
+    client = redis.Redis(db=REDIS_DB)
+    for key in client.scan_iter(f"{prefix}*"):
+        client.delete(key)

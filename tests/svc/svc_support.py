@@ -1,11 +1,19 @@
-"""Shared by the service tests: where the test Postgres is and how to point Alembic at a database."""
+"""Shared by the service tests: where the test Postgres is, how to point Alembic at a database, a
+tiny job's spec, and real service processes (``Stack``) with ways to wait on them."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pytest
 from alembic.config import Config
+from fastapi.testclient import TestClient
 
 ROOT = Path(__file__).resolve().parents[2]
 PG_ADMIN_URL = os.environ.get("W2S_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/test")
@@ -16,3 +24,64 @@ def alembic_config(url: str) -> Config:
     config.attributes["database_url"] = url
     config.attributes["configure_logger"] = False
     return config
+
+
+REDIS_DB = 15
+
+
+def tiny_job(weak: Path, strong: Path, **overrides: Any) -> dict[str, Any]:
+    options = {"epochs": 1, "lr": 1e-3, "batch_size": 16, "max_length": 32}
+    body: dict[str, Any] = {
+        "dataset": {"name": "sst2", "n_train": 64, "n_test": 32},
+        "weak": {"model": str(weak), **options},
+        "strong": {"model": str(strong), **options},
+        "losses": ["xent"],
+        "seeds": [0],
+    }
+    body.update(overrides)
+    return body
+
+
+class Stack:
+    """A worker process and a dispatcher process with the test's settings."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path):
+        self.env = {**os.environ, **env}
+        self.log_dir = log_dir
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def start(self, *args: str) -> None:
+        log = open(self.log_dir / f"{args[0]}-{len(self.processes)}.log", "wb")  # noqa: SIM115
+        command = [sys.executable, "-m", "w2s_service.cli", *args]
+        self.processes.append(subprocess.Popen(command, env=self.env, cwd=ROOT, stdout=log, stderr=log))
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    def logs(self) -> str:
+        return "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.log_dir.glob("*.log")))
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, stack: Stack, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.3)
+    pytest.fail(f"timed out waiting for {what}\n{stack.logs()}")
+
+
+def job_status(client: TestClient, headers: dict[str, str], job_id: str) -> dict[str, Any]:
+    return client.get(f"/v1/jobs/{job_id}", headers=headers).json()
+
+
+def finished(client: TestClient, headers: dict[str, str], job_id: str) -> dict[str, Any] | None:
+    job = job_status(client, headers, job_id)
+    return job if job["status"] in ("succeeded", "failed", "cancelled") else None

@@ -21,10 +21,10 @@ from urllib.parse import urljoin
 import httpx
 import pytest
 import uvicorn
-from test_worker_e2e import ROOT, Stack, stack, tiny_job  # noqa: F401  (stack: the worker fixture)
 
 from service.db import session_scope
 from service.models import Job, Team
+from svc_support import ROOT, Stack, tiny_job
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
@@ -52,7 +52,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def live_server(stack: Stack) -> Iterator[str]:  # noqa: F811  (the imported fixture)
+def live_server(stack: Stack) -> Iterator[str]:
     """The API (dashboard included) on a free port, in this process, with the stack's settings."""
     from api.main import create_app
 
@@ -191,7 +191,7 @@ def _status(page: Page, job_id: str) -> str | None:
 def test_dashboard_in_a_browser(
     live_server: str,
     browser: Browser,
-    stack: Stack,  # noqa: F811
+    stack: Stack,
     make_team,  # type: ignore[no-untyped-def]
     tiny_bert: Path,
     tiny_gpt2: Path,

@@ -16,13 +16,13 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from sqlalchemy import select
-from test_worker_e2e import tiny_job
 
 from helpers import registered_losses
 from service.db import session_scope
 from service.dispatch import dispatch_round
 from service.models import Job, Stage
 from service.settings import get_settings
+from svc_support import tiny_job
 from worker.control import finish_job_task, plan_job_task
 from worker.tasks import execute_stage
 

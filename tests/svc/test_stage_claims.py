@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
-from test_worker_e2e import tiny_job
 
 from service import lifecycle
 from service.db import session_scope
@@ -17,6 +16,7 @@ from service.dispatch import RoundReport, recover_lost_stages
 from service.models import LogLine, MetricPoint, Stage, utcnow
 from service.settings import get_settings
 from service.states import StageStatus
+from svc_support import tiny_job
 from worker.tasks import ProgressWriter, claim_stage
 
 

@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import event, func, insert, select, text, update
-from test_worker_e2e import tiny_job
 
 from service import lifecycle
 from service.db import get_engine, session_scope
@@ -24,6 +23,7 @@ from service.dispatch import dispatch_round
 from service.models import Job, Stage, TeamUsage, new_id, utcnow
 from service.settings import get_settings
 from service.states import InvalidTransition
+from svc_support import tiny_job
 from worker.control import finish_job_task, plan_job_task
 from worker.tasks import execute_stage
 

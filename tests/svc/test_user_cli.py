@@ -24,10 +24,10 @@ import numpy as np
 import pytest
 import uvicorn
 import yaml
-from test_worker_e2e import Stack, stack, tiny_job  # noqa: F401  (stack: the worker + dispatcher fixture)
 
 from service.db import session_scope
 from service.models import Job
+from svc_support import Stack, tiny_job
 from w2s.results import SeedPredictions, build_results
 from w2s_service import user_cli
 from w2s_service.client import ApiError, W2SClient
@@ -315,7 +315,7 @@ class Hung(Exception):
 
 
 def test_watch_follows_a_running_job_to_the_end(
-    stack: Stack,  # noqa: F811  (the fixture imported above)
+    stack: Stack,
     w2s: W2S,
     tmp_path: Path,
     tiny_bert: Path,

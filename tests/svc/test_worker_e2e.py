@@ -11,108 +11,18 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from service.db import reset_caches, session_scope
 from service.models import MetricPoint, Stage
+from svc_support import ROOT, Stack, finished, job_status, tiny_job, wait_for
 from w2s.store import ArtifactStore
 
 pytestmark = pytest.mark.slow  # real worker and dispatcher processes
-
-ROOT = Path(__file__).resolve().parents[2]
-REDIS_DB = 15
-
-
-def tiny_job(weak: Path, strong: Path, **overrides: Any) -> dict[str, Any]:
-    options = {"epochs": 1, "lr": 1e-3, "batch_size": 16, "max_length": 32}
-    body: dict[str, Any] = {
-        "dataset": {"name": "sst2", "n_train": 64, "n_test": 32},
-        "weak": {"model": str(weak), **options},
-        "strong": {"model": str(strong), **options},
-        "losses": ["xent"],
-        "seeds": [0],
-    }
-    body.update(overrides)
-    return body
-
-
-class Stack:
-    """A worker process and a dispatcher process with the test's settings."""
-
-    def __init__(self, env: dict[str, str], log_dir: Path):
-        self.env = {**os.environ, **env}
-        self.log_dir = log_dir
-        self.processes: list[subprocess.Popen[bytes]] = []
-
-    def start(self, *args: str) -> None:
-        log = open(self.log_dir / f"{args[0]}-{len(self.processes)}.log", "wb")  # noqa: SIM115
-        command = [sys.executable, "-m", "w2s_service.cli", *args]
-        self.processes.append(subprocess.Popen(command, env=self.env, cwd=ROOT, stdout=log, stderr=log))
-
-    def stop(self) -> None:
-        for process in self.processes:
-            process.terminate()
-        for process in self.processes:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-
-    def logs(self) -> str:
-        return "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.log_dir.glob("*.log")))
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, stack: Stack, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.3)
-    pytest.fail(f"timed out waiting for {what}\n{stack.logs()}")
-
-
-@pytest.fixture
-def stack(service_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
-    # A key prefix of its own, so concurrent test runs sharing this Redis never take each other's tasks.
-    prefix = f"w2s-test-{uuid.uuid4().hex[:8]}:"
-    env = {
-        **service_env,
-        "W2S_BROKER_URL": f"redis://127.0.0.1:6379/{REDIS_DB}",
-        "W2S_BROKER_KEY_PREFIX": prefix,
-        "W2S_QUEUE_SLOTS": '{"cpu": 1}',
-    }
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    reset_caches()
-    (tmp_path / "logs").mkdir()
-    running = Stack(env, tmp_path / "logs")
-    running.start("worker", "--queue", "cpu")
-    running.start("worker", "--queue", "control")
-    running.start("dispatcher")
-    yield running
-    running.stop()
-    client = redis.Redis(db=REDIS_DB)
-    for key in client.scan_iter(f"{prefix}*"):
-        client.delete(key)
-
-
-def job_status(client: TestClient, headers: dict[str, str], job_id: str) -> dict[str, Any]:
-    return client.get(f"/v1/jobs/{job_id}", headers=headers).json()
-
-
-def finished(client: TestClient, headers: dict[str, str], job_id: str) -> dict[str, Any] | None:
-    job = job_status(client, headers, job_id)
-    return job if job["status"] in ("succeeded", "failed", "cancelled") else None
 
 
 def test_full_job_through_a_celery_worker(
