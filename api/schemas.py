@@ -145,6 +145,7 @@ class MetricSeries(BaseModel):
     name: str
     steps: list[int]
     values: list[float]
+    reused: bool = Field(False, description="a cached stage's curve: from the run that computed its result")
 
 
 class MetricsPublic(BaseModel):

@@ -17,6 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, defer, joinedload, selectinload
 
 from service import lifecycle, limits
+from service.availability import availability_errors
 from service.errors import InvalidInput, NotFound
 from service.lifecycle import log
 from service.models import Dataset, Job, LogLine, Stage, Team, new_id, utcnow
@@ -116,6 +117,12 @@ def resolve_spec(session: Session, *, team: Team, raw: dict[str, Any], settings:
     model_errors = _model_errors(raw, settings)
     if model_errors:
         raise SpecError(model_errors)
+    for role in ("weak", "strong"):
+        entry = raw.get(role)
+        model = entry.get("model") if isinstance(entry, dict) else None
+        if isinstance(model, str) and _looks_like_path(model) and not Path(model).is_absolute():
+            # Workers may run elsewhere: a relative path means the same directory for all of them.
+            entry["model"] = str(_expand(model).resolve())
     errors: list[tuple[str, str]] = []
     dataset = raw.get("dataset")
     name = dataset.get("name") if isinstance(dataset, dict) else None
@@ -161,6 +168,8 @@ def resolve_spec(session: Session, *, team: Team, raw: dict[str, Any], settings:
                     f"directory (trust_remote_code), which is off for this job; {fix}",
                 )
             )
+    if not errors:
+        errors = availability_errors(spec, settings)
     if errors:
         raise SpecError(errors)
     stored = spec.model_dump(mode="json")

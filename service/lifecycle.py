@@ -334,7 +334,11 @@ def complete_cached(session: Session, stage_id: str, record: dict[str, Any]) -> 
         StageStatus.cached,
         only_from=(StageStatus.pending, StageStatus.queued),
         result=record,
-        metrics={"accuracy": record.get("accuracy"), "auroc": record.get("auroc")},
+        metrics={
+            "accuracy": record.get("accuracy"),
+            "auroc": record.get("auroc"),
+            "original_seconds": record.get("seconds"),  # what the run that computed it took
+        },
         message="cached result",
     )
     if moved is None:
@@ -540,7 +544,8 @@ def finish_stage(
         values |= {
             "result": record,
             "stage_key": record["key"],
-            "metrics": {**metrics, "accuracy": record["accuracy"], "auroc": record["auroc"]},
+            "metrics": {**metrics, "accuracy": record["accuracy"], "auroc": record["auroc"]}
+            | ({"original_seconds": record.get("seconds")} if status == StageStatus.cached else {}),
         }
     moved = move_stage(
         session,

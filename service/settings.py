@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from w2s.settings import LibrarySettings
+from w2s.settings import LibrarySettings, default_home, project_root
 
 # Published development values: they work only with W2S_ENVIRONMENT=development.
 DEV_ADMIN_KEY = "dev-admin-key"
@@ -27,7 +27,10 @@ class Settings(LibrarySettings):
         description="development | production; only development lets the built-in development "
         "admin key and session secret work (`w2s-service dev` sets it)",
     )
-    state_dir: Path = Field(Path(".w2s"), description="where the embedded database, broker and store live")
+    state_dir: Path = Field(
+        default_factory=default_home,
+        description="where the embedded database, broker and uploads live (default: the checkout's .w2s/)",
+    )
     database_url: str = Field("", description="SQLAlchemy URL; empty = SQLite in state_dir")
     broker_url: str = Field("", description="Celery broker URL; empty = filesystem transport in state_dir")
     broker_key_prefix: str = Field("", description="prefix for every Redis key, to share one Redis safely")
@@ -79,8 +82,9 @@ class Settings(LibrarySettings):
     max_priority: int = Field(100, ge=-100, le=100, description="highest job priority a team may ask for")
     # Where models may come from, besides hub ids: directories under these roots.
     model_roots: list[Path] = Field(
-        default_factory=lambda: [Path("models")],
-        description="directories whose subdirectories jobs may name as models (JSON list)",
+        default_factory=lambda: [(project_root() or default_home()) / "models"],
+        description="directories whose subdirectories jobs may name as models (JSON list; default: "
+        "the checkout's models/, where `w2s models prepare-offline models` puts them)",
     )
     metrics_public: bool = Field(False, description="serve /metrics without the admin key")
     # Recovery from lost workers and lost broker messages (see worker/tasks.py and service/dispatch.py).
@@ -111,6 +115,8 @@ class Settings(LibrarySettings):
 
     @model_validator(mode="after")
     def _embedded_defaults(self) -> Settings:
+        # Absolute, so every process finds the same state whatever its working directory.
+        self.state_dir = self.state_dir.expanduser().resolve()
         if not self.database_url:
             self.database_url = f"sqlite:///{(self.state_dir / 'service.db').resolve()}"
         if not self.broker_url:

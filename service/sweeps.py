@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
@@ -47,6 +48,11 @@ class SweepReport:
     jobs: list[str]
     table: list[SweepRow]
     pgr_summary: dict[str, dict[str, float | None]]
+
+
+def _short(model: str) -> str:
+    """A model's name for a job name: a directory's last part, a hub id as it is."""
+    return Path(model).name if model.startswith("/") else model
 
 
 def _model(entry: dict[str, Any] | str) -> dict[str, Any]:
@@ -109,7 +115,7 @@ def create_sweep(
             team=team,
             resolved=resolved,
             settings=settings,
-            name=f"{label}: {resolved.spec.weak.model} -> {resolved.spec.strong.model}"[:200],
+            name=f"{label}: {_short(resolved.spec.weak.model)} -> {_short(resolved.spec.strong.model)}"[:200],
             priority=priority,
             sweep_id=sweep.id,
             check_backlog=False,  # checked once for the whole sweep above

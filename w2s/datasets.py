@@ -474,20 +474,27 @@ def _load_hub(entry: _Entry, split: str) -> _HubRows:
     return _HubRows(dataset, f"hub:{entry.hf_id}[{hub_split}]")
 
 
-def _load_offline(entry: _Entry, split: str, data_dir: Path) -> _JsonlRows:
+def offline_split_file(name: str, split: str, data_dir: Path) -> Path:
+    """The file that serves registry dataset ``name``'s ``split`` ("train" or "test") under
+    ``data_dir``; ValueError naming the paths looked for and the splits that exist."""
+    entry = _entry(name)
     candidates = entry.offline_splits[split]
     for stem in candidates:
-        path = data_dir / entry.name / f"{stem}.jsonl"
+        path = Path(data_dir) / entry.name / f"{stem}.jsonl"
         if path.is_file():
             if stem != candidates[0]:
                 logger.info("%s: using %s as the %s split", entry.name, path, split)
-            return _JsonlRows(path)
-    looked = ", ".join(str(data_dir / entry.name / f"{stem}.jsonl") for stem in candidates)
-    available = _available_splits(data_dir, entry.name)
+            return path
+    looked = ", ".join(str(Path(data_dir) / entry.name / f"{stem}.jsonl") for stem in candidates)
+    available = _available_splits(Path(data_dir), entry.name)
     raise ValueError(
         f"dataset {entry.name!r} has no {split!r} split in the data dir: looked for {looked}; "
         f"available splits: {', '.join(available) if available else 'none'}"
     )
+
+
+def _load_offline(entry: _Entry, split: str, data_dir: Path) -> _JsonlRows:
+    return _JsonlRows(offline_split_file(entry.name, split, data_dir))
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -357,8 +357,9 @@ def curves_figure_data(series: Iterable[Any], order: Sequence[str] = ()) -> Curv
     def curve(s: Any, dash: tuple[float, ...]) -> Curve:
         stage_id = _field(s, "stage_id")
         points = sorted(zip(_field(s, "steps"), _field(s, "values"), strict=True))
+        reused = bool(s.get("reused") if isinstance(s, Mapping) else getattr(s, "reused", False))
         return Curve(
-            stage=stage_label(*stages[stage_id]),
+            stage=stage_label(*stages[stage_id]) + (" (reused)" if reused else ""),
             metric=_field(s, "name"),
             steps=tuple(int(step) for step, _ in points),
             values=tuple(float(value) for _, value in points),

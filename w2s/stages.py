@@ -43,6 +43,7 @@ from w2s.train import (
     FeatureData,
     ProgressCallback,
     StageError,
+    Stopped,
     TokenData,
     extract_features,
     fit,
@@ -365,7 +366,14 @@ def feature_space_key(plan: StagePlan) -> str:
     )
 
 
-def cached_features(backbone: _Backbone, texts: LabeledTexts, store: ArtifactStore) -> torch.Tensor:
+def cached_features(
+    backbone: _Backbone,
+    texts: LabeledTexts,
+    store: ArtifactStore,
+    *,
+    callback: ProgressCallback | None = None,
+    split: str = "",
+) -> torch.Tensor:
     """Probe features (n, hidden) of ``texts``: each distinct text is computed once per feature space
     and stored in shards (one per computation), then gathered from the store."""
     namespace = f"{FEATURES}/{feature_space_key(backbone.plan)}"
@@ -389,6 +397,8 @@ def cached_features(backbone: _Backbone, texts: LabeledTexts, store: ArtifactSto
             batch_size=backbone.plan.config.minibatch_size,
             device=backbone.device,
             dtype=backbone.plan.config.dtype,
+            callback=callback,
+            split=split,
         )
         shard_ids = [ids[i] for i in todo]
         blob = store.put_array(computed.numpy())
@@ -436,13 +446,23 @@ def run_stage(
     set_seed(plan.seed)
     backbone = _Backbone(plan, device)
     if config.mode == "probe":
-        train_features = cached_features(backbone, plan.train, store)
+        try:
+            train_split = "half A" if plan.kind == "weak" else "half B"
+            train_features = cached_features(
+                backbone, plan.train, store, callback=callback, split=train_split
+            )
+            test_data: Any = FeatureData(
+                cached_features(backbone, plan.test, store, callback=callback, split="test")
+            )
+            predict_data: Any = (
+                FeatureData(cached_features(backbone, plan.predict, store, callback=callback, split="half B"))
+                if plan.predict
+                else None
+            )
+        except Stopped as stop:
+            raise StageCancelled(f"{plan.kind} seed {plan.seed}: {stop}") from None
         model: torch.nn.Module = ProbeHead(train_features, bias=config.head_bias).to(device)
         train_data: Any = FeatureData(train_features)
-        test_data: Any = FeatureData(cached_features(backbone, plan.test, store))
-        predict_data: Any = (
-            FeatureData(cached_features(backbone, plan.predict, store)) if plan.predict else None
-        )
     else:
         model = backbone.loaded.model
         train_data = backbone.tokens(plan.train)

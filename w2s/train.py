@@ -45,10 +45,27 @@ class Progress:
     train_accuracy: float
     lr: float
     eval_accuracy: float | None = None
+    phase: str = "train"
 
 
-# Return False to stop training cooperatively (cancellation); None or True to go on.
-ProgressCallback = Callable[[Progress], bool | None]
+@dataclass(frozen=True)
+class ExtractionProgress:
+    """What the progress callback sees while probe features are computed (before training starts):
+    rows of ``split`` done out of ``total``, and the rate so far."""
+
+    split: str
+    done: int
+    total: int
+    rows_per_s: float
+    phase: str = "features"
+
+
+# Return False to stop cooperatively (cancellation); None or True to go on.
+ProgressCallback = Callable[[Progress | ExtractionProgress], bool | None]
+
+
+class Stopped(Exception):
+    """The progress callback asked to stop."""
 
 
 class StageError(Exception):
@@ -357,6 +374,10 @@ def predict_proba(
     return probs
 
 
+# Extraction reports progress at most this often (a report costs a database write in the service).
+EXTRACTION_REPORT_S = 1.0
+
+
 @torch.no_grad()
 def extract_features(
     model: nn.Module,
@@ -365,12 +386,16 @@ def extract_features(
     batch_size: int,
     device: torch.device,
     dtype: str = "auto",
+    callback: ProgressCallback | None = None,
+    split: str = "",
 ) -> torch.Tensor:
-    """Pooled backbone features (n, hidden) in float32, computed once without gradients."""
+    """Pooled backbone features (n, hidden) in float32, computed once without gradients. Reports
+    rows done to ``callback`` about every second; raises Stopped if it returns False."""
     model.eval()
     amp_dtype = autocast_dtype(dtype, device)
     order = sorted(range(len(data.lengths)), key=lambda i: data.lengths[i])
     features: torch.Tensor | None = None
+    started = last_report = time.perf_counter()
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
         with autocast(device, amp_dtype):
@@ -378,6 +403,13 @@ def extract_features(
         if features is None:
             features = torch.empty((len(order), batch_features.shape[1]), dtype=torch.float32)
         features[indices] = batch_features
+        now = time.perf_counter()
+        done = start + len(indices)
+        if callback is not None and (now - last_report >= EXTRACTION_REPORT_S or done == len(order)):
+            last_report = now
+            rate = done / max(now - started, 1e-9)
+            if callback(ExtractionProgress(split, done, len(order), rate)) is False:
+                raise Stopped(f"stopped while computing features of {split or 'the texts'}")
     if features is None:
         raise ValueError("cannot extract features from an empty dataset")
     return features

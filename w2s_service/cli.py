@@ -130,8 +130,32 @@ def _stop_on_signals():  # type: ignore[no-untyped-def]
     return stop
 
 
+def port_in_use(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as probe:
+        probe.settimeout(0.5)
+        return probe.connect_ex((host, port)) == 0
+
+
+def first_team_key() -> str | None:
+    """On a fresh database, a first team ("default") and its key; None if any team exists."""
+    from sqlalchemy import func, select
+
+    from service import admin
+    from service.db import session_scope
+    from service.models import Team
+
+    with session_scope() as session:
+        if session.scalar(select(func.count()).select_from(Team)):
+            return None
+        _, key = admin.new_team(session, actor="dev", name="default")
+        return key
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
-    """Everything in one command, on the embedded default unless settings say otherwise."""
+    """Everything in one command, on the embedded default unless settings say otherwise. It runs in
+    the foreground until Ctrl-C: use another terminal (or `&`) for the commands that follow."""
     # A development stack: the published development secrets work here, and only here.
     os.environ.setdefault("W2S_ENVIRONMENT", "development")
     from service.db import reset_caches
@@ -140,13 +164,32 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
     reset_caches()
     settings = get_settings()
+    if port_in_use(args.host, args.port):
+        raise SystemExit(
+            f"w2s-service: port {args.port} on {args.host} is in use by another program; "
+            "choose another with --port (or W2S_PORT for scripts/run-example.sh)"
+        )
     migrate()
+    key = first_team_key()
     me = [sys.executable, "-m", "w2s_service.cli"]
     commands = [[*me, "api", "--host", args.host, "--port", str(args.port)], [*me, "dispatcher"]]
     commands += [[*me, "worker", "--queue", queue] for queue in [*settings.queue_slots, CONTROL_QUEUE]]
     children = [subprocess.Popen(command) for command in commands]
-    print(f"w2s-service: API on http://{args.host}:{args.port} (docs at /docs)")
-    print(f"w2s-service: database {settings.database_url}, broker {settings.broker_url}")
+    print(f"w2s-service: API and dashboard on http://{args.host}:{args.port} (API docs at /docs)")
+    print(f"w2s-service: state in {settings.state_dir}; database {settings.database_url}")
+    print(f"w2s-service: admin key {settings.admin_key!r} (development only; production sets W2S_ADMIN_KEY)")
+    if key is not None:
+        print(f"w2s-service: created team 'default'; its API key (shown once): {key}")
+    if settings.data_dir is None:
+        print(
+            "w2s-service: W2S_DATA_DIR is not set, so registry datasets (sst2, sciq, ...) load from the "
+            "Hugging Face hub, which needs internet; offline, set W2S_DATA_DIR to a directory of "
+            "<name>/<split>.jsonl files (this checkout's ../shared/data) and restart",
+            file=sys.stderr,
+        )
+    else:
+        print(f"w2s-service: datasets from {settings.data_dir}")
+    print("w2s-service: running in the foreground; Ctrl-C stops every process")
     stop = _stop_on_signals()
     try:
         while not stop.is_set():
@@ -300,9 +343,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="w2s-service", description="Run and administer the w2s service")
     commands = parser.add_subparsers(dest="command", required=True)
-    dev = commands.add_parser("dev", help="migrate, then run API, dispatcher and workers together")
+    dev = commands.add_parser(
+        "dev", help="migrate, then run API, dispatcher and workers together (foreground; Ctrl-C stops)"
+    )
     dev.add_argument("--host", default="127.0.0.1")
-    dev.add_argument("--port", type=int, default=8000)
+    dev.add_argument("--port", type=int, default=int(os.environ.get("W2S_PORT", "8000")), help="(8000)")
     dev.set_defaults(handler=cmd_dev)
     mig = commands.add_parser("migrate", help="wait for the database and upgrade it to the latest schema")
     mig.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the database")
@@ -363,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
     from service.errors import ServiceError
     from service.states import InvalidTransition
 
@@ -371,6 +418,22 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ServiceError, InvalidTransition) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except (OperationalError, ProgrammingError) as error:
+        if _missing_table(error):
+            from service.settings import get_settings
+
+            print(
+                f"error: the database ({get_settings().database_url}) has no tables yet: run "
+                "`w2s-service migrate` first",
+                file=sys.stderr,
+            )
+            return 2
+        raise
+
+
+def _missing_table(error: Exception) -> bool:
+    text = str(getattr(error, "orig", error)).lower()
+    return "no such table" in text or ("relation" in text and "does not exist" in text)
 
 
 if __name__ == "__main__":

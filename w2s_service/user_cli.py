@@ -69,7 +69,7 @@ def stderr() -> Console:
 
 
 def stdout() -> Console:
-    return Console()
+    return library_cli.results_console()
 
 
 def print_error(message: str) -> None:
@@ -238,6 +238,11 @@ class StageBars:
             )
         if status == "failed":
             return f"failed: {' '.join((stage.get('error') or '').split())[:80]}"
+        if status == "running" and metrics.get("phase") == "features":
+            rate = metrics.get("rows_per_s")
+            return f"features of {metrics.get('split', 'the texts')}" + (
+                f": {rate:.0f} rows/s" if rate else ""
+            )
         if status == "running":
             loss = latest.get("loss", metrics.get("loss"))
             parts = [f"loss {loss:.4f}"] if loss is not None else []

@@ -79,6 +79,10 @@ class ProgressWriter:
 
     def __call__(self, progress: Any) -> bool:
         self.latest = progress
+        if progress.phase == "features":  # probe features before training: progress, no curve points
+            if time.monotonic() - self.last_flush >= self.flush_s or progress.done == progress.total:
+                self.flush()
+            return not self.cancelled
         step = progress.step
         points = [
             (step, "loss", progress.loss),
@@ -126,10 +130,25 @@ class ProgressWriter:
                     ],
                 )
             progress: dict[str, Any] = {"heartbeat_at": utcnow()}
-            if self.latest is not None:
-                progress |= {"step": self.latest.step, "total_steps": self.latest.total_steps}
-                if math.isfinite(self.latest.loss):  # JSON columns take no NaN
-                    progress["metrics"] = {**(stage.metrics or {}), "loss": self.latest.loss}
+            latest = self.latest
+            if latest is not None and latest.phase == "features":
+                progress |= {
+                    "step": latest.done,
+                    "total_steps": latest.total,
+                    "metrics": {
+                        **(stage.metrics or {}),
+                        "phase": "features",
+                        "split": latest.split,
+                        "rows_per_s": round(latest.rows_per_s, 1),
+                    },
+                }
+            elif latest is not None:
+                progress |= {"step": latest.step, "total_steps": latest.total_steps}
+                metrics = {k: v for k, v in (stage.metrics or {}).items() if k not in ("split", "rows_per_s")}
+                metrics["phase"] = "train"
+                if math.isfinite(latest.loss):  # JSON columns take no NaN
+                    metrics["loss"] = latest.loss
+                progress["metrics"] = metrics
             session.execute(update(Stage).where(Stage.id == self.stage_id).values(**progress))
             self.cancelled = bool(session.scalar(select_cancel_requested(self.stage_id)))
         self.points.clear()

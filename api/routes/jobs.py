@@ -26,7 +26,7 @@ from api.schemas import (
 )
 from service import jobs as job_service
 from service.db import session_scope
-from service.models import Job, MetricPoint
+from service.models import Job, MetricPoint, Stage
 from service.states import JOB_TERMINAL, JobStatus
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], responses=error_responses(400, 401, 404, 413, 422))
@@ -98,19 +98,42 @@ async def read_job(team_id: TeamIdDep, job_id: JobId) -> JobPublic:
 
 
 def metric_series(session: SessionDep, job: Job, after_id: int = 0) -> tuple[list[MetricSeries], int]:
+    """The job's curves per stage and metric. A cached stage shows the curves of the run that
+    computed its result (when that run was this team's), marked as reused."""
     stages = {stage.id: stage for stage in job.stages}
+    cached = {
+        stage.stage_key: stage.id for stage in job.stages if stage.status == "cached" and stage.stage_key
+    }
+    origin_of: dict[str, str] = {}  # the computing stage's id -> the cached stage's id
+    if cached:
+        origins = session.execute(
+            select(Stage.id, Stage.stage_key).where(
+                Stage.stage_key.in_(list(cached)), Stage.status == "succeeded", Stage.team_id == job.team_id
+            )
+        )
+        for origin_id, key in origins:
+            if cached[key] not in origin_of.values():
+                origin_of[origin_id] = cached[key]
     points = session.execute(
         select(MetricPoint.id, MetricPoint.stage_id, MetricPoint.name, MetricPoint.step, MetricPoint.value)
-        .where(MetricPoint.stage_id.in_(list(stages)), MetricPoint.id > after_id)
+        .where(MetricPoint.stage_id.in_([*stages, *origin_of]), MetricPoint.id > after_id)
         .order_by(MetricPoint.stage_id, MetricPoint.name, MetricPoint.step)
     ).all()
     series: dict[tuple[str, str], MetricSeries] = {}
     last_id = after_id
-    for point_id, stage_id, name, step, value in points:
-        stage = stages[stage_id]
+    for point_id, source_id, name, step, value in points:
+        stage = stages[origin_of.get(source_id, source_id)]
         entry = series.setdefault(
-            (stage_id, name),
-            MetricSeries(stage_id=stage_id, kind=stage.kind, seed=stage.seed, name=name, steps=[], values=[]),
+            (stage.id, name),
+            MetricSeries(
+                stage_id=stage.id,
+                kind=stage.kind,
+                seed=stage.seed,
+                name=name,
+                steps=[],
+                values=[],
+                reused=source_id in origin_of,
+            ),
         )
         entry.steps.append(step)
         entry.values.append(value)
