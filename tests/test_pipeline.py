@@ -234,3 +234,26 @@ def test_checkpoint_is_stored_and_loads(tiny_bert: Path, sst2_dir: Path, tmp_pat
     state = torch.load(io.BytesIO(store.get_bytes(result.checkpoint)))
     assert "head.weight" in state and any("lora" in name for name in state)
     assert not any(name.endswith("base_layer.weight") for name in state)  # frozen weights left out
+
+
+def test_feature_extraction_reports_progress_before_training(
+    tiny_gpt2: Path, tiny_bert: Path, sst2_dir: Path, tmp_path: Path
+) -> None:
+    events: list[tuple[str, Any]] = []
+
+    class Recorder:
+        def stage_started(self, plan: Any) -> None: ...
+
+        def stage_progress(self, plan: Any, progress: Any) -> None:
+            events.append((plan.kind, progress))
+
+        def stage_finished(self, plan: Any, result: Any) -> None: ...
+
+    spec = parse_spec(tiny_spec(tiny_bert, tiny_gpt2, mode="probe"))
+    run_experiment(spec, store=ArtifactStore(str(tmp_path / "s")), data_dir=sst2_dir, reporter=Recorder())
+    weak = [p for kind, p in events if kind == "weak"]
+    extraction = [p for p in weak if p.phase == "features"]
+    # Rows of each split the weak model reads, each to its end, all before its first training step.
+    finished = {p.split for p in extraction if p.done == p.total}
+    assert finished == {"half A", "half B", "test"} and all(p.rows_per_s > 0 for p in extraction)
+    assert weak.index(extraction[-1]) < next(i for i, p in enumerate(weak) if p.phase == "train")

@@ -1,0 +1,140 @@
+"""What a newcomer or an operator meets in the first hour: clear refusals instead of late failures,
+state found wherever a command runs, progress while features are computed, reused stages that
+say what they reused."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from service.db import session_scope
+from service.models import Stage, Team
+from service.settings import get_settings
+from svc_support import tiny_job
+from w2s.train import ExtractionProgress
+from worker.control import plan_job_task
+from worker.tasks import ProgressWriter, execute_stage
+
+
+def fields(response: Any) -> dict[str, str]:
+    assert response.status_code == 422, response.text
+    return {".".join(str(p) for p in item["loc"][1:]): item["msg"] for item in response.json()["detail"]}
+
+
+def test_a_dataset_missing_from_the_data_dir_is_refused_at_submission(
+    client: TestClient, make_team, tiny_bert: Path
+) -> None:  # type: ignore[no-untyped-def]
+    team = make_team()
+    errors = fields(
+        client.post(
+            "/v1/jobs", json=tiny_job(tiny_bert, tiny_bert, dataset={"name": "imdb"}), headers=team.headers
+        )
+    )
+    assert "imdb" in errors["dataset.name"] and "W2S_DATA_DIR" in errors["dataset.name"]
+
+
+def test_a_hub_model_that_cannot_load_offline_is_refused_at_submission(
+    client: TestClient, make_team, tiny_bert: Path
+) -> None:  # type: ignore[no-untyped-def]
+    team = make_team()
+    body = tiny_job(tiny_bert, tiny_bert)
+    body["weak"] = {"model": "EleutherAI/pythia-70m"}  # not in this service's cache; the hub is off
+    errors = fields(client.post("/v1/jobs", json=body, headers=team.headers))
+    assert "cannot be reached" in errors["weak.model"] and "model roots" in errors["weak.model"]
+    body["weak"] = {"model": "gpt2"}  # in the cache: it loads offline
+    assert client.post("/v1/jobs", json=body, headers=team.headers).status_code == 201
+
+
+def test_a_relative_model_path_means_the_same_directory_for_every_process(
+    client: TestClient, make_team, tiny_bert: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    team = make_team()
+    monkeypatch.chdir(tiny_bert.parent)
+    body = tiny_job(tiny_bert, tiny_bert)
+    body["weak"]["model"] = body["strong"]["model"] = "./tiny-bert"
+    job = client.post("/v1/jobs", json=body, headers=team.headers).json()
+    assert job["spec"]["weak"]["model"] == str(tiny_bert.resolve())
+
+
+def test_commands_before_migrate_say_run_migrate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.db import reset_caches
+    from w2s_service.cli import main
+
+    monkeypatch.delenv("W2S_DATABASE_URL", raising=False)
+    monkeypatch.setenv("W2S_STATE_DIR", str(tmp_path / "fresh"))
+    monkeypatch.chdir(tmp_path)
+    reset_caches()
+    try:
+        assert main(["create-team", "vision"]) == 2
+    finally:
+        reset_caches()
+
+
+def test_dev_refuses_a_busy_port_and_says_which(capsys: pytest.CaptureFixture[str]) -> None:
+    from w2s_service.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(SystemExit, match=f"port {port} .* is in use .* --port"):
+            main(["dev", "--port", str(port)])
+
+
+def test_the_first_dev_start_creates_a_team_once(service_env: dict[str, str]) -> None:
+    from w2s_service.cli import first_team_key
+
+    with session_scope() as session:
+        assert not session.scalars(select(Team)).all()
+    key = first_team_key()
+    assert key and key.startswith("w2s_")
+    assert first_team_key() is None  # teams exist: nothing more
+
+
+def test_feature_extraction_progress_reaches_the_stage_row(
+    client: TestClient, make_team, tiny_bert: Path
+) -> None:  # type: ignore[no-untyped-def]
+    team = make_team()
+    job_id = client.post("/v1/jobs", json=tiny_job(tiny_bert, tiny_bert), headers=team.headers).json()["id"]
+    plan_job_task(job_id)
+    with session_scope() as session:
+        stage = session.scalars(select(Stage).where(Stage.job_id == job_id, Stage.kind == "weak")).one()
+        stage.status, stage.attempts = "running", 1
+        stage_id = stage.id
+    writer = ProgressWriter(stage_id, flush_s=0.0, attempt=1)
+    assert writer(ExtractionProgress("half A", 24, 32, 85.5)) is True
+    job = client.get(f"/v1/jobs/{job_id}", headers=team.headers).json()
+    weak = next(s for s in job["stages"] if s["id"] == stage_id)
+    assert (weak["step"], weak["total_steps"]) == (24, 32)
+    assert weak["metrics"] == {"phase": "features", "split": "half A", "rows_per_s": 85.5}
+    page = client.get(f"/jobs/{job_id}")  # the dashboard says the same (signed out: a redirect)
+    assert page.status_code in (200, 303)
+
+
+def test_a_reused_stage_shows_the_original_time_and_curves(
+    client: TestClient, make_team, tiny_bert: Path
+) -> None:  # type: ignore[no-untyped-def]
+    team = make_team()
+    settings = get_settings()
+    first = client.post("/v1/jobs", json=tiny_job(tiny_bert, tiny_bert), headers=team.headers).json()["id"]
+    plan_job_task(first)
+    with session_scope() as session:
+        weak = session.scalars(select(Stage).where(Stage.job_id == first, Stage.kind == "weak")).one()
+        weak.status = "queued"
+        weak_id = weak.id
+    execute_stage(weak_id, worker="in-process", settings=settings)
+    again = client.post("/v1/jobs", json=tiny_job(tiny_bert, tiny_bert), headers=team.headers).json()["id"]
+    plan_job_task(again)  # its weak stage has the same key: completed from the stored result
+    job = client.get(f"/v1/jobs/{again}", headers=team.headers).json()
+    reused = next(s for s in job["stages"] if s["kind"] == "weak")
+    assert reused["status"] == "cached" and reused["metrics"]["original_seconds"] > 0
+    series = client.get(f"/v1/jobs/{again}/metrics", headers=team.headers).json()["series"]
+    curves = [s for s in series if s["stage_id"] == reused["id"]]
+    assert curves and all(s["reused"] for s in curves) and {s["name"] for s in curves} >= {"loss"}
+    assert json.dumps(curves)  # served as is
