@@ -20,13 +20,13 @@ import datetime as dt
 import logging
 import math
 import os
+import random
 import socket
 import threading
 import time
 from typing import Any
 
 from celery.signals import worker_init
-from celery.utils.time import get_exponential_backoff_interval
 from sqlalchemy import update
 from sqlalchemy.exc import DBAPIError
 
@@ -313,6 +313,13 @@ def user_message(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+def retry_countdown(factor_s: float, retries: int, maximum_s: float = 300.0) -> float:
+    """Exponential backoff with full jitter: uniform in [0, factor·2^retries], at most ``maximum_s``.
+    (Celery's own helper draws with ``randrange``, which rejects the fractional factors that fast
+    test settings use.)"""
+    return random.uniform(0.0, min(maximum_s, factor_s * 2**retries))
+
+
 @app.task(name=STAGE_TASK, bind=True, max_retries=None)
 def run_stage_task(self: Any, stage_id: str) -> str:
     worker = self.request.hostname or socket.gethostname()
@@ -320,11 +327,8 @@ def run_stage_task(self: Any, stage_id: str) -> str:
         return execute_stage(stage_id, worker=worker)
     except Exception as error:
         logger.exception("stage %s failed", stage_id)
-        # Attempts are bounded in claim_stage; Celery's exponential backoff with full jitter:
-        # up to 5 s, 10 s, 20 s ... (by default), at most 5 min.
-        countdown = get_exponential_backoff_interval(
-            factor=get_settings().retry_backoff_s, retries=self.request.retries, maximum=300, full_jitter=True
-        )
+        # Attempts are bounded in claim_stage.
+        countdown = retry_countdown(get_settings().retry_backoff_s, self.request.retries)
         # If the database is down too, the retry below finds the stage still running: fine.
         with contextlib.suppress(DBAPIError), session_scope() as session:
             due = utcnow() + dt.timedelta(seconds=countdown)

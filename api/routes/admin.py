@@ -24,7 +24,7 @@ from service import jobs as job_service
 from service.models import Job
 from service.states import JobStatus
 
-router = APIRouter(prefix="/admin", tags=["admin"], responses=error_responses(401, 403, 404, 409, 422))
+router = APIRouter(prefix="/admin", tags=["admin"], responses=error_responses(400, 401, 403, 404, 409, 422))
 
 
 @router.get("/teams", response_model=list[TeamAdminPublic])

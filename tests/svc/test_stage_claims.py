@@ -17,6 +17,7 @@ from service.models import LogLine, MetricPoint, Stage, utcnow
 from service.settings import get_settings
 from service.states import StageStatus
 from svc_support import tiny_job
+from worker import tasks
 from worker.tasks import ProgressWriter, claim_stage
 
 
@@ -116,6 +117,31 @@ def test_attempts_are_bounded(stage_id: str) -> None:
     assert (
         stage.error == f"gave up after {settings.max_stage_attempts} attempts; last error: OSError: disk full"
     )
+
+
+def test_a_transient_error_requeues_the_stage_with_its_message_and_a_backoff(
+    stage_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def claim_then_fail(stage: str, *, worker: str, settings: object = None) -> str:
+        claim_stage(stage, worker, get_settings())
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(tasks, "execute_stage", claim_then_fail)
+    before = utcnow()
+    with pytest.raises(OSError, match="No space left"):
+        tasks.run_stage_task(stage_id)  # called directly, Celery's retry re-raises the error
+    stage = stage_row(stage_id)
+    assert stage.status == "queued" and stage.attempts == 1
+    assert stage.error == "OSError: No space left on device"
+    assert stage.sent_at is not None and stage.sent_at.replace(tzinfo=dt.UTC) >= before
+
+
+@pytest.mark.parametrize("factor", [0.05, 5.0])
+def test_retry_backoff_is_bounded_and_jittered(factor: float) -> None:
+    for retries in range(12):
+        countdowns = [tasks.retry_countdown(factor, retries) for _ in range(50)]
+        assert all(0.0 <= c <= min(300.0, factor * 2**retries) for c in countdowns)
+        assert len(set(countdowns)) > 1  # full jitter: workers that failed together do not retry together
 
 
 def test_a_pending_stage_is_not_claimed(stage_id: str) -> None:
