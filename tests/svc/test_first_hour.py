@@ -76,8 +76,11 @@ def test_commands_before_migrate_say_run_migrate(tmp_path: Path, monkeypatch: py
         reset_caches()
 
 
-def test_dev_refuses_a_busy_port_and_says_which(capsys: pytest.CaptureFixture[str]) -> None:
+def test_dev_refuses_a_busy_port_and_says_which(monkeypatch: pytest.MonkeyPatch) -> None:
     from w2s_service.cli import main
+
+    # `dev` marks its process as a development stack; keep that out of the tests that follow.
+    monkeypatch.setenv("W2S_ENVIRONMENT", "development")
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

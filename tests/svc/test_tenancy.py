@@ -515,6 +515,7 @@ def test_admin_endpoints_are_off_without_an_admin_key(
     from service.db import reset_caches
 
     monkeypatch.setenv("W2S_ADMIN_KEY", "")
+    monkeypatch.delenv("W2S_ENVIRONMENT", raising=False)
     reset_caches()
     with TestClient(create_app()) as client:
         for key in ("", "dev-admin-key", "anything"):
