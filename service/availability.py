@@ -77,8 +77,7 @@ def availability_errors(spec: Any, settings: Settings) -> list[tuple[str, str]]:
                     "your data with POST /v1/datasets",
                 )
             )
-    for role in ("weak", "strong"):
-        model = getattr(spec, role)
+    for role, model in spec.named_models():
         if Path(model.model).expanduser().is_dir():
             continue
         if not in_local_hub_cache(model.model, model.revision) and not hub_reachable():

@@ -39,14 +39,26 @@ class StageTemplate:
 
 
 def expand_stages(spec: JobSpec) -> list[StageTemplate]:
-    """The stages of a job in run order: per seed, weak, ceiling, one student per loss."""
+    """The stages of a job in run order: per seed, the library's layout (w2s.stages.stage_layout)."""
+    from w2s.stages import stage_layout
+
+    layout = stage_layout(spec)
     templates: list[StageTemplate] = []
     for seed in spec.seeds:
-        templates.append(StageTemplate("weak", seed, len(templates), None))
-        templates.append(StageTemplate("ceiling", seed, len(templates), None))
-        for loss in spec.losses:
-            templates.append(StageTemplate(f"student:{loss.label}", seed, len(templates), "weak"))
+        for slot in layout:
+            templates.append(StageTemplate(slot.kind, seed, len(templates), slot.supervisor))
     return templates
+
+
+def _raw_models(raw: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Each model entry of a raw spec with the field that holds it (weak, strong, chain.0, ...); a
+    chain's bare model ids become entries here, so later rewrites apply to them too."""
+    entries = [(role, raw.get(role)) for role in ("weak", "strong")]
+    chain = raw.get("chain")
+    if isinstance(chain, list):
+        chain[:] = [{"model": item} if isinstance(item, str) else item for item in chain]
+        entries += [(f"chain.{i}", item) for i, item in enumerate(chain)]
+    return [(field, entry) for field, entry in entries if isinstance(entry, dict)]
 
 
 def _inside(path: Path, roots: list[Path]) -> bool:
@@ -95,9 +107,8 @@ def _model_errors(raw: dict[str, Any], settings: Settings) -> list[tuple[str, st
     same way whether or not it exists, so the answer reveals nothing about the server's files."""
     roots = [_expand(str(root)) for root in settings.model_roots]
     errors = []
-    for role in ("weak", "strong"):
-        entry = raw.get(role)
-        model = entry.get("model") if isinstance(entry, dict) else None
+    for role, entry in _raw_models(raw):
+        model = entry.get("model")
         if isinstance(model, str) and _looks_like_path(model) and not _inside(_expand(model), roots):
             where = ", ".join(str(root.resolve()) for root in roots) or "(none configured)"
             errors.append(
@@ -117,9 +128,8 @@ def resolve_spec(session: Session, *, team: Team, raw: dict[str, Any], settings:
     model_errors = _model_errors(raw, settings)
     if model_errors:
         raise SpecError(model_errors)
-    for role in ("weak", "strong"):
-        entry = raw.get(role)
-        model = entry.get("model") if isinstance(entry, dict) else None
+    for _, entry in _raw_models(raw):
+        model = entry.get("model")
         if isinstance(model, str) and _looks_like_path(model) and not Path(model).is_absolute():
             # Workers may run elsewhere: a relative path means the same directory for all of them.
             entry["model"] = str(_expand(model).resolve())
@@ -150,8 +160,7 @@ def resolve_spec(session: Session, *, team: Team, raw: dict[str, Any], settings:
                     )
                 )
     allowed = settings.allow_trust_remote_code or team.allow_trust_remote_code
-    for role in ("weak", "strong"):
-        model = getattr(spec, role)
+    for role, model in spec.named_models():
         if model.trust_remote_code and not allowed:
             errors.append(
                 (

@@ -93,8 +93,7 @@ def pin_revisions(spec: dict[str, Any]) -> dict[str, Any]:
     """Hub models without a revision get the commit they point at now, so every stage of the job
     (and its stage keys) means the same weights even if the hub moves on while it runs."""
     pinned = json.loads(json.dumps(spec))
-    for role in ("weak", "strong"):
-        model = pinned[role]
+    for model in [pinned["weak"], pinned["strong"], *pinned.get("chain", [])]:
         if model.get("revision") is None and not Path(model["model"]).expanduser().is_dir():
             revision = hub_revision(model["model"])
             if revision:

@@ -117,6 +117,39 @@ def results_table(results: dict[str, Any]) -> Table:
     return table
 
 
+def chain_tables(chain: dict[str, Any]) -> list[Table]:
+    """The bootstrapping chain, per loss: each hop's supervisor, student and own ceiling with the hop's
+    PGR; then the chain's end and the direct weak -> strong student, both against the strong ceiling."""
+    from pathlib import PurePosixPath
+
+    def short(name: str) -> str:
+        return PurePosixPath(name).name if name.startswith((".", "/", "~")) else name
+
+    tables = []
+    for loss, block in chain["losses"].items():
+        table = Table(title=f"bootstrapping chain, {loss} (PGR of a hop: against that hop's ceiling)")
+        table.add_column("", overflow="fold", min_width=10)
+        for column in ("supervisor", "student", "its ceiling", "PGR"):
+            table.add_column(column, no_wrap=True, justify="right", min_width=len("0.000 ± 0.000"))
+        for hop in block["hops"]:
+            table.add_row(
+                f"{short(hop['supervisor'])} → {short(hop['student'])}",
+                _fmt(hop["supervisor_figures"], "accuracy"),
+                _fmt(hop["student_figures"], "accuracy"),
+                _fmt(hop["ceiling_figures"], "accuracy"),
+                _fmt(hop["student_figures"], "pgr"),
+            )
+        models = [short(name) for name in chain["models"]]
+        ends = block["end_to_end"]
+        for label, figures in (
+            ("chain: " + " → ".join(models), ends["chain"]),
+            (f"direct: {models[0]} → {models[-1]}", ends["direct"]),
+        ):
+            table.add_row(label, "weak", _fmt(figures, "accuracy"), "strong", _fmt(figures, "pgr"))
+        tables.append(table)
+    return tables
+
+
 def data_lines(data: dict[str, Any]) -> list[str]:
     """What the job trained and tested on, a line per split (counts are means over seeds)."""
     lines = [
@@ -150,6 +183,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     with ProgressBars() as bars:
         experiment = run_experiment(spec, store=store, data_dir=data_dir, reporter=bars)
     results_console().print(results_table(experiment.results))
+    for table in chain_tables(experiment.results["chain"]) if "chain" in experiment.results else []:
+        results_console().print(table)
     for flag in experiment.results["flags"]:
         console.print(f"[yellow]flag[/] {flag}: {FLAG_DESCRIPTIONS.get(flag, '')}")
     for line in data_lines(experiment.results["data"]):

@@ -21,7 +21,16 @@ from w2s.models import model_fingerprint
 from w2s.results import SeedPredictions, build_results
 from w2s.spec import JobSpec, ModelSpec, TrainConfig, resolved_models
 from w2s.splits import SPLITS, SeedData, prepare_seed_data
-from w2s.stages import StagePlan, StageResult, library_versions, pick_device, plan_seed, run_stage
+from w2s.stages import (
+    StagePlan,
+    StageResult,
+    chain_kind,
+    library_versions,
+    pick_device,
+    plan_seed,
+    run_stage,
+    student_kind,
+)
 from w2s.store import ArtifactStore
 from w2s.train import Progress, ProgressCallback
 
@@ -112,14 +121,77 @@ def experiment_results(
             seed=seed,
             weak=test_probs("weak", seed),
             ceiling=test_probs("ceiling", seed),
-            students={loss.label: test_probs(f"student:{loss.label}", seed) for loss in spec.losses},
+            students={loss.label: test_probs(student_kind(loss), seed) for loss in spec.losses},
         )
         for seed in spec.seeds
     ]
     test_labels = np.asarray(data[spec.seeds[0]].test.labels)
     results = build_results(predictions, test_labels, timings)
     results["data"] = data_report(spec, data, models)
+    if spec.chain:
+        results["chain"] = chain_results(spec, test_probs, test_labels)
     return results
+
+
+def _pick(figures: dict[str, Any], *names: str) -> dict[str, Any]:
+    return {name: figures.get(name) for name in names if name in figures}
+
+
+MODEL_FIGURES = ("accuracy", "accuracy_std", "accuracy_ci", "auroc")
+STUDENT_FIGURES = (*MODEL_FIGURES, "pgr", "pgr_std", "pgr_ci", "pgr_undefined_share")
+
+
+def chain_results(
+    spec: JobSpec, test_probs: Callable[[str, int], np.ndarray], test_labels: np.ndarray
+) -> dict[str, Any]:
+    """The results' ``chain`` block (bootstrapping). Per loss: each hop, model i's labels teaching model
+    i+1, with the supervisor's, the student's and model i+1's own ceiling's figures and the hop's PGR
+    (against that ceiling); and end to end, the chain's last student and the direct weak -> strong
+    student, both with PGR against the strong ceiling, from one joint bootstrap so they compare."""
+    names = [model.model for _, model in spec.named_models()]
+    last = len(names)
+
+    def ceiling_kind(position: int) -> str:
+        return "ceiling" if position == last else f"ceiling@{position}"
+
+    def figures(weak: str, ceiling: str, students: dict[str, str]) -> dict[str, Any]:
+        predictions = [
+            SeedPredictions(
+                seed=seed,
+                weak=test_probs(weak, seed),
+                ceiling=test_probs(ceiling, seed),
+                students={name: test_probs(kind, seed) for name, kind in students.items()},
+            )
+            for seed in spec.seeds
+        ]
+        return build_results(predictions, test_labels, timings={})
+
+    losses: dict[str, Any] = {}
+    for loss in spec.losses:
+        hops = []
+        for position in range(2, last + 1):
+            supervisor = "weak" if position == 2 else chain_kind(position - 1, loss)
+            hop = figures(supervisor, ceiling_kind(position), {"student": chain_kind(position, loss)})
+            hops.append(
+                {
+                    "supervisor": names[position - 2],
+                    "student": names[position - 1],
+                    "supervisor_figures": _pick(hop["weak"], *MODEL_FIGURES),
+                    "ceiling_figures": _pick(hop["ceiling"], *MODEL_FIGURES),
+                    "student_figures": _pick(hop["students"]["student"], *STUDENT_FIGURES),
+                    "flags": hop["flags"],
+                }
+            )
+        ends = figures("weak", "ceiling", {"chain": chain_kind(last, loss), "direct": student_kind(loss)})
+        losses[loss.label] = {
+            "hops": hops,
+            "end_to_end": {
+                "chain": _pick(ends["students"]["chain"], *STUDENT_FIGURES),
+                "direct": _pick(ends["students"]["direct"], *STUDENT_FIGURES),
+                "flags": ends["flags"],
+            },
+        }
+    return {"models": names, "losses": losses}
 
 
 def run_experiment(
@@ -166,7 +238,7 @@ def run_experiment(
         "spec": spec.model_dump(mode="json"),
         "dataset": {str(seed): data[seed].summary() for seed in spec.seeds},
         "training": {role: {k: v for k, v in vars(train).items()} for role, (_, train) in models.items()},
-        "models": {"weak": model_fingerprint(spec.weak), "strong": model_fingerprint(spec.strong)},
+        "models": {name: model_fingerprint(model) for name, model in spec.named_models()},
         "seeds": spec.seeds,
         "stages": [
             {"kind": r.kind, "seed": r.seed, "key": r.key, "cached": r.cached, "seconds": r.seconds}

@@ -94,7 +94,24 @@ class TrainingOptions(_Strict):
     optimizer: Optimizer | None = Field(None, description="adam (AdamW) | adafactor (default adam)")
     lr_schedule: Schedule | None = Field(None, description="cosine | constant, after warmup (cosine)")
     warmup_frac: float | None = Field(None, ge=0, le=1, description="fraction of steps warming up (0.05)")
-    weight_decay: float | None = Field(None, ge=0, le=1, description="AdamW weight decay (0.0)")
+    weight_decay: float | None = Field(
+        None, ge=0, le=1, description="AdamW weight decay, the L2 pull on trained weights (0.0)"
+    )
+    holdout_frac: float | None = Field(
+        None,
+        ge=0,
+        le=0.5,
+        description="share of the training rows held out to choose when to stop, with the labels the "
+        "stage trains on (weak labels for students); 0: no hold-out (0, or 0.1 with "
+        "early_stopping_patience)",
+    )
+    early_stopping_patience: int | None = Field(
+        None,
+        ge=1,
+        le=1000,
+        description="stop after this many epochs without a lower held-out loss and keep the best "
+        "epoch's weights; needs holdout_frac > 0 (3 when holdout_frac > 0)",
+    )
     dtype: DType | None = Field(
         None, description="auto (bf16 autocast where the hardware supports it) | float32 | bfloat16 | float16"
     )
@@ -129,6 +146,15 @@ class TrainingOptions(_Strict):
             raise ValueError(
                 f"minibatch_size ({self.minibatch_size}) must divide batch_size ({self.batch_size}); "
                 "gradient accumulation runs batch_size / minibatch_size forward passes per step"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_a_holdout(self) -> TrainingOptions:
+        if self.early_stopping_patience is not None and self.holdout_frac == 0:
+            raise ValueError(
+                "early_stopping_patience needs held-out rows to watch, but holdout_frac is 0; set "
+                "holdout_frac (e.g. 0.1) or remove early_stopping_patience"
             )
         return self
 
@@ -268,6 +294,13 @@ class JobSpec(_Strict):
     weak: ModelSpec
     strong: ModelSpec
     transfer: TransferSpec = Field(default_factory=TransferSpec)
+    chain: list[ModelSpec] = Field(
+        default_factory=list,
+        max_length=6,
+        description="bootstrapping: models between weak and strong, smallest first; each is trained on "
+        "the previous one's labels (weak -> chain[0] -> ... -> strong), next to the direct weak -> "
+        "strong student (none)",
+    )
     # Each (seed, loss) is a training stage: the caps keep one request to at most 100 x 50 students.
     losses: list[LossSpec] = Field(
         default_factory=lambda: [LossSpec(name="xent")], min_length=1, max_length=50, description="1 to 50"
@@ -275,6 +308,14 @@ class JobSpec(_Strict):
     seeds: list[int] = Field(
         default_factory=lambda: [0], min_length=1, max_length=100, description="1 to 100"
     )
+
+    @field_validator("chain", mode="before")
+    @classmethod
+    def _chain_shorthand(cls, value: Any) -> Any:
+        # ["gpt2-medium", {"model": "gpt2-large", "lr": 1e-5}]: a bare string is a model id.
+        if isinstance(value, list):
+            return [{"model": item} if isinstance(item, str) else item for item in value]
+        return value
 
     @field_validator("seeds")
     def _unique_seeds(cls, value: list[int]) -> list[int]:
@@ -295,8 +336,10 @@ class JobSpec(_Strict):
         # accumulation would silently change what it computes (see w2s.losses).
         from w2s.losses import build_loss, check_minibatch_invariance
 
-        batch_size, minibatch_size = _batch_sizes(self.student_options(), self.preset)
-        if minibatch_size < batch_size:
+        for student in (self.strong, *self.chain):
+            batch_size, minibatch_size = _batch_sizes(self.student_options(student), self.preset)
+            if minibatch_size >= batch_size:
+                continue
             for index, loss in enumerate(self.losses):
                 try:
                     check_minibatch_invariance(build_loss(loss.name, loss.params))
@@ -307,10 +350,18 @@ class JobSpec(_Strict):
                     ) from None
         return self
 
-    def student_options(self) -> ModelSpec:
-        """The strong model with the transfer overrides applied."""
+    def student_options(self, model: ModelSpec | None = None) -> ModelSpec:
+        """A student's model (the strong one unless given) with the transfer overrides applied."""
         overrides = self.transfer.model_dump(exclude_none=True)
-        return self.strong.model_copy(update=overrides)
+        return (model or self.strong).model_copy(update=overrides)
+
+    def named_models(self) -> list[tuple[str, ModelSpec]]:
+        """Every model of the job with the spec field that names it: weak, chain.0, ..., strong."""
+        return [
+            ("weak", self.weak),
+            *((f"chain.{i}", model) for i, model in enumerate(self.chain)),
+            ("strong", self.strong),
+        ]
 
     def data_config(self) -> DataConfig:
         """The dataset options with every default resolved (the preset's, then the project's)."""
@@ -373,6 +424,12 @@ class TrainConfig:
     head_bias: bool = True
     steps_rounding: StepsRounding = "up"
     batch_order: BatchOrder = "bucketed"
+    holdout_frac: float = 0.0
+    early_stopping_patience: int = 0  # 0: no early stopping (no hold-out)
+
+
+# Early stopping's defaults: a tenth of the training rows held out, three epochs of patience.
+DEFAULT_HOLDOUT_FRAC, DEFAULT_PATIENCE = 0.1, 3
 
 
 def resolve_training(
@@ -403,6 +460,10 @@ def resolve_training(
         lr = reference_lr(parameters)
     batch_size = pick("batch_size", 32)
     lora_rank = options.lora_rank or 8
+    # Asking for patience implies a hold-out to watch; a hold-out implies stopping on it.
+    patience_given = options.early_stopping_patience is not None
+    holdout_frac = pick("holdout_frac", DEFAULT_HOLDOUT_FRAC if patience_given else 0.0)
+    patience = pick("early_stopping_patience", DEFAULT_PATIENCE) if holdout_frac > 0 else 0
     return TrainConfig(
         mode=mode,
         lr=lr if lr is not None else MODE_DEFAULTS[mode]["lr"],
@@ -428,18 +489,27 @@ def resolve_training(
         head_bias=pick("head_bias", True),
         steps_rounding=pick("steps_rounding", "up"),
         batch_order=pick("batch_order", "bucketed"),
+        holdout_frac=holdout_frac,
+        early_stopping_patience=patience,
     )
 
 
-ROLES = ("weak", "ceiling", "student")
+def chain_role(kind: str, position: int) -> str:
+    """The role of an intermediate model of a chain: ``ceiling@2``, ``student@2`` for the model at
+    ``position`` in weak (1) -> chain ... -> strong (k)."""
+    return f"{kind}@{position}"
 
 
 def resolved_models(spec: JobSpec) -> dict[str, tuple[ModelSpec, TrainConfig]]:
     """The model and concrete training config of each role: the weak supervisor, the strong ceiling
-    and the strong students (the strong model with the transfer overrides)."""
+    and the strong students (the strong model with the transfer overrides), and for each model of a
+    chain its ceiling and its students (``chain_role``)."""
     from w2s.memory import parameter_count
 
     models = {"weak": spec.weak, "ceiling": spec.strong, "student": spec.student_options()}
+    for position, model in enumerate(spec.chain, start=2):
+        models[chain_role("ceiling", position)] = model
+        models[chain_role("student", position)] = spec.student_options(model)
     return {
         role: (
             model,

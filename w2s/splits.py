@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,12 +32,12 @@ from w2s.overlap import contained_in_any, containing_any
 from w2s.spec import CustomDatasetSpec, DataConfig, JobSpec, ModelSpec, TrainConfig, resolved_models
 
 SPLITS = ("train_a", "train_b", "test")
-# Which models read each split (roles of w2s.spec.resolved_models).
-READERS: dict[str, tuple[str, ...]] = {
-    "train_a": ("weak",),
-    "train_b": ("weak", "ceiling", "student"),
-    "test": ("weak", "ceiling", "student"),
-}
+
+
+def readers(split: str, roles: Iterable[str]) -> list[str]:
+    """The roles (of w2s.spec.resolved_models) whose models read ``split``: half A only the weak
+    supervisor; half B and the test set every model (the weak one labels half B)."""
+    return ["weak"] if split == "train_a" else list(roles)
 
 
 class DataError(ValueError):
@@ -162,7 +163,7 @@ def _length_check(
     """Per row: kept (fits every reader that drops), truncated (longer than some reader's limit)."""
     keep = [True] * len(texts)
     truncated = [False] * len(texts)
-    for role in READERS[split]:
+    for role in readers(split, models):
         model, config = models[role]
         lengths, limit = token_lengths_and_limit(model, config.max_length, texts)
         too_long = [n > limit for n in lengths]

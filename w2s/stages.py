@@ -1,8 +1,9 @@
-"""The three stages of a weak-to-strong experiment and their stage keys.
+"""The stages of a weak-to-strong experiment (weak, ceiling, students; and a chain's, when
+bootstrapping) and their stage keys.
 
-A stage is planned first (:func:`plan_weak`, :func:`plan_ceiling`, :func:`plan_student`): the plan
-holds everything that determines the result and hashes it into the stage key. :func:`run_stage`
-then returns the stored result for that key, or trains, evaluates and stores it. Stages hand
+A stage is planned first (:func:`stage_layout` lays out a seed's stages, :func:`plan_seed` plans
+them): the plan holds everything that determines the result and hashes it into the stage key.
+:func:`run_stage` then returns the stored result for that key, or trains, evaluates and stores it. Stages hand
 results to each other by key (the student reads the weak stage's soft labels through the weak
 key), never through file names or row order.
 
@@ -36,17 +37,20 @@ from w2s import metrics
 from w2s.datasets import LabeledTexts
 from w2s.losses import _lookup, build_loss
 from w2s.models import ProbeHead, load_classifier, load_tokenizer, model_fingerprint
-from w2s.spec import JobSpec, LossSpec, ModelSpec, TrainConfig, resolved_models
+from w2s.spec import JobSpec, LossSpec, ModelSpec, TrainConfig, chain_role, resolved_models
 from w2s.splits import SeedData
 from w2s.store import ArtifactStore
 from w2s.train import (
     FeatureData,
+    Holdout,
     ProgressCallback,
+    Rows,
     StageError,
     Stopped,
     TokenData,
     extract_features,
     fit,
+    holdout_split,
     one_hot,
     predict_proba,
     set_seed,
@@ -59,7 +63,7 @@ logger = logging.getLogger(__name__)
 STAGES = "stages"
 FEATURES = "features"
 # The layout of stage keys and records; the code hash below covers changes to what stages compute.
-KEY_FORMAT = 2
+KEY_FORMAT = 3
 # The modules whose code decides a stage's numbers: data selection and cleaning, tokenisation,
 # the model and head, the training loop, the losses, the metrics and the stage itself.
 CODE_MODULES = (
@@ -150,7 +154,7 @@ def resolve_precision(dtype: str, device_kind: str) -> str:
 class StagePlan:
     """Everything that determines one stage's result."""
 
-    kind: str  # "weak" | "ceiling" | "student:<loss label>"
+    kind: str  # "weak" | "ceiling" | "student:<loss label>" | "ceiling@<i>" | "chain@<i>:<loss label>"
     seed: int
     model: ModelSpec
     config: TrainConfig  # its dtype is the concrete precision the stage runs in (never "auto")
@@ -159,13 +163,14 @@ class StagePlan:
     loss: LossSpec
     device_kind: str = "cpu"  # "cpu" | "cuda": the stage runs on this kind of device
     predict: LabeledTexts | None = None  # weak stage: half B, to label for the students
-    weak_key: str | None = None  # student stages: the weak stage whose soft labels they learn
+    weak_key: str | None = None  # student stages: the stage whose soft labels they learn
 
     @property
     def key(self) -> str:
+        # Not the kind: what a stage computes is fixed by the fields below, so a chain's ceiling of
+        # model 2 and an ordinary job's ceiling of the same model share one result.
         return hash_payload(
             {
-                "kind": self.kind,
                 "seed": self.seed,
                 "model": model_fingerprint(self.model),
                 "pooling": self.model.pooling,
@@ -200,6 +205,8 @@ class StageResult:
     seconds: float
     train_seconds: float
     steps: int
+    best_step: int | None = None  # early stopping: the step whose weights were kept
+    holdout_loss: float | None = None  # early stopping: the held-out loss at best_step
     cached: bool = False
 
     def to_record(self) -> dict[str, Any]:
@@ -221,80 +228,87 @@ def _concrete(config: TrainConfig, device_kind: str) -> TrainConfig:
     return dataclasses.replace(config, dtype=resolve_precision(config.dtype, device_kind))
 
 
-def plan_weak(
-    spec: JobSpec, seed: int, data: SeedData, *, device_kind: str, models: Models | None = None
-) -> StagePlan:
-    """The weak supervisor: ground truth on half A; predicts soft labels on half B."""
-    model, config = (models or resolved_models(spec))["weak"]
-    return StagePlan(
-        kind="weak",
-        seed=seed,
-        model=model,
-        config=_concrete(config, device_kind),
-        train=data.train_a,
-        test=data.test,
-        loss=XENT,
-        device_kind=device_kind,
-        predict=data.train_b,
-    )
+@dataclass(frozen=True)
+class StageSlot:
+    """One stage of a seed, before its data is known: its kind, the model role it trains (see
+    w2s.spec.resolved_models), its loss, the stage whose soft labels it learns (None: ground truth)
+    and whether it labels half B for a later stage."""
+
+    kind: str
+    role: str
+    loss: LossSpec = XENT
+    supervisor: str | None = None
+    labels_half_b: bool = False
 
 
-def plan_ceiling(
-    spec: JobSpec, seed: int, data: SeedData, *, device_kind: str, models: Models | None = None
-) -> StagePlan:
-    """The strong ceiling: ground truth on half B."""
-    model, config = (models or resolved_models(spec))["ceiling"]
-    return StagePlan(
-        kind="ceiling",
-        seed=seed,
-        model=model,
-        config=_concrete(config, device_kind),
-        train=data.train_b,
-        test=data.test,
-        loss=XENT,
-        device_kind=device_kind,
-    )
+def student_kind(loss: LossSpec) -> str:
+    """The kind of the (direct) weak -> strong student stage trained with ``loss``."""
+    return f"student:{loss.label}"
 
 
-def plan_student(
-    spec: JobSpec,
-    loss: LossSpec,
-    seed: int,
-    data: SeedData,
-    *,
-    device_kind: str,
-    models: Models | None = None,
-) -> StagePlan:
-    """A strong student: the weak model's soft labels on half B, with ``loss``."""
-    models = models or resolved_models(spec)
-    model, config = models["student"]
-    return StagePlan(
-        kind=f"student:{loss.label}",
-        seed=seed,
-        model=model,
-        config=_concrete(config, device_kind),
-        train=data.train_b,
-        test=data.test,
-        loss=loss,
-        device_kind=device_kind,
-        weak_key=plan_weak(spec, seed, data, device_kind=device_kind, models=models).key,
-    )
+def chain_kind(position: int, loss: LossSpec) -> str:
+    """The kind of a chain's student stage: the model at ``position`` (2 .. k) trained with ``loss``
+    on the labels of the model before it."""
+    return f"chain@{position}:{loss.label}"
+
+
+def stage_layout(spec: JobSpec) -> list[StageSlot]:
+    """A seed's stages in run order: the weak supervisor (ground truth on half A; labels half B), the
+    strong ceiling (ground truth on half B), one student per loss (the weak labels of half B). With a
+    chain (weak = model 1 -> chain -> strong = model k): the ceiling of each intermediate model, and
+    per loss the chain's students, model 2 on the weak labels, each next model on the labels its
+    predecessor gives half B. The library and the service both lay out stages here."""
+    slots = [
+        StageSlot("weak", "weak", labels_half_b=True),
+        StageSlot("ceiling", "ceiling"),
+        *(StageSlot(student_kind(loss), "student", loss, supervisor="weak") for loss in spec.losses),
+    ]
+    last = len(spec.chain) + 2
+    if spec.chain:
+        slots += [StageSlot(f"ceiling@{p}", chain_role("ceiling", p)) for p in range(2, last)]
+    for loss in spec.losses if spec.chain else []:
+        for position in range(2, last + 1):
+            slots.append(
+                StageSlot(
+                    chain_kind(position, loss),
+                    "student" if position == last else chain_role("student", position),
+                    loss,
+                    supervisor="weak" if position == 2 else chain_kind(position - 1, loss),
+                    labels_half_b=position < last,
+                )
+            )
+    return slots
 
 
 def plan_seed(
     spec: JobSpec, data: SeedData, *, device_kind: str, models: Models | None = None
 ) -> list[StagePlan]:
-    """One seed's stages in run order: weak, ceiling, then one student per loss."""
+    """One seed's stage plans, in :func:`stage_layout`'s order."""
     models = models or resolved_models(spec)
-    seed = data.seed
-    return [
-        plan_weak(spec, seed, data, device_kind=device_kind, models=models),
-        plan_ceiling(spec, seed, data, device_kind=device_kind, models=models),
-        *(
-            plan_student(spec, loss, seed, data, device_kind=device_kind, models=models)
-            for loss in spec.losses
-        ),
-    ]
+    plans: dict[str, StagePlan] = {}
+    for slot in stage_layout(spec):
+        model, config = models[slot.role]
+        plans[slot.kind] = StagePlan(
+            kind=slot.kind,
+            seed=data.seed,
+            model=model,
+            config=_concrete(config, device_kind),
+            train=data.train_a if slot.kind == "weak" else data.train_b,
+            test=data.test,
+            loss=slot.loss,
+            device_kind=device_kind,
+            predict=data.train_b if slot.labels_half_b else None,
+            weak_key=plans[slot.supervisor].key if slot.supervisor else None,
+        )
+    return list(plans.values())
+
+
+def plan_weak(
+    spec: JobSpec, seed: int, data: SeedData, *, device_kind: str, models: Models | None = None
+) -> StagePlan:
+    """The weak supervisor's plan alone."""
+    assert data.seed == seed
+    return plan_seed(spec, data, device_kind=device_kind, models=models)[0]
 
 
 def pick_device() -> torch.device:
@@ -437,12 +451,15 @@ def run_stage(
     record = store.get_record(STAGES, key)
     if record is not None:
         logger.info("%s seed %d: cached (%s)", plan.kind, plan.seed, key[:12])
-        return StageResult.from_record(record, cached=True)
+        # The record may come from a stage of another kind that computed the same thing.
+        return dataclasses.replace(StageResult.from_record(record, cached=True), kind=plan.kind)
 
     started = time.perf_counter()
     device = device_for(plan)
     config = plan.config
     labels = _training_labels(plan, store)
+    # Early stopping watches rows of the training split that the stage then does not train on.
+    train_rows, holdout_rows = holdout_split(len(plan.train), config.holdout_frac, plan.seed)
     set_seed(plan.seed)
     backbone = _Backbone(plan, device)
     if config.mode == "probe":
@@ -461,7 +478,8 @@ def run_stage(
             )
         except Stopped as stop:
             raise StageCancelled(f"{plan.kind} seed {plan.seed}: {stop}") from None
-        model: torch.nn.Module = ProbeHead(train_features, bias=config.head_bias).to(device)
+        # Standardised with the rows it trains on, not the held-out ones.
+        model: torch.nn.Module = ProbeHead(train_features[train_rows], bias=config.head_bias).to(device)
         train_data: Any = FeatureData(train_features)
     else:
         model = backbone.loaded.model
@@ -471,6 +489,14 @@ def run_stage(
 
     def probabilities(data: Any) -> np.ndarray:
         return predict_proba(model, data, batch_size=config.minibatch_size, device=device, dtype=config.dtype)
+
+    holdout = (
+        Holdout(Rows(train_data, holdout_rows), labels[holdout_rows], config.early_stopping_patience)
+        if holdout_rows
+        else None
+    )
+    if holdout is not None:
+        train_data, labels = Rows(train_data, train_rows), labels[train_rows]
 
     def evaluate() -> float:
         return metrics.accuracy(probabilities(test_data), np.asarray(plan.test.labels))
@@ -485,6 +511,7 @@ def run_stage(
         seed=plan.seed,
         evaluate=evaluate,
         callback=callback,
+        holdout=holdout,
     )
     if outcome.stopped:
         raise StageCancelled(f"{plan.kind} seed {plan.seed} stopped at step {outcome.steps}")
@@ -503,6 +530,8 @@ def run_stage(
         seconds=time.perf_counter() - started,
         train_seconds=outcome.seconds,
         steps=outcome.steps,
+        best_step=outcome.best_step,
+        holdout_loss=outcome.holdout_loss,
     )
     store.put_record(STAGES, key, result.to_record())
     logger.info("%s seed %d: accuracy %.4f in %.1fs", plan.kind, plan.seed, result.accuracy, result.seconds)

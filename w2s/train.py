@@ -122,6 +122,37 @@ class FeatureData:
         return {"features": self.features[list(indices)].to(device)}
 
 
+@dataclass
+class Rows:
+    """A subset of another :class:`TrainData`'s rows (the training rows, or the held-out ones)."""
+
+    data: TrainData
+    indices: Sequence[int]
+    lengths: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lengths = [self.data.lengths[i] for i in self.indices]
+
+    def collate(self, indices: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
+        return self.data.collate([self.indices[i] for i in indices], device)
+
+
+# The hold-out draws from its own random stream, so it never moves with the batch order.
+HOLDOUT_STREAM = 0x401D
+
+
+def holdout_split(n_rows: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training rows, held-out rows): a seeded ``fraction`` of ``n_rows`` held out, at least one
+    row each when ``fraction`` > 0, both in ascending order; no hold-out when ``fraction`` is 0."""
+    if fraction <= 0:
+        return list(range(n_rows)), []
+    n_holdout = min(max(1, round(fraction * n_rows)), n_rows - 1)
+    if n_holdout < 1:
+        raise ValueError(f"holdout_frac {fraction}: {n_rows} training row(s) leave none to hold out")
+    order = np.random.default_rng([seed, HOLDOUT_STREAM]).permutation(n_rows)
+    return sorted(order[n_holdout:].tolist()), sorted(order[:n_holdout].tolist())
+
+
 def token_limit(tokenizer: object, max_length: int) -> int:
     """The longest input allowed: max_length, or less if the tokenizer's model takes less."""
     return min(max_length, getattr(tokenizer, "model_max_length", max_length) or max_length)
@@ -222,6 +253,68 @@ class FitResult:
     final_loss: float
     seconds: float
     examples: int
+    best_step: int | None = None  # with a hold-out: the step whose weights were kept
+    holdout_loss: float | None = None  # with a hold-out: its loss at best_step
+
+
+@dataclass
+class Holdout:
+    """Held-out rows and the labels the stage trains on (weak labels for a student): after every
+    epoch their loss is measured; the best epoch's weights are kept; training stops after
+    ``patience`` epochs without improvement."""
+
+    data: TrainData
+    labels: torch.Tensor  # (n, 2)
+    patience: int
+
+
+@torch.no_grad()
+def holdout_loss(
+    model: nn.Module,
+    holdout: Holdout,
+    *,
+    batch_size: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+) -> float:
+    """Mean cross-entropy of the model's predictions against the held-out rows' (soft) labels."""
+    total, n = 0.0, len(holdout.data.lengths)
+    targets = holdout.labels.to(device=device, dtype=torch.float32)
+    for start in range(0, n, batch_size):
+        indices = list(range(start, min(n, start + batch_size)))
+        with autocast(device, amp_dtype):
+            logits = model(**holdout.data.collate(indices, device))
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        total += float(-(targets[indices] * log_probs).sum())
+    return total / n
+
+
+class _BestWeights:
+    """A copy of the trained parameters at the best held-out loss so far (kept on the CPU)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.loss = math.inf
+        self.step: int | None = None
+        self.since_best = 0
+        self.state: dict[str, torch.Tensor] = {}
+
+    def observe(self, loss: float, step: int) -> None:
+        if loss < self.loss:
+            self.loss, self.step, self.since_best = loss, step, 0
+            self.state = {
+                name: p.detach().to("cpu", copy=True)
+                for name, p in self.model.named_parameters()
+                if p.requires_grad
+            }
+        else:
+            self.since_best += 1
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for name, p in self.model.named_parameters():
+            if name in self.state:
+                p.copy_(self.state[name])
 
 
 def total_steps(n_rows: int, config: TrainConfig) -> int:
@@ -263,9 +356,11 @@ def fit(
     seed: int,
     evaluate: Callable[[], float] | None = None,
     callback: ProgressCallback | None = None,
+    holdout: Holdout | None = None,
 ) -> FitResult:
     """Train ``model`` on ``data`` against ``soft_labels`` (n, 2). Returns after the configured
-    number of steps or when ``callback`` returns False."""
+    number of steps, when ``callback`` returns False, or when the ``holdout`` loss stopped improving
+    (the best epoch's weights are then restored)."""
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
     steps = total_steps(len(data.lengths), config)
@@ -289,6 +384,8 @@ def fit(
         check_minibatch_invariance(loss_fn)  # a plug-in that needs the whole batch must say so
     wants_stats = accumulating and hasattr(loss_fn, "batch_statistics")
     set_train_mode(model, config.train_dropout)
+    steps_per_epoch = max(1, math.ceil(len(data.lengths) / config.batch_size))
+    best = _BestWeights(model) if holdout is not None else None
     step, loss_value, stopped, examples = 0, float("nan"), False, 0
     for step, batch in enumerate(_batch_stream(data, config, rng, steps)):
         step_frac = step / steps
@@ -328,6 +425,23 @@ def fit(
         if evaluate is not None and config.eval_every and ((step + 1) % config.eval_every == 0 or is_last):
             eval_accuracy = evaluate()
             set_train_mode(model, config.train_dropout)
+        if best is not None and holdout is not None and ((step + 1) % steps_per_epoch == 0 or is_last):
+            model.eval()
+            best.observe(
+                holdout_loss(
+                    model, holdout, batch_size=config.minibatch_size, device=device, amp_dtype=amp_dtype
+                ),
+                step + 1,
+            )
+            set_train_mode(model, config.train_dropout)
+            if best.since_best >= holdout.patience and not is_last:
+                logger.info(
+                    "early stop at step %d: best held-out loss %.4f at step %s",
+                    step + 1,
+                    best.loss,
+                    best.step,
+                )
+                is_last = True
         if callback is not None:
             progress = Progress(
                 step=step + 1,
@@ -340,13 +454,19 @@ def fit(
             if callback(progress) is False:
                 stopped = True
                 break
+        if is_last:
+            break
     model.eval()
+    if best is not None and best.step is not None:
+        best.restore()
     return FitResult(
         steps=step + 1,
         stopped=stopped,
         final_loss=loss_value,
         seconds=time.perf_counter() - started,
         examples=examples,
+        best_step=best.step if best is not None else None,
+        holdout_loss=best.loss if best is not None and best.step is not None else None,
     )
 
 

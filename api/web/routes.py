@@ -322,6 +322,7 @@ def _job_fragments(request: Request, job: JobPublic) -> dict[str, str]:
             "_job_results.html",
             job=job,
             rows=views.results_rows(job.results),
+            chains=views.chain_tables(job.results),
             flags=views.flags(job.results),
         ),
     }

@@ -287,6 +287,54 @@ def results_rows(results: dict[str, Any] | None) -> list[ResultRow]:
     return rows
 
 
+@dataclass
+class ChainRow:
+    label: str
+    supervisor: dict[str, Any] | None  # hops only: the model that gave the labels
+    student: dict[str, Any]
+    ceiling: dict[str, Any] | None  # hops only: the student model trained on ground truth
+
+
+@dataclass
+class ChainTable:
+    loss: str
+    hops: list[ChainRow]
+    ends: list[ChainRow]
+
+
+def chain_tables(results: dict[str, Any] | None) -> list[ChainTable]:
+    """The bootstrapping chain of a job's results, per loss: each hop, then the chain's end next to
+    the direct weak -> strong student (both against the strong ceiling)."""
+    chain = (results or {}).get("chain")
+    if not isinstance(chain, dict):
+        return []
+    models = [short_model(str(name)) for name in chain.get("models") or []]
+    tables = []
+    for loss, block in (chain.get("losses") or {}).items():
+        hops = [
+            ChainRow(
+                f"{short_model(str(hop.get('supervisor')))} → {short_model(str(hop.get('student')))}",
+                hop.get("supervisor_figures") or {},
+                hop.get("student_figures") or {},
+                hop.get("ceiling_figures") or {},
+            )
+            for hop in block.get("hops") or []
+        ]
+        ends = block.get("end_to_end") or {}
+        direct = f"direct: {models[0]} → {models[-1]}" if models else "direct"
+        tables.append(
+            ChainTable(
+                loss,
+                hops,
+                [
+                    ChainRow("chain: " + " → ".join(models), None, ends.get("chain") or {}, None),
+                    ChainRow(direct, None, ends.get("direct") or {}, None),
+                ],
+            )
+        )
+    return tables
+
+
 def flags(results: dict[str, Any] | None) -> list[tuple[str, str]]:
     names = (results or {}).get("flags") or []
     return [(name, FLAG_DESCRIPTIONS.get(name, "")) for name in names if isinstance(name, str)]

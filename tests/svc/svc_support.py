@@ -4,6 +4,7 @@ tiny job's spec, and real service processes (``Stack``) with ways to wait on the
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -85,3 +86,17 @@ def job_status(client: TestClient, headers: dict[str, str], job_id: str) -> dict
 def finished(client: TestClient, headers: dict[str, str], job_id: str) -> dict[str, Any] | None:
     job = job_status(client, headers, job_id)
     return job if job["status"] in ("succeeded", "failed", "cancelled") else None
+
+
+def csrf_of(html: str) -> str:
+    match = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert match, "no CSRF field on the page"
+    return match.group(1)
+
+
+def login(client: TestClient, key: str, next_url: str = "/") -> Any:
+    """Sign in to the dashboard with ``key`` (the response is the login form's redirect)."""
+    token = csrf_of(client.get("/login").text)
+    return client.post(
+        "/login", data={"api_key": key, "csrf": token, "next": next_url}, follow_redirects=False
+    )

@@ -20,6 +20,7 @@ from sqlalchemy.exc import OperationalError
 from api.web.routes import _figure_version
 from service.db import session_scope
 from service.models import ApiKey, Job, MetricPoint, Stage
+from svc_support import csrf_of, login
 from w2s_service import user_cli
 
 JOB = {
@@ -65,19 +66,6 @@ def results(weak: float, ceiling: float, students: dict[str, float], flags: list
         "per_seed": [],
         "timings": {"total": 3.0},
     }
-
-
-def csrf_of(html: str) -> str:
-    match = re.search(r'name="csrf" value="([^"]+)"', html)
-    assert match, "no CSRF field on the page"
-    return match.group(1)
-
-
-def login(client: TestClient, key: str, next_url: str = "/") -> Any:
-    token = csrf_of(client.get("/login").text)
-    return client.post(
-        "/login", data={"api_key": key, "csrf": token, "next": next_url}, follow_redirects=False
-    )
 
 
 def submit(client: TestClient, headers: dict[str, str], **overrides: Any) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 
 from service.db import get_engine
+from svc_support import login
 
 ADMIN = {"Authorization": "Bearer test-admin-key"}
 JOB = {
@@ -30,12 +31,6 @@ GRID = {
 }
 ROWS = "".join(f'{{"text": "review {i}", "label": {i % 2}}}\n' for i in range(12)).encode()
 MISSING_ID = "0123456789abcdef0123456789abcdef"
-
-
-def login(client: TestClient, key: str) -> Any:
-    token = re.search(r'name="csrf" value="([^"]+)"', client.get("/login").text)
-    assert token
-    return client.post("/login", data={"api_key": key, "csrf": token.group(1)}, follow_redirects=False)
 
 
 def csrf(client: TestClient) -> str:
