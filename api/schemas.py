@@ -340,6 +340,11 @@ class SweepRow(BaseModel):
     job_id: str
     weak_model: str
     strong_model: str
+    weak_label: str = Field(
+        description="the weak entry's label: the model's short name, plus the options that set it "
+        "apart from other entries of the same model (e.g. 'all-MiniLM-L6-v2 weight_decay=0.1')"
+    )
+    strong_label: str = Field(description="the strong entry's label, as weak_label")
     status: str
     weak_accuracy: float | None
     ceiling_accuracy: float | None

@@ -208,11 +208,13 @@ def create_job(
     idempotency_key: str | None = None,
     body_hash: str | None = None,
     sweep_id: str | None = None,
+    sweep_position: tuple[int, int] | None = None,
     check_backlog: bool = True,
 ) -> tuple[Job, bool]:
     """Create a queued job and its pending stages, within the team's limits. With an idempotency key
     that the team used before, return that job instead (the bool says whether a job was created);
-    the same key with a different body is refused."""
+    the same key with a different body is refused. A sweep's job gets ``sweep_position``: the
+    indexes of its weak and strong entries in the sweep's grid."""
     if idempotency_key:
         existing = _job_for_key(session, team, idempotency_key, body_hash)
         if existing is not None:
@@ -228,6 +230,8 @@ def create_job(
         id=new_id(),
         team_id=team.id,
         sweep_id=sweep_id,
+        sweep_weak_index=sweep_position[0] if sweep_position else None,
+        sweep_strong_index=sweep_position[1] if sweep_position else None,
         name=name,
         priority=priority,
         spec=resolved.stored,

@@ -118,6 +118,10 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"))
     sweep_id: Mapped[str | None] = mapped_column(ForeignKey("sweeps.id", ondelete="SET NULL"), index=True)
+    # Which entries of the sweep's weak_models and strong_models the job pairs: one model may be
+    # listed twice with different options, and its name alone cannot tell them apart.
+    sweep_weak_index: Mapped[int | None] = mapped_column(Integer)
+    sweep_strong_index: Mapped[int | None] = mapped_column(Integer)
     name: Mapped[str] = mapped_column(String(200), default="")
     priority: Mapped[int] = mapped_column(Integer, default=0)
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.queued)

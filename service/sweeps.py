@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
@@ -22,6 +21,7 @@ from service.models import Job, Sweep, Team, new_id
 from service.pagination import newest_first, page
 from service.settings import Settings
 from service.states import JOB_TERMINAL, JobStatus
+from w2s.plots import model_labels, short_model
 from w2s.spec import LossSpec, SpecError
 
 ROLES = {"weak": "weak_models", "strong": "strong_models"}
@@ -32,6 +32,10 @@ class SweepRow:
     job_id: str
     weak_model: str
     strong_model: str
+    # The grid entry's label: the model's short name, plus the options that set it apart from
+    # other entries of the same model (w2s.plots.model_labels).
+    weak_label: str
+    strong_label: str
     status: str
     weak_accuracy: float | None
     ceiling_accuracy: float | None
@@ -48,11 +52,6 @@ class SweepReport:
     jobs: list[str]
     table: list[SweepRow]
     pgr_summary: dict[str, dict[str, float | None]]
-
-
-def _short(model: str) -> str:
-    """A model's name for a job name: a directory's last part, a hub id as it is."""
-    return Path(model).name if model.startswith("/") else model
 
 
 def _model(entry: dict[str, Any] | str) -> dict[str, Any]:
@@ -83,7 +82,7 @@ def create_sweep(
     validated before anything is added; an invalid one raises :class:`SpecError` whose fields are
     named as in the grid (``strong_models.1.mode``), each problem once.
     """
-    specs: list[ResolvedSpec] = []
+    specs: list[tuple[tuple[int, int], ResolvedSpec]] = []
     errors: dict[tuple[str, str], None] = {}  # ordered set: a bad weak model fails every pair
     for i, weak in enumerate(grid["weak_models"]):
         for j, strong in enumerate(grid["strong_models"]):
@@ -96,12 +95,12 @@ def create_sweep(
                 "seeds": grid["seeds"],
             }
             try:
-                specs.append(resolve_spec(session, team=team, raw=raw, settings=settings))
+                specs.append(((i, j), resolve_spec(session, team=team, raw=raw, settings=settings)))
             except SpecError as error:
                 errors.update({(_relocate(loc, i, j), msg): None for loc, msg in error.errors})
     if errors:
         raise SpecError(list(errors))
-    n_stages = sum(len(expand_stages(resolved.spec)) for resolved in specs)
+    n_stages = sum(len(expand_stages(resolved.spec)) for _, resolved in specs)
     limits.check_priority(team, settings, priority)
     limits.check_job_size(team, settings, n_stages, what="sweep")
     limits.check_backlog(session, team, settings, n_stages)
@@ -109,15 +108,17 @@ def create_sweep(
     session.add(sweep)
     session.flush()  # the jobs' foreign key needs the row
     label = name or f"sweep-{sweep.id[:8]}"
-    for resolved in specs:
+    weak_labels, strong_labels = model_labels(grid["weak_models"]), model_labels(grid["strong_models"])
+    for (i, j), resolved in specs:
         create_job(
             session,
             team=team,
             resolved=resolved,
             settings=settings,
-            name=f"{label}: {_short(resolved.spec.weak.model)} -> {_short(resolved.spec.strong.model)}"[:200],
+            name=f"{label}: {weak_labels[i]} -> {strong_labels[j]}"[:200],
             priority=priority,
             sweep_id=sweep.id,
+            sweep_position=(i, j),
             check_backlog=False,  # checked once for the whole sweep above
         )
     return sweep
@@ -164,6 +165,13 @@ def sweep_report(session: Session, *, sweep: Sweep) -> SweepReport:
     """The sweep's table (one row per job, figures from each job's results) and PGR per loss."""
     jobs = list(session.scalars(select(Job).where(Job.sweep_id == sweep.id).order_by(Job.created_at, Job.id)))
     losses = _loss_labels(sweep.grid, jobs)
+    weak_labels = model_labels(sweep.grid.get("weak_models", []))
+    strong_labels = model_labels(sweep.grid.get("strong_models", []))
+
+    def label(labels: list[str], index: int | None, model: str) -> str:
+        # Jobs made before positions were recorded are labelled by their model.
+        return labels[index] if index is not None and 0 <= index < len(labels) else short_model(model)
+
     table: list[SweepRow] = []
     pgrs: dict[str, list[float]] = {loss: [] for loss in losses}
     for job in jobs:
@@ -173,6 +181,8 @@ def sweep_report(session: Session, *, sweep: Sweep) -> SweepReport:
             job_id=job.id,
             weak_model=job.weak_model,
             strong_model=job.strong_model,
+            weak_label=label(weak_labels, job.sweep_weak_index, job.weak_model),
+            strong_label=label(strong_labels, job.sweep_strong_index, job.strong_model),
             status=job.status,
             weak_accuracy=_figure(results.get("weak"), "accuracy"),
             ceiling_accuracy=_figure(results.get("ceiling"), "accuracy"),

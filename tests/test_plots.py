@@ -97,13 +97,51 @@ def test_sweep_figure_data_by_hand() -> None:
 def test_models_the_grid_does_not_name_are_appended_and_no_results_is_empty() -> None:
     extra = [*TABLE, row("gpt2", "/data/models/llama-3-8b", 0.71, 0.91, {"xent": 0.83})]
     data = plots.sweep_figure_data(GRID, extra)
-    assert data.strong_models[-1] == "/data/models/llama-3-8b" and data.x_labels[-1] == "llama-3-8b"
+    assert data.strong_models[-1] == data.x_labels[-1] == "llama-3-8b"
     assert data.series_named("gpt2 → student (xent)").values == (0.75, 0.60, None, 0.83)
     assert data.title == "weak-to-strong on sst2"
 
     nothing = plots.sweep_figure_data(GRID, [row("gpt2", "gpt2-medium", None, None, {"xent": None})])
     assert nothing.empty
     assert nothing.series_named("strong ceiling").values == (None, None, None)
+
+
+def test_model_labels_name_the_options_a_grid_varies() -> None:
+    minilm = "/models/all-MiniLM-L6-v2"
+    entries = [
+        {"model": minilm, "mode": "probe", "weight_decay": 0.0},
+        {"model": minilm, "mode": "probe", "weight_decay": 0.1},
+        {"model": minilm, "mode": "probe"},
+        "gpt2",
+        {"model": "gpt2"},  # the same as the string: told apart by number
+    ]
+    assert plots.model_labels(entries) == [
+        "all-MiniLM-L6-v2 weight_decay=0.0",
+        "all-MiniLM-L6-v2 weight_decay=0.1",
+        "all-MiniLM-L6-v2 weight_decay=default",
+        "gpt2 #1",
+        "gpt2 #2",
+    ]
+    assert plots.model_labels(["gpt2", {"model": "gpt2-xl", "lr": 1e-5}]) == ["gpt2", "gpt2-xl"]
+
+
+def test_a_sweep_varying_an_option_keeps_a_line_per_value() -> None:
+    # One weak model listed twice with different weight decay, one strong model listed twice with
+    # different early stopping: four jobs that the figure must not average into one point.
+    weak = [{"model": "gpt2", "weight_decay": 0.0}, {"model": "gpt2", "weight_decay": 1.0}]
+    strong = [{"model": "gpt2-xl"}, {"model": "gpt2-xl", "early_stopping_patience": 2}]
+    grid = {**GRID, "weak_models": weak, "strong_models": strong}
+    weak_labels, strong_labels = plots.model_labels(weak), plots.model_labels(strong)
+    table = []
+    for i, weak_label in enumerate(weak_labels):
+        for j, strong_label in enumerate(strong_labels):
+            entry = row("gpt2", "gpt2-xl", 0.6 + i / 10, 0.9, {"xent": 0.7 + i / 10 + j / 100})
+            table.append({**entry, "weak_label": weak_label, "strong_label": strong_label})
+    data = plots.sweep_figure_data(grid, table)
+    assert data.x_labels == ["gpt2-xl early_stopping_patience=default", "gpt2-xl early_stopping_patience=2"]
+    assert data.series_named("gpt2 weight_decay=0.0 → student (xent)").values == pytest.approx((0.7, 0.71))
+    assert data.series_named("gpt2 weight_decay=1.0 → student (xent)").values == pytest.approx((0.8, 0.81))
+    assert data.series_named("gpt2 weight_decay=1.0 (weak supervisor)").values == pytest.approx((0.7, 0.7))
 
 
 def test_sweep_figure_draws_the_data() -> None:

@@ -25,6 +25,7 @@ as a gap: a missing point is never shown as 0.
 from __future__ import annotations
 
 import io
+import json
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -102,6 +103,38 @@ def _model_name(entry: Any) -> str:
     return str(entry.get("model", "")) if isinstance(entry, Mapping) else str(entry)
 
 
+def _option_text(value: Any) -> str:
+    if isinstance(value, Mapping | list):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return str(value)
+
+
+def model_labels(entries: Sequence[Any]) -> list[str]:
+    """A label per entry of a grid's ``weak_models`` or ``strong_models``, unique within the list:
+    the model's short name, plus the options in which entries of the same model differ
+    (``all-MiniLM-L6-v2 weight_decay=0.1``), since a sweep varies an option by listing one model
+    with several values of it. Entries equal in every option get ``#2``, ``#3``..."""
+    options = [
+        {k: v for k, v in entry.items() if k != "model"} if isinstance(entry, Mapping) else {}
+        for entry in entries
+    ]
+    names = [_model_name(entry) for entry in entries]
+    labels: list[str] = []
+    for i, name in enumerate(names):
+        siblings = [options[j] for j, other in enumerate(names) if other == name]
+        keys = sorted({k for o in siblings for k in o})
+        differing = [k for k in keys if len({_option_text(o.get(k)) for o in siblings}) > 1]
+        parts = [f"{k}={_option_text(options[i][k]) if k in options[i] else 'default'}" for k in differing]
+        labels.append(" ".join([short_model(name), *parts]))
+    counts = {label: labels.count(label) for label in labels}
+    seen: dict[str, int] = {}
+    numbered = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        numbered.append(f"{label} #{seen[label]}" if counts[label] > 1 else label)
+    return numbered
+
+
 def _ordered(*groups: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(name for group in groups for name in group if name))
 
@@ -131,12 +164,12 @@ class Series:
 @dataclass(frozen=True)
 class SweepFigureData:
     title: str
-    strong_models: tuple[str, ...]  # the x axis, in grid order
+    strong_models: tuple[str, ...]  # the x axis: the strong entries' labels (model_labels), in grid order
     series: tuple[Series, ...]  # students (by weak model, then loss), weak models, the ceiling
 
     @property
     def x_labels(self) -> list[str]:
-        return [short_model(model) for model in self.strong_models]
+        return list(self.strong_models)
 
     @property
     def empty(self) -> bool:
@@ -153,13 +186,16 @@ def sweep_figure_data(
     is the sweep's, for the title. Rows are dicts, as in the API's JSON: pass
     ``service.sweeps.SweepRow`` through ``dataclasses.asdict``. See the module docstring for what
     each series holds."""
-    rows = list(table)
-    strong = _ordered(
-        (_model_name(entry) for entry in grid.get("strong_models", [])), (r["strong_model"] for r in rows)
-    )
-    weak = _ordered(
-        (_model_name(entry) for entry in grid.get("weak_models", [])), (r["weak_model"] for r in rows)
-    )
+    rows = [
+        {
+            **r,  # entries are told apart by label: one model may be listed with several options
+            "weak_model": r.get("weak_label") or short_model(r["weak_model"]),
+            "strong_model": r.get("strong_label") or short_model(r["strong_model"]),
+        }
+        for r in table
+    ]
+    strong = _ordered(model_labels(grid.get("strong_models", [])), (r["strong_model"] for r in rows))
+    weak = _ordered(model_labels(grid.get("weak_models", [])), (r["weak_model"] for r in rows))
     losses = _ordered(*[list(r.get("students") or {}) for r in rows])
     others = [loss for loss in losses if loss != SOLID_LOSS]
     dashes = {loss: LOSS_DASHES[i % len(LOSS_DASHES)] for i, loss in enumerate(others)}
@@ -174,7 +210,7 @@ def sweep_figure_data(
     students: list[Series] = []
     floors: list[Series] = []
     for w, weak_model in enumerate(weak):
-        color, label = PALETTE[w % len(PALETTE)], short_model(weak_model)
+        color, label = PALETTE[w % len(PALETTE)], weak_model
         for loss in losses:
             values = tuple(_mean(student(r, loss) for r in pair(weak_model, s)) for s in strong)
             students.append(

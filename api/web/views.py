@@ -391,7 +391,16 @@ def sweep_csv(sweep: SweepPublic) -> str:
     losses = sweep_losses(sweep)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    header = ["job_id", "weak_model", "strong_model", "status", "weak_accuracy", "ceiling_accuracy"]
+    header = [
+        "job_id",
+        "weak_model",
+        "strong_model",
+        "weak_label",
+        "strong_label",
+        "status",
+        "weak_accuracy",
+        "ceiling_accuracy",
+    ]
     for loss in losses:
         header += [f"{loss} accuracy", f"{loss} pgr"]
     writer.writerow(header)
@@ -404,6 +413,8 @@ def sweep_csv(sweep: SweepPublic) -> str:
             row.job_id,
             row.weak_model,
             row.strong_model,
+            row.weak_label,
+            row.strong_label,
             row.status,
             cell(row.weak_accuracy),
             cell(row.ceiling_accuracy),

@@ -12,6 +12,7 @@ from sqlalchemy import select
 from service.db import session_scope
 from service.models import Job
 from service.sweeps import sweep_status
+from w2s import plots
 
 
 def grid(**overrides: Any) -> dict[str, Any]:
@@ -95,6 +96,34 @@ def test_sweep_creates_one_job_per_pair(client: TestClient, make_team) -> None: 
         "created_at": sweep["created_at"],
         "status": "queued",
         "n_jobs": 4,
+    }
+
+
+def test_a_sweep_varies_an_option_by_listing_a_model_twice(client: TestClient, make_team) -> None:  # type: ignore[no-untyped-def]
+    team = make_team()
+    body = grid(
+        weak_models=[
+            {"model": "gpt2", "mode": "probe", "weight_decay": 0.0},
+            {"model": "gpt2", "mode": "probe", "weight_decay": 0.1},
+        ],
+        strong_models=[{"model": "gpt2-medium", "mode": "probe", "early_stopping_patience": 2}],
+    )
+    response = client.post("/v1/sweeps", json=body, headers=team.headers)
+    assert response.status_code == 201, response.text
+    sweep = response.json()
+    labels = [(row["weak_label"], row["strong_label"]) for row in sweep["table"]]
+    assert labels == [("gpt2 weight_decay=0.0", "gpt2-medium"), ("gpt2 weight_decay=0.1", "gpt2-medium")]
+    specs = [client.get(f"/v1/jobs/{job}", headers=team.headers).json() for job in sweep["jobs"]]
+    assert [job["spec"]["weak"]["weight_decay"] for job in specs] == [0.0, 0.1]
+    assert [job["name"] for job in specs] == [
+        "grid: gpt2 weight_decay=0.0 -> gpt2-medium",
+        "grid: gpt2 weight_decay=0.1 -> gpt2-medium",
+    ]
+    # Each value keeps its own line in the figure the dashboard draws from this document.
+    figure = plots.sweep_figure_data(sweep["grid"], sweep["table"])
+    assert {s.label for s in figure.series if s.role == "weak"} == {
+        "gpt2 weight_decay=0.0 (weak supervisor)",
+        "gpt2 weight_decay=0.1 (weak supervisor)",
     }
 
 

@@ -305,7 +305,8 @@ def test_dashboard_in_a_browser(
     assert page.locator("script[src*='chart']").count() == 0  # no chart script: drawn on the server
     assert page.locator(".pgr-table tbody tr").count() == 2
     exported = page.request.get(f"{base}/sweeps/{sweep_id}.csv")
-    assert exported.ok and exported.text().startswith("job_id,weak_model,strong_model,status")
+    header = "job_id,weak_model,strong_model,weak_label,strong_label,status"
+    assert exported.ok and exported.text().startswith(header)
     shots.take("sweep")
     page.goto(f"{base}/sweeps")
     assert page.locator(f'a[href="/sweeps/{sweep_id}"]').is_visible()
