@@ -58,8 +58,10 @@ class RealStack:
         queue_slots: str = '{"cpu": 1}',
         keep_logs: Path | None = None,
         cpu_workers: int = 1,
+        extra_env: dict[str, str] | None = None,
     ):
         self.cpu_workers = cpu_workers
+        self.extra_env = dict(extra_env or {})  # settings a benchmark adds or overrides
         self.data_dir = data_dir
         self.queue_slots = queue_slots
         self.keep_logs = keep_logs
@@ -105,6 +107,7 @@ class RealStack:
             # Fast rounds and progress writes: the benchmark measures the stack, not its polling.
             "W2S_DISPATCH_INTERVAL_S": "0.2",
             "W2S_PROGRESS_FLUSH_S": "0.5",
+            **self.extra_env,
         }
 
     def _start(self) -> None:

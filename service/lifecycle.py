@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, delete, exists, func, select, update
+from sqlalchemy import and_, delete, exists, func, select, text, update
 from sqlalchemy.orm import Session
 
 from service.db import insert_ignoring_duplicates
@@ -37,12 +37,24 @@ from service.states import (
 logger = logging.getLogger(__name__)
 
 STAGE_WAITING = (StageStatus.pending, StageStatus.queued)  # stop at once when the job ends
+# The dispatcher (worker/dispatcher.py) listens here, and runs a round as soon as it is told that a
+# slot was freed or work became ready instead of at its next interval: with one worker slot and
+# stages of a tenth of a second, waiting for the interval would cost more than the stages.
+DISPATCH_CHANNEL = "w2s_dispatch"
 
 
 def log(
     session: Session, *, job_id: str, message: str, stage_id: str | None = None, level: str = "info"
 ) -> None:
     session.add(LogLine(job_id=job_id, stage_id=stage_id, message=message, level=level))
+
+
+def wake_dispatcher(session: Session) -> None:
+    """Ask for a dispatch round once this transaction commits: a Postgres NOTIFY is delivered at
+    commit, not at all on rollback, and equal ones of one transaction are folded into one. Elsewhere
+    (SQLite, the embedded default) the dispatcher's interval is its only clock."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": DISPATCH_CHANNEL})
 
 
 def _sources(transitions: dict[Any, frozenset[Any]], to: Any, only_from: Iterable[Any] | None) -> list[str]:
@@ -300,6 +312,7 @@ def mark_planned(
         + ": "
         + ", ".join(sorted({plan.gpu_class for plan in planned.values()})),
     )
+    wake_dispatcher(session)  # its first stages are ready
     return True
 
 
@@ -567,6 +580,7 @@ def finish_stage(
         complete_duplicates(session, record)
     elif status == StageStatus.failed:
         fail_job(session, moved.job_id, f"stage {moved.kind} (seed {moved.seed}) failed: {error}")
+    wake_dispatcher(session)  # its slot is free, and its dependents or its job's finishing may be due
     return True
 
 

@@ -58,6 +58,26 @@ class Settings(LibrarySettings):
         Path(""), description="where uploaded datasets are kept; empty = state_dir/uploads"
     )
     progress_flush_s: float = Field(2.0, description="how often workers write progress to the database")
+    # The stage worker's long-lived process (worker/tasks.py, worker/isolation.py): probe stages run
+    # in it and reuse what it has loaded; full and LoRA stages each get a fresh process of their own.
+    worker_max_stages_per_process: int = Field(
+        1000,
+        ge=1,
+        description="stages a worker's long-lived process runs before Celery replaces it with a fresh "
+        "one (bounds slow leaks; its caches are rebuilt from the store)",
+    )
+    worker_max_memory_mb: int = Field(
+        8192,
+        ge=256,
+        description="resident memory of a worker's long-lived process above which it is replaced after "
+        "its current stage",
+    )
+    stage_cache_mb: int = Field(
+        1024,
+        ge=0,
+        description="probe features and other stored arrays a worker's long-lived process keeps in "
+        "memory for the next stages (least recently used first out; 0: none)",
+    )
     # Control tasks (planning and finishing a job, worker/control.py).
     control_timeout_s: float = Field(
         600.0, gt=0, description="longest a job's planning or finishing may take"

@@ -1,8 +1,11 @@
 """The Celery app, built from the service settings.
 
-One worker process per GPU (``CUDA_VISIBLE_DEVICES``), concurrency 1, prefetch 1, late acks, and a
-fresh child process per task so a stage's GPU memory is returned when it ends. Queues are listed
-explicitly and unknown queues are an error, so a typo fails loudly instead of parking work.
+One worker process per GPU (``CUDA_VISIBLE_DEVICES``), concurrency 1, prefetch 1, late acks. Its
+pool child is long-lived: it runs probe stages itself and gives each full or LoRA stage a fresh
+process of its own, so that stage's GPU memory is returned when it ends (worker/tasks.py,
+worker/isolation.py); Celery replaces the child after ``W2S_WORKER_MAX_STAGES_PER_PROCESS`` stages
+or once it holds ``W2S_WORKER_MAX_MEMORY_MB``. Queues are listed explicitly and unknown queues are an
+error, so a typo fails loudly instead of parking work.
 """
 
 from __future__ import annotations
@@ -67,7 +70,8 @@ def make_celery(settings: Settings | None = None) -> Celery:
         accept_content=["json"],
         worker_prefetch_multiplier=1,
         worker_concurrency=1,
-        worker_max_tasks_per_child=1,
+        worker_max_tasks_per_child=settings.worker_max_stages_per_process,
+        worker_max_memory_per_child=settings.worker_max_memory_mb * 1024,  # KiB
         worker_hijack_root_logger=False,
     )
     return app

@@ -1,9 +1,15 @@
 """The stage task: load the stage row, run the w2s stage, persist the outcome.
 
-Pass ids, never objects: the task re-reads its row and owns its status changes. The worker's
-parent process imports torch and the stage code once (``worker_init``) so that every stage's fresh
-child, forked from it, starts with them loaded; CUDA is only ever initialised in the child, where
-the work runs.
+Pass ids, never objects: the task re-reads its row and owns its status changes.
+
+Processes. The worker's parent process imports torch and the stage code once (``worker_init``) and
+forks one long-lived child that runs stage after stage (``W2S_WORKER_MAX_STAGES_PER_PROCESS`` of
+them, or until it holds ``W2S_WORKER_MAX_MEMORY_MB``, then Celery forks a fresh one). A probe stage
+runs in that child: its fixed cost is then a few database writes, not a process start, imports and
+re-reading every feature (the child keeps stored arrays in memory, worker/stage_cache.py). A full
+fine-tuning or LoRA stage, which loads a whole backbone, runs in a fresh process of its own
+(worker/isolation.py), so its GPU memory is returned when it ends; its claim, heartbeats, progress
+and outcome are written by the long-lived child all the same.
 
 Faults. Each run is one *attempt* (``stages.attempts``) and every write it makes is fenced by it:
 once the dispatcher has requeued a stage whose heartbeat went silent (its worker was killed, or cut
@@ -26,7 +32,7 @@ import threading
 import time
 from typing import Any
 
-from celery.signals import worker_init
+from celery.signals import worker_init, worker_process_init
 from sqlalchemy import update
 from sqlalchemy.exc import DBAPIError
 
@@ -56,6 +62,17 @@ def _preload_stage_code(**_: Any) -> None:
     import w2s.stages  # noqa: F401
 
     del transformers
+
+
+# Whether this process runs full and LoRA stages in processes of their own: true in a Celery
+# worker's pool process, which lives on from stage to stage (set below when Celery starts it).
+ISOLATE_HEAVY_STAGES = False
+
+
+@worker_process_init.connect
+def _long_lived(**_: Any) -> None:
+    global ISOLATE_HEAVY_STAGES
+    ISOLATE_HEAVY_STAGES = True
 
 
 def _first_line(error: BaseException) -> str:
@@ -207,6 +224,30 @@ def _device_name() -> str | None:
     return None
 
 
+def _record_device(stage_id: str, device: str | None) -> None:
+    if device:
+        with session_scope() as session:
+            session.execute(update(Stage).where(Stage.id == stage_id).values(gpu=device))
+
+
+# Modes whose stages run in the long-lived process; the others (full, lora) load and train a whole
+# backbone and run in a process of their own (worker/isolation.py).
+IN_PROCESS_MODES = frozenset({"probe"})
+
+
+def runs_in_process(plan: Any) -> bool:
+    return plan.config.mode in IN_PROCESS_MODES
+
+
+def _release_accelerator_memory() -> None:
+    """Give the GPU memory a probe stage cached back to the device, so that the next stage, perhaps
+    in a process of its own, finds it free (the CUDA context itself stays)."""
+    import torch
+
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 def claim_stage(stage_id: str, worker: str, settings: Settings) -> Claim | None:
     """Start a new attempt of the stage (service/lifecycle.py), or None if this delivery must not run."""
     with session_scope() as session:
@@ -253,16 +294,46 @@ def load_plan(claim: Claim, settings: Settings) -> Any:
     return stage_plans(spec, settings, seeds=[claim.seed])[claim.kind, claim.seed]
 
 
-def execute_stage(stage_id: str, *, worker: str, settings: Settings | None = None) -> str:
-    """Load the stage, run it, persist its outcome; return the state it ended in."""
+def run_plan(plan: Any, stage_id: str, writer: ProgressWriter, settings: Settings, *, isolate: bool) -> Any:
+    """Run the planned stage: in this process (probe stages, or everything when not ``isolate``), or
+    in a fresh process of its own (full and LoRA stages of the Celery worker)."""
+    from w2s.stages import run_stage
+    from worker.stage_cache import process_store
+
+    if isolate and not runs_in_process(plan):
+        from worker.isolation import run_isolated
+
+        return run_isolated(
+            plan,
+            settings.store_uri,
+            writer,
+            stopped=lambda: writer.cancelled,
+            on_device=lambda name: _record_device(stage_id, name),
+        )
+    if not isolate or plan.device_kind == "cuda":  # without CUDA planned, the probe head never touches it
+        _record_device(stage_id, _device_name())
+    try:
+        return run_stage(plan, process_store(settings.store_uri, settings.stage_cache_mb), callback=writer)
+    finally:
+        _release_accelerator_memory()
+
+
+def execute_stage(
+    stage_id: str, *, worker: str, settings: Settings | None = None, isolate: bool | None = None
+) -> str:
+    """Load the stage, run it, persist its outcome; return the state it ended in.
+
+    ``isolate``: run full and LoRA stages in a process of their own; by default, only in a Celery
+    worker's long-lived process (see ``_long_lived``). Other callers (tests of the service's rules,
+    one stage at a time) run every stage where they are."""
     settings = settings or get_settings()
+    isolate = ISOLATE_HEAVY_STAGES if isolate is None else isolate
     claim = retry_database(
         lambda: claim_stage(stage_id, worker, settings), f"stage {stage_id}: claim", settings.db_retry_s
     )
     if claim is None:
         return "skipped"
-    from w2s.stages import StageCancelled, run_stage
-    from w2s.store import ArtifactStore
+    from w2s.stages import StageCancelled
     from w2s.train import StageError
 
     writer = ProgressWriter(stage_id, settings.progress_flush_s, claim.attempt)
@@ -270,11 +341,7 @@ def execute_stage(stage_id: str, *, worker: str, settings: Settings | None = Non
     heartbeat.start()
     try:
         try:
-            device = _device_name()
-            if device:
-                with session_scope() as session:
-                    session.execute(update(Stage).where(Stage.id == stage_id).values(gpu=device))
-            result = run_stage(load_plan(claim, settings), ArtifactStore(settings.store_uri), callback=writer)
+            result = run_plan(load_plan(claim, settings), stage_id, writer, settings, isolate=isolate)
         except StageCancelled:
             writer.final_flush(settings.db_retry_s)
             persist_outcome(stage_id, StageStatus.cancelled, attempt=claim.attempt, settings=settings)

@@ -1,0 +1,246 @@
+"""A stage in a process of its own: how full fine-tuning and LoRA stages run.
+
+The stage worker's process is long-lived (worker/tasks.py): probe stages run in it and reuse what it
+has loaded. A stage that loads and trains a whole backbone instead runs in a fresh process, so that
+everything it allocated (GPU memory above all) is returned when it ends, whatever it did, and a crash
+inside it (a segfault, the kernel's OOM killer) costs that attempt only, not the worker.
+
+The fresh process comes from a fork server (``multiprocessing`` "forkserver"): a clean interpreter
+started once per long-lived process, which imports torch, transformers and the stage code and then
+forks one child per stage in milliseconds. It never initialises CUDA, so its children may, even
+after the long-lived process has run probe stages on the GPU (forking that process itself would
+hand the child a CUDA context it cannot use, and copy whatever threads held locked).
+
+The child only computes: it runs :func:`w2s.stages.run_stage` and sends its progress, then its result
+or its error, up a pipe. Claiming, heartbeats, progress writes, fencing and the outcome stay in the
+long-lived process, exactly as for a stage run in-process; to stop the child (a cancel, a superseded
+attempt) the parent says so, and its training stops at the next step. If the long-lived process dies
+the fork server exits, and the child notices within a second and exits too.
+
+This module is imported by the fork server: it imports nothing heavy at module level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import pickle
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# What the fork server imports once, so that every stage's child starts with it loaded.
+PRELOAD = ["torch", "transformers", "w2s.stages", "w2s.pipeline", "worker.isolation"]
+# How often the parent looks at the cancel flag while the child is quiet (loading a model, say).
+POLL_S = 0.5
+# How long a child that has sent its outcome may take to exit (and return its memory).
+EXIT_WAIT_S = 60.0
+
+_context: Any = None
+
+
+class IsolatedStageLost(RuntimeError):
+    """The stage's process ended without sending a result or an error (killed, or crashed)."""
+
+
+def fork_server() -> Any:
+    """The fork server context of this process (started by the first stage that needs it)."""
+    global _context
+    if _context is None:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(PRELOAD)
+        _context = context
+    return _context
+
+
+def plug_in_losses(plan: Any) -> dict[str, type]:
+    """The plan's loss class when it is a plug-in registered in this process: the child is a fresh
+    interpreter, which knows only the built-in losses and what importing the class's module registers."""
+    from w2s.losses import _lookup
+
+    cls = _lookup(plan.loss.name)
+    return {} if cls.__module__ == "w2s.losses" else {plan.loss.name: cls}
+
+
+def run_isolated(
+    plan: Any,
+    store_uri: str,
+    callback: Callable[[Any], bool | None],
+    *,
+    stopped: Callable[[], bool] = lambda: False,
+    on_device: Callable[[str], None] | None = None,
+) -> Any:
+    """Run ``w2s.stages.run_stage(plan, ArtifactStore(store_uri))`` in a fresh process; return its
+    StageResult or raise its error here. ``callback`` sees every progress report, as in-process;
+    once it returns False or ``stopped()`` is true, the child is told to stop. ``on_device`` gets the
+    GPU's name when the stage runs on one."""
+    context = fork_server()
+    losses = plug_in_losses(plan)
+    try:
+        pickle.dumps(losses)
+    except Exception as error:  # defined in __main__ or a function: the child cannot import it
+        raise ValueError(
+            f"loss {plan.loss.name!r}: its class must be importable by module and name to run in a "
+            f"stage's own process ({error})"
+        ) from None
+    _use_stdlib_authkey()
+    ours, theirs = context.Pipe()
+    process = context.Process(
+        target=child_main,
+        args=(theirs, plan, store_uri, losses, dict(os.environ), logging.getLogger().getEffectiveLevel()),
+        name=f"stage-{plan.kind}-{plan.seed}",
+    )
+    _start(process)
+    theirs.close()  # the child holds its end: EOF here once the child is gone
+    told_to_stop = False
+
+    def tell_to_stop() -> None:
+        nonlocal told_to_stop
+        if not told_to_stop:
+            told_to_stop = True
+            with contextlib.suppress(OSError):  # already gone: its end of the pipe says how
+                ours.send("stop")
+
+    ended = False  # the child sent its outcome, or its end of the pipe closed
+    try:
+        while True:
+            if not ours.poll(POLL_S):
+                if stopped():
+                    tell_to_stop()
+                continue
+            try:
+                message, payload = ours.recv()
+            except EOFError:
+                ended = True
+                break
+            if message == "progress":
+                if callback(payload) is False or stopped():
+                    tell_to_stop()
+            elif message == "device" and on_device is not None:
+                on_device(payload)
+            elif message == "result":
+                ended = True
+                return payload
+            elif message == "error":
+                ended = True
+                error, trace = payload
+                logger.info("stage %s seed %s raised in its own process:\n%s", plan.kind, plan.seed, trace)
+                raise error
+        process.join(EXIT_WAIT_S)
+        raise IsolatedStageLost(
+            f"the stage's own process ended without a result (exit code {process.exitcode})"
+        )
+    finally:
+        ours.close()
+        # Wait for it to exit, so that its memory (GPU memory above all) is free for the next stage;
+        # leaving early (this process's own error), stop it at once.
+        if ended:
+            process.join(EXIT_WAIT_S)
+        if process.is_alive():
+            process.kill()
+        process.join()
+
+
+def _use_stdlib_authkey() -> None:
+    """Give this process an authkey of multiprocessing's own type. In a Celery pool process it is
+    billiard's, which refuses to be pickled outside billiard's own process start, and the fork server
+    pickles it (with the Process object, which copies it) for every child."""
+    config = multiprocessing.current_process()._config  # type: ignore[attr-defined]
+    key = config.get("authkey")
+    if key is not None and type(key) is not multiprocessing.process.AuthenticationString:
+        config["authkey"] = multiprocessing.process.AuthenticationString(bytes(key))
+
+
+def _start(process: Any) -> None:
+    """Start the child even from a Celery pool process, which marks itself daemonic: multiprocessing
+    refuses children to daemonic processes because it cannot clean them up when they exit, and this
+    child cleans up after itself (it exits with its fork server, see _exit_with_parent)."""
+    config = multiprocessing.current_process()._config  # type: ignore[attr-defined]
+    daemonic = config.pop("daemon", None)
+    try:
+        process.start()
+    finally:
+        if daemonic is not None:
+            config["daemon"] = daemonic
+
+
+# -- in the child ------------------------------------------------------------------------------------
+
+
+def child_main(
+    conn: Connection,
+    plan: Any,
+    store_uri: str,
+    losses: dict[str, type],
+    environ: dict[str, str],
+    log_level: int,
+) -> None:
+    """Run the stage and report up ``conn``: ("device", name)?, ("progress", p)*, then ("result",
+    StageResult) or ("error", (exception, traceback))."""
+    _exit_with_parent()
+    os.environ.clear()
+    os.environ.update(environ)  # the worker's settings now, not the fork server's when it started
+    logging.basicConfig(
+        level=log_level, format=f"[%(asctime)s: %(levelname)s/stage-{os.getpid()}] %(name)s: %(message)s"
+    )
+    try:
+        from w2s.losses import _REGISTRY, register_loss
+        from w2s.stages import run_stage
+        from w2s.store import ArtifactStore
+
+        for name, cls in losses.items():
+            if _REGISTRY.get(name) is not cls:
+                _REGISTRY.pop(name, None)
+                register_loss(name)(cls)
+        if plan.device_kind == "cuda":
+            import torch
+
+            if torch.cuda.is_available():
+                visible = os.environ.get("CUDA_VISIBLE_DEVICES", "all")
+                conn.send(("device", f"{torch.cuda.get_device_name(0)} (CUDA_VISIBLE_DEVICES={visible})"))
+        stop = False
+
+        def report(progress: Any) -> bool:
+            nonlocal stop
+            conn.send(("progress", progress))
+            while conn.poll():
+                stop = stop or conn.recv() == "stop"
+            return not stop
+
+        result = run_stage(plan, ArtifactStore(store_uri), callback=report)
+        conn.send(("result", result))
+    except Exception as error:
+        conn.send(("error", (portable(error), traceback.format_exc())))
+    finally:
+        conn.close()
+
+
+def portable(error: BaseException) -> BaseException:
+    """The error itself if it survives the pipe (so the parent sorts it as in-process: bad input,
+    cancelled, out of memory ...), else a RuntimeError with its type and message."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def _exit_with_parent() -> None:
+    """Exit as soon as the fork server is gone (it exits with the long-lived process): a stage whose
+    worker died is redelivered elsewhere, and this one must stop using the GPU."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(3)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
