@@ -392,11 +392,12 @@ def main() -> None:
     if args.only != "newcomer":
         with BacklogDatabase(teams, per_team) as db:
             figures["round"] = measure_rounds(db, rounds)
-        print(
-            f"round with {teams * per_team:,} queued stages of {teams} teams:", json.dumps(figures["round"])
-        )
-        figures["idle_cpu"] = measure_idle_cpu(db, idle_s)
-        print("idle dispatcher:", json.dumps(figures["idle_cpu"]))
+            print(
+                f"round with {teams * per_team:,} queued stages of {teams} teams:",
+                json.dumps(figures["round"]),
+            )
+            figures["idle_cpu"] = measure_idle_cpu(db, idle_s)  # over the same backlog
+            print("idle dispatcher:", json.dumps(figures["idle_cpu"]))
     workdir = Path(tempfile.mkdtemp(prefix="w2s_dispatch_"))
     try:
         if args.only != "backlog":

@@ -6,7 +6,9 @@ uvicorn), it POSTs the sweep body of ``--spec`` (default ``examples/sst2_decoder
 all-MiniLM-L6-v2 and the three decoders as weak models; the decoders and all-mpnet-base-v2 as
 strong; probe mode on sst2), waits for every job, prints the sweep's table, then signs in to the
 dashboard with the team's key and saves the sweep page's figure (``/sweeps/{id}/plot.svg``, the Burns
-plot the dashboard shows) and a PNG of the same figure.
+plot the dashboard shows) and a PNG of the same figure. ``--spec`` may also be a job spec (weak and
+strong): it runs as the one-pair sweep of it (``examples/sst2_decoder_lora.json``: a LoRA job on a
+real decoder pair).
 
 The models must be under models/ (``w2s models prepare-offline models --decoders``). Long on 2 CPU
 cores (feature extraction of ~2,900 texts per model); run it as a benchmark, never in the tests.
@@ -112,7 +114,15 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=4 * 3600)
     parser.add_argument("--json", type=Path, default=None, help="write the sweep document and timings here")
     args = parser.parse_args()
-    body = absolute_models(json.loads(args.spec.read_text()))
+    body = json.loads(args.spec.read_text())
+    if "weak" in body:  # a job spec: the one-pair sweep of it
+        body = {
+            "name": args.spec.stem,
+            **{k: v for k, v in body.items() if k not in ("weak", "strong")},
+            "weak_models": [body["weak"]],
+            "strong_models": [body["strong"]],
+        }
+    body = absolute_models(body)
     started = time.perf_counter()
     extra = {"W2S_ARTIFACT_STORE": str(args.store.resolve())} if args.store else {}
     with RealStack(data_dir=(args.data_dir or default_data_dir()), extra_env=extra) as stack:

@@ -60,6 +60,25 @@ def fork_server() -> Any:
     return _context
 
 
+def stop_fork_server() -> None:
+    """Stop this process's fork server and remove the temporary folder of its socket. Celery ends a
+    pool process with ``os._exit``, which skips multiprocessing's own clean-up: without this, every
+    replaced worker process would leave a ``pymp-*`` folder behind."""
+    global _context
+    if _context is None:
+        return
+    from multiprocessing import forkserver, util
+
+    with contextlib.suppress(Exception):
+        forkserver._forkserver._stop()  # type: ignore[attr-defined]
+    # multiprocessing's own finalizer for the folder: it removes it and forgets it, once.
+    for finalizer in list(util._finalizer_registry.values()):  # type: ignore[attr-defined]
+        if getattr(finalizer, "_callback", None) is util._remove_temp_dir:  # type: ignore[attr-defined]
+            with contextlib.suppress(OSError):
+                finalizer()
+    _context = None
+
+
 def plug_in_losses(plan: Any) -> dict[str, type]:
     """The plan's loss class when it is a plug-in registered in this process: the child is a fresh
     interpreter, which knows only the built-in losses and what importing the class's module registers."""

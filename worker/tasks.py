@@ -32,7 +32,7 @@ import threading
 import time
 from typing import Any
 
-from celery.signals import worker_init, worker_process_init
+from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 from sqlalchemy import update
 from sqlalchemy.exc import DBAPIError
 
@@ -73,6 +73,13 @@ ISOLATE_HEAVY_STAGES = False
 def _long_lived(**_: Any) -> None:
     global ISOLATE_HEAVY_STAGES
     ISOLATE_HEAVY_STAGES = True
+
+
+@worker_process_shutdown.connect
+def _stop_fork_server(**_: Any) -> None:
+    from worker.isolation import stop_fork_server
+
+    stop_fork_server()
 
 
 def _first_line(error: BaseException) -> str:

@@ -158,3 +158,17 @@ def test_a_commit_wakes_the_dispatcher_and_a_rollback_does_not(service_env: dict
         assert wakeup.wait(0.2) is False  # both notifications were taken by that one wake-up
     finally:
         wakeup.close()
+
+
+def test_stopping_the_fork_server_leaves_no_temporary_folder(
+    tiny_bert: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    from worker import isolation
+
+    run_isolated(full_plan(tiny_bert, data_dir, epochs=1), str(tmp_path / "s"), lambda _: True)
+    tempdir = multiprocessing.current_process()._config.get("tempdir")  # type: ignore[attr-defined]
+    assert tempdir and Path(tempdir).is_dir()  # the fork server's socket lives there
+    isolation.stop_fork_server()
+    assert not Path(tempdir).exists()
+    # A later stage starts a fresh fork server.
+    assert run_isolated(full_plan(tiny_bert, data_dir, epochs=1), str(tmp_path / "t"), lambda _: True).steps
