@@ -35,6 +35,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 from real_stack import PG_ADMIN_URL, REDIS_URL, RealStack  # noqa: E402
 
+KEEP_LOGS = Path(os.environ["W2S_BENCH_KEEP_LOGS"]) if os.environ.get("W2S_BENCH_KEEP_LOGS") else None
 HOLD_QUEUE = "hold"  # a queue no worker consumes: the backlog's stages wait there
 
 
@@ -297,7 +298,7 @@ def measure_newcomer(workdir: Path, quick: bool) -> dict[str, Any]:
         "strong": {"model": models[0], "epochs": 1, "max_length": 32, "batch_size": 16},
         "losses": ["xent"],
     }
-    with RealStack(data_dir=data_dir, queue_slots='{"cpu": 2}', cpu_workers=2) as stack:
+    with RealStack(data_dir=data_dir, queue_slots='{"cpu": 2}', cpu_workers=2, keep_logs=KEEP_LOGS) as stack:
         admin = {"Authorization": f"Bearer {os.environ['W2S_ADMIN_KEY']}"}
 
         def new_team(name: str) -> dict[str, str]:
@@ -329,6 +330,8 @@ def measure_newcomer(workdir: Path, quick: bool) -> dict[str, Any]:
                 "the warm-up jobs to be planned",
             )
             stack.api.post(f"/v1/jobs/{job_id}/cancel", headers=headers)
+        for job_id, headers in warm:  # until their stages are out of the slots: the newcomer's is free
+            _wait_job(stack, job_id, headers, 300)
         posted = time.monotonic()
         sweep = stack.api.post("/v1/sweeps", json=grid, timeout=300)
         sweep.raise_for_status()

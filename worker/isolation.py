@@ -51,13 +51,26 @@ class IsolatedStageLost(RuntimeError):
 
 
 def fork_server() -> Any:
-    """The fork server context of this process (started by the first stage that needs it)."""
+    """The fork server context of this process (the server starts with :func:`start_fork_server` or
+    the first stage that needs it)."""
     global _context
     if _context is None:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(PRELOAD)
         _context = context
     return _context
+
+
+def start_fork_server() -> None:
+    """Start the fork server now, so that it has imported torch and the stage code (seconds) before
+    the first full or LoRA stage arrives rather than on that stage's clock."""
+    from multiprocessing import forkserver
+
+    fork_server()
+    try:
+        forkserver.ensure_running()
+    except Exception:  # the first stage that needs it tries again, and reports what fails
+        logger.warning("could not start the fork server ahead of time", exc_info=True)
 
 
 def stop_fork_server() -> None:

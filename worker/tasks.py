@@ -73,6 +73,10 @@ ISOLATE_HEAVY_STAGES = False
 def _long_lived(**_: Any) -> None:
     global ISOLATE_HEAVY_STAGES
     ISOLATE_HEAVY_STAGES = True
+    from worker.isolation import start_fork_server
+
+    # In the background: the fork server's imports take seconds, and probe stages need none of it.
+    threading.Thread(target=start_fork_server, name="start-fork-server", daemon=True).start()
 
 
 @worker_process_shutdown.connect
