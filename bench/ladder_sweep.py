@@ -69,7 +69,7 @@ def dashboard_plot(stack: RealStack, sweep_id: str) -> str:
     """Sign in to the dashboard with the team's key and fetch the sweep page's figure."""
     import httpx
 
-    with httpx.Client(base_url=stack.base_url, timeout=120) as browser:
+    with httpx.Client(base_url=stack.base_url, timeout=120, follow_redirects=True) as browser:
         form = browser.get("/login").text
         match = re.search(r'name="csrf" value="([^"]+)"', form)
         assert match, "no CSRF field on the login page"
@@ -133,10 +133,10 @@ def main() -> None:
         print(f"sweep {sweep_id}: {len(answer.json()['jobs'])} jobs", flush=True)
         sweep = wait_sweep(stack, sweep_id, args.timeout)
         wall = time.perf_counter() - started
+        print_table(sweep)  # first: what follows may fail, the figures must not be lost
+        print(f"wall time {wall:.0f} s ({wall / 60:.1f} min)", flush=True)
         jobs = [stack.api.get(f"/v1/jobs/{job_id}").json() for job_id in sweep["jobs"]]
         svg = dashboard_plot(stack, sweep_id)
-    print_table(sweep)
-    print(f"wall time {wall:.0f} s ({wall / 60:.1f} min)")
     if args.plot:
         from w2s import plots
 
