@@ -106,9 +106,11 @@ def worker_argv(queue: str, embedded: bool, control_concurrency: int = 2) -> lis
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from service.settings import get_settings
-    from worker.celery_app import app
+    from worker import tasks
+    from worker.celery_app import CONTROL_QUEUE, app
 
     settings = get_settings()
+    tasks.RUNS_STAGES = set(args.queue.split(",")) != {CONTROL_QUEUE}
     app.worker_main(worker_argv(args.queue, settings.embedded_broker, settings.control_concurrency))
     return 0
 

@@ -67,12 +67,17 @@ def _preload_stage_code(**_: Any) -> None:
 # Whether this process runs full and LoRA stages in processes of their own: true in a Celery
 # worker's pool process, which lives on from stage to stage (set below when Celery starts it).
 ISOLATE_HEAVY_STAGES = False
+# Whether this worker consumes stage queues: `w2s-service worker --queue control` clears it before
+# Celery forks its pool, so control processes (planning, finishing) start no fork server they never use.
+RUNS_STAGES = True
 
 
 @worker_process_init.connect
 def _long_lived(**_: Any) -> None:
     global ISOLATE_HEAVY_STAGES
     ISOLATE_HEAVY_STAGES = True
+    if not RUNS_STAGES:
+        return
     from worker.isolation import start_fork_server
 
     # In the background: the fork server's imports take seconds, and probe stages need none of it.

@@ -172,3 +172,17 @@ def test_stopping_the_fork_server_leaves_no_temporary_folder(
     assert not Path(tempdir).exists()
     # A later stage starts a fresh fork server.
     assert run_isolated(full_plan(tiny_bert, data_dir, epochs=1), str(tmp_path / "t"), lambda _: True).steps
+
+
+def test_only_stage_workers_start_a_fork_server_ahead_of_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker import isolation, tasks
+
+    started = threading.Event()
+    monkeypatch.setattr(isolation, "start_fork_server", started.set)
+    monkeypatch.setattr(tasks, "ISOLATE_HEAVY_STAGES", False)  # _long_lived sets it; restored after
+    monkeypatch.setattr(tasks, "RUNS_STAGES", False)  # `w2s-service worker --queue control`
+    tasks._long_lived()
+    assert not started.wait(0.5)
+    monkeypatch.setattr(tasks, "RUNS_STAGES", True)
+    tasks._long_lived()
+    assert started.wait(5.0)
