@@ -6,12 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from helpers import build_tiny_bert, build_tiny_gpt2, write_sst2_like
+from helpers import build_tiny_bert, build_tiny_gpt2, build_tiny_llama_bf16, write_sst2_like
 
 
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_gpt2(tmp_path_factory.mktemp("models") / "tiny-gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_bf16(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_llama_bf16(tmp_path_factory.mktemp("models") / "tiny-llama-bf16")
 
 
 @pytest.fixture(scope="session")

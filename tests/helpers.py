@@ -66,6 +66,33 @@ def build_tiny_gpt2(path: Path) -> Path:
     return path
 
 
+def build_tiny_llama_bf16(path: Path) -> Path:
+    """A tiny Llama whose config declares bfloat16 and whose weights are stored in it, as most hub
+    decoders ship (Qwen2.5's config says bfloat16): loading must not take that as the training dtype."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2TokenizerFast, LlamaConfig, LlamaModel
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(_corpus(), vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>"])
+    tokenizer = GPT2TokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    tokenizer.save_pretrained(path)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        dtype="bfloat16",
+    )
+    LlamaModel(config).to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
 def build_tiny_bert(path: Path) -> Path:
     from tokenizers import BertWordPieceTokenizer
     from transformers import BertConfig, BertModel, BertTokenizerFast

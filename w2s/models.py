@@ -97,24 +97,33 @@ class Classifier(nn.Module):
         self.causal = causal
         self.head = zero_head(hidden_size, head_bias)
 
-    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, left_padded: bool | None = None
+    ) -> torch.Tensor:
+        """Pooled features (batch, hidden). ``left_padded``: whether any row starts with padding, as
+        the batch's collation knows on the host; None looks at the mask (which waits for the device)."""
         if not self.causal:
             hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        elif bool(attention_mask[:, 0].all()):
-            # Right padding (or none): causal attention already keeps every real token from seeing
-            # the pads after it, so the mask is redundant; without it attention takes its fast
-            # unmasked path (about 15% of a training step on CPU).
-            hidden = self.backbone(input_ids=input_ids).last_hidden_state
         else:
-            # Left padding: positions must count real tokens only, as if the pads were absent.
-            position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-            hidden = self.backbone(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-            ).last_hidden_state
+            if left_padded is None:
+                left_padded = not bool(attention_mask[:, 0].all())
+            if not left_padded:
+                # Right padding (or none): causal attention already keeps every real token from
+                # seeing the pads after it, so the mask is redundant; without it attention takes its
+                # fast unmasked path (about 15% of a training step on CPU).
+                hidden = self.backbone(input_ids=input_ids).last_hidden_state
+            else:
+                # Left padding: positions must count real tokens only, as if the pads were absent.
+                position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+                hidden = self.backbone(
+                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+                ).last_hidden_state
         return POOLERS[self.pooling](hidden, attention_mask)  # (batch, hidden)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return float32_head(self.head, self.features(input_ids, attention_mask))  # (batch, 2)
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, left_padded: bool | None = None
+    ) -> torch.Tensor:
+        return float32_head(self.head, self.features(input_ids, attention_mask, left_padded))  # (batch, 2)
 
 
 class ProbeHead(nn.Module):
@@ -164,8 +173,27 @@ def load_tokenizer(spec: ModelSpec) -> Any:
     return tokenizer
 
 
+HALF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def weight_dtype(mode: str, precision: str) -> torch.dtype:
+    """The dtype the backbone's weights are stored in, whatever the checkpoint's config declares.
+
+    Full fine-tuning keeps float32 master weights (and so float32 gradients and AdamW state): under
+    bf16 autocast every matmul still runs in bf16, but updates of lr x gradient far below a bf16
+    weight's rounding step are kept instead of lost. Frozen weights (a probe's backbone, LoRA's
+    base) are stored in the precision the stage computes in, which autocast casts them to for every
+    matmul anyway: float32 storage would only double their memory. ``precision`` is the stage's
+    concrete one (w2s.stages.resolve_precision); "auto" counts as float32."""
+    if mode == "full":
+        return torch.float32
+    return HALF_DTYPES.get(precision, torch.float32)
+
+
 def load_classifier(spec: ModelSpec, config: TrainConfig) -> LoadedModel:
-    """Build the classifier for ``spec``; LoRA adapters are added in lora mode."""
+    """Build the classifier for ``spec``; LoRA adapters are added in lora mode. Weights are loaded in
+    :func:`weight_dtype`; what a stage trains (the head, LoRA's adapters, every weight in full mode)
+    is float32."""
     from transformers import AutoConfig, AutoModel
 
     source = resolve_model_source(spec)
@@ -179,10 +207,18 @@ def load_classifier(spec: ModelSpec, config: TrainConfig) -> LoadedModel:
         raise ValueError(f"model: {spec.model!r} is an encoder-decoder model; use an encoder or a decoder LM")
     tokenizer = load_tokenizer(spec)
     pooling = spec.pooling if spec.pooling != "auto" else ("last" if is_decoder_lm(model_config) else "mean")
+    # A classifier reads each text once: a decoder's key/value cache would only hold memory.
+    model_config.use_cache = False
     backbone = AutoModel.from_pretrained(
-        source, revision=spec.revision, trust_remote_code=spec.trust_remote_code, config=model_config
+        source,
+        revision=spec.revision,
+        trust_remote_code=spec.trust_remote_code,
+        config=model_config,
+        dtype=weight_dtype(config.mode, config.dtype),
     )
     backbone.config.pad_token_id = tokenizer.pad_token_id
+    if config.mode == "probe":
+        backbone.requires_grad_(False)
     if config.gradient_checkpointing:
         backbone.gradient_checkpointing_enable()
     if config.mode == "lora":
@@ -191,7 +227,8 @@ def load_classifier(spec: ModelSpec, config: TrainConfig) -> LoadedModel:
         lora = LoraConfig(
             r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules="all-linear"
         )
-        backbone = get_peft_model(backbone, lora)
+        # autocast_adapter_dtype: adapters are float32 even on a bf16 base.
+        backbone = get_peft_model(backbone, lora, autocast_adapter_dtype=True)
     hidden_size = int(model_config.hidden_size)
     classifier = Classifier(
         backbone, hidden_size, pooling, causal=is_decoder_lm(model_config), head_bias=config.head_bias

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 Mode = Literal["full", "probe", "lora"]
 Optimizer = Literal["adam", "adafactor"]
 Schedule = Literal["cosine", "constant"]
-DType = Literal["auto", "float32", "bfloat16", "float16"]
+DType = Literal["auto", "float32", "tf32", "bfloat16", "float16"]
 Pooling = Literal["auto", "last", "mean"]
 Truncation = Literal["drop", "left", "right"]
 StepsRounding = Literal["up", "down"]
@@ -57,6 +57,7 @@ REFERENCE_TRAINING: dict[str, Any] = {
     "batch_order": "sequential",  # the shuffled dataset, repeated epochs times, no reshuffle
     "head_bias": False,  # Linear(hidden, 2, bias=False), zero-initialised
     "train_dropout": False,  # model.eval() while training unless train_with_dropout
+    "deterministic": True,  # reproducible on a GPU as well (the reference seeds everything)
 }
 REFERENCE_DATASET: dict[str, Any] = {"sampling": "reference", "resample_per_seed": True}
 # The reference's learning rates by model size (MODEL_CONFIGS): 5e-5 for gpt2 (124M) and gpt2-medium
@@ -113,7 +114,16 @@ class TrainingOptions(_Strict):
         "epoch's weights; needs holdout_frac > 0 (3 when holdout_frac > 0)",
     )
     dtype: DType | None = Field(
-        None, description="auto (bf16 autocast where the hardware supports it) | float32 | bfloat16 | float16"
+        None,
+        description="auto: bf16 autocast on a GPU, float32 on the CPU | float32 | tf32: float32 with "
+        "TensorFloat-32 matmuls on a GPU (float32 on the CPU) | bfloat16 | float16: autocast; trained "
+        "weights stay float32 in every case (auto)",
+    )
+    deterministic: bool | None = Field(
+        None,
+        description="deterministic GPU kernels (torch.use_deterministic_algorithms, a fixed cuBLAS "
+        "workspace): a rerun on the same GPU model and software gives the same numbers, a little "
+        "slower; CPU runs are repeatable either way (false; preset reference: true)",
     )
     gradient_checkpointing: bool | None = Field(None, description="trade compute for memory (false)")
     lora_rank: int | None = Field(None, ge=1, le=1024, description="LoRA rank in lora mode (8)")
@@ -426,6 +436,7 @@ class TrainConfig:
     batch_order: BatchOrder = "bucketed"
     holdout_frac: float = 0.0
     early_stopping_patience: int = 0  # 0: no early stopping (no hold-out)
+    deterministic: bool = False
 
 
 # Early stopping's defaults: a tenth of the training rows held out, three epochs of patience.
@@ -491,6 +502,7 @@ def resolve_training(
         batch_order=pick("batch_order", "bucketed"),
         holdout_frac=holdout_frac,
         early_stopping_patience=patience,
+        deterministic=pick("deterministic", False),
     )
 
 

@@ -51,6 +51,8 @@ from w2s.train import (
     extract_features,
     fit,
     holdout_split,
+    native_bf16,
+    numerics,
     one_hot,
     predict_proba,
     set_seed,
@@ -142,11 +144,12 @@ def loss_code_hash(loss: LossSpec) -> str | None:
 
 def resolve_precision(dtype: str, device_kind: str) -> str:
     """The precision a stage computes in: "auto" is bf16 autocast on CUDA and float32 elsewhere;
-    float16 on a CPU runs as bf16 (CPU autocast has no float16)."""
+    float16 on a CPU runs as bf16 (CPU autocast has no float16), and tf32 as float32 (it is a GPU
+    matmul mode)."""
     if dtype == "auto":
         return "bfloat16" if device_kind == "cuda" else "float32"
-    if dtype == "float16" and device_kind != "cuda":
-        return "bfloat16"
+    if device_kind != "cuda":
+        return {"float16": "bfloat16", "tf32": "float32"}.get(dtype, dtype)
     return dtype
 
 
@@ -164,6 +167,14 @@ class StagePlan:
     device_kind: str = "cpu"  # "cpu" | "cuda": the stage runs on this kind of device
     predict: LabeledTexts | None = None  # weak stage: half B, to label for the students
     weak_key: str | None = None  # student stages: the stage whose soft labels they learn
+    # Probe stages whose head trains on another kind of device than the features were computed on
+    # (features on a GPU, the head on a CPU worker): the features' device kind. None: the same.
+    feature_device_kind: str | None = None
+    features_from: str | None = None  # then: the kind of the stage that computes those features
+
+    @property
+    def features_device_kind(self) -> str:
+        return self.feature_device_kind or self.device_kind
 
     @property
     def key(self) -> str:
@@ -177,6 +188,7 @@ class StagePlan:
                 "trust_remote_code": self.model.trust_remote_code,
                 "config": dataclasses.asdict(self.config),
                 "device_kind": self.device_kind,
+                "feature_device_kind": self.feature_device_kind,
                 "train": self.train.content_hash(),
                 "test": self.test.content_hash(),
                 "predict": self.predict.content_hash() if self.predict is not None else None,
@@ -239,6 +251,9 @@ class StageSlot:
     loss: LossSpec = XENT
     supervisor: str | None = None
     labels_half_b: bool = False
+    # The stage that computes the same probe features (the same model on half B and the test
+    # set): a probe student's head can train on a CPU once that stage has run on a GPU.
+    features_from: str | None = None
 
 
 def student_kind(loss: LossSpec) -> str:
@@ -261,7 +276,10 @@ def stage_layout(spec: JobSpec) -> list[StageSlot]:
     slots = [
         StageSlot("weak", "weak", labels_half_b=True),
         StageSlot("ceiling", "ceiling"),
-        *(StageSlot(student_kind(loss), "student", loss, supervisor="weak") for loss in spec.losses),
+        *(
+            StageSlot(student_kind(loss), "student", loss, supervisor="weak", features_from="ceiling")
+            for loss in spec.losses
+        ),
     ]
     last = len(spec.chain) + 2
     if spec.chain:
@@ -275,30 +293,46 @@ def stage_layout(spec: JobSpec) -> list[StageSlot]:
                     loss,
                     supervisor="weak" if position == 2 else chain_kind(position - 1, loss),
                     labels_half_b=position < last,
+                    features_from="ceiling" if position == last else f"ceiling@{position}",
                 )
             )
     return slots
 
 
 def plan_seed(
-    spec: JobSpec, data: SeedData, *, device_kind: str, models: Models | None = None
+    spec: JobSpec,
+    data: SeedData,
+    *,
+    device_kind: str,
+    models: Models | None = None,
+    probe_head_device_kind: str | None = None,
 ) -> list[StagePlan]:
-    """One seed's stage plans, in :func:`stage_layout`'s order."""
+    """One seed's stage plans, in :func:`stage_layout`'s order. ``probe_head_device_kind``: where
+    probe heads train when their features come from an earlier stage (a CPU worker in a deployment
+    whose GPUs compute features), if not on ``device_kind``."""
     models = models or resolved_models(spec)
     plans: dict[str, StagePlan] = {}
     for slot in stage_layout(spec):
         model, config = models[slot.role]
+        head_elsewhere = (
+            config.mode == "probe"
+            and slot.features_from is not None
+            and probe_head_device_kind not in (None, device_kind)
+        )
         plans[slot.kind] = StagePlan(
             kind=slot.kind,
             seed=data.seed,
             model=model,
+            # The precision of the features' device: the features are computed in it.
             config=_concrete(config, device_kind),
             train=data.train_a if slot.kind == "weak" else data.train_b,
             test=data.test,
             loss=slot.loss,
-            device_kind=device_kind,
+            device_kind=probe_head_device_kind if head_elsewhere else device_kind,  # type: ignore[arg-type]
             predict=data.train_b if slot.labels_half_b else None,
             weak_key=plans[slot.supervisor].key if slot.supervisor else None,
+            feature_device_kind=device_kind if head_elsewhere else None,
+            features_from=slot.features_from if head_elsewhere else None,
         )
     return list(plans.values())
 
@@ -321,11 +355,13 @@ def device_for(plan: StagePlan) -> torch.device:
     if plan.device_kind == "cuda":
         if not torch.cuda.is_available():
             raise StageError(f"{plan.kind}: planned for a CUDA GPU, but this worker has none")
-        if plan.config.dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        device = torch.device("cuda")
+        if plan.config.dtype == "bfloat16" and not native_bf16(device):
             raise StageError(
-                f"{plan.kind}: planned in bfloat16 (dtype auto on a GPU), which this GPU does not "
-                "support; set dtype to float16 or float32"
+                f"{plan.kind}: planned in bfloat16 (dtype auto on a GPU), which this GPU has no "
+                "hardware for (emulated bf16 runs many times slower); set dtype to float16 or float32"
             )
+        return device
     return torch.device(plan.device_kind)
 
 
@@ -373,7 +409,7 @@ def feature_space_key(plan: StagePlan) -> str:
             "max_length": plan.config.max_length,
             "truncation": plan.config.truncation,
             "precision": plan.config.dtype,
-            "device_kind": plan.device_kind,
+            "device_kind": plan.features_device_kind,
             "versions": library_versions(),
             "code": library_code_hash(),
         }
@@ -402,6 +438,14 @@ def cached_features(
     for i, text_hash in enumerate(ids):
         if text_hash not in where:
             first_missing.setdefault(text_hash, i)
+    if first_missing and backbone.plan.feature_device_kind not in (None, backbone.plan.device_kind):
+        plan = backbone.plan
+        raise StageError(
+            f"{plan.kind} seed {plan.seed}: {len(first_missing)} text(s) of {split or 'the data'} have no "
+            f"stored probe features from a {plan.feature_device_kind} worker (stage {plan.features_from} "
+            f"computes them); this {plan.device_kind} worker does not compute them itself, so that "
+            "every feature of a stage comes from one kind of device"
+        )
     if first_missing:
         todo = list(first_missing.values())
         started = time.perf_counter()
@@ -453,7 +497,14 @@ def run_stage(
         logger.info("%s seed %d: cached (%s)", plan.kind, plan.seed, key[:12])
         # The record may come from a stage of another kind that computed the same thing.
         return dataclasses.replace(StageResult.from_record(record, cached=True), kind=plan.kind)
+    with numerics(plan.config.dtype, plan.config.deterministic):
+        return _compute(plan, store, key, callback)
 
+
+def _compute(
+    plan: StagePlan, store: ArtifactStore, key: str, callback: ProgressCallback | None
+) -> StageResult:
+    """Train, evaluate and store the stage ``plan`` (whose key is ``key``)."""
     started = time.perf_counter()
     device = device_for(plan)
     config = plan.config

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -81,7 +82,15 @@ class TrainData(Protocol):
 
     lengths: Sequence[int]
 
-    def collate(self, indices: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]: ...
+    def collate(self, indices: Sequence[int], device: torch.device) -> dict[str, torch.Tensor | bool]: ...
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``: to a GPU through pinned memory and without blocking, so the copy
+    overlaps the kernels already queued instead of waiting for them."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 @dataclass
@@ -96,7 +105,7 @@ class TokenData:
     def __post_init__(self) -> None:
         self.lengths = [len(row) for row in self.ids]
 
-    def collate(self, indices: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
+    def collate(self, indices: Sequence[int], device: torch.device) -> dict[str, torch.Tensor | bool]:
         width = max(self.lengths[i] for i in indices)
         input_ids = torch.full((len(indices), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(indices), width), dtype=torch.long)
@@ -105,7 +114,13 @@ class TokenData:
             cols = slice(width - n, width) if self.padding_side == "left" else slice(0, n)
             input_ids[row, cols] = torch.tensor(self.ids[i], dtype=torch.long)
             attention_mask[row, cols] = 1
-        return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+        # Known here, on the host: the model need not read the mask back from the device to find out.
+        left_padded = self.padding_side == "left" and any(self.lengths[i] < width for i in indices)
+        return {
+            "input_ids": to_device(input_ids, device),
+            "attention_mask": to_device(attention_mask, device),
+            "left_padded": left_padded,
+        }
 
 
 @dataclass
@@ -118,8 +133,8 @@ class FeatureData:
     def __post_init__(self) -> None:
         self.lengths = [1] * len(self.features)
 
-    def collate(self, indices: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
-        return {"features": self.features[list(indices)].to(device)}
+    def collate(self, indices: Sequence[int], device: torch.device) -> dict[str, torch.Tensor | bool]:
+        return {"features": to_device(self.features[list(indices)], device)}
 
 
 @dataclass
@@ -133,7 +148,7 @@ class Rows:
     def __post_init__(self) -> None:
         self.lengths = [self.data.lengths[i] for i in self.indices]
 
-    def collate(self, indices: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
+    def collate(self, indices: Sequence[int], device: torch.device) -> dict[str, torch.Tensor | bool]:
         return self.data.collate([self.indices[i] for i in indices], device)
 
 
@@ -216,17 +231,54 @@ def lr_factor(step: int, total_steps: int, config: TrainConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether the GPU computes bf16 in hardware. ``torch.cuda.is_bf16_supported()`` alone also says
+    yes where bf16 is only emulated (pre-Ampere GPUs), which runs far slower than float32."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: bf16 where the hardware supports it for "auto", else as asked."""
-    if dtype == "float32":
+    """The autocast dtype: bf16 where the hardware has it for "auto", else as asked; None (no
+    autocast) for float32 and tf32."""
+    if dtype in ("float32", "tf32"):
         return None
     if dtype == "bfloat16":
         return torch.bfloat16
     if dtype == "float16":
         return torch.float16 if device.type == "cuda" else torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
+    return torch.bfloat16 if native_bf16(device) else None
+
+
+# cuBLAS reuses its workspace in a fixed way with this setting, which deterministic GPU runs need.
+CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
+
+
+@contextlib.contextmanager
+def numerics(precision: str, deterministic: bool) -> Iterator[None]:
+    """The process-wide numeric settings a stage runs under, restored afterwards (a worker's
+    long-lived process runs many stages): TensorFloat-32 matmuls only for ``tf32`` (every float32
+    matmul elsewhere stays exact float32, as asked; under bf16 autocast the matmuls are bf16
+    anyway), and deterministic algorithms when asked (on a GPU, SDPA's backward and some reductions
+    otherwise use atomics whose order varies from run to run)."""
+    previous_precision = torch.get_float32_matmul_precision()
+    previous_cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    previous_deterministic = torch.are_deterministic_algorithms_enabled()
+    previous_benchmark = torch.backends.cudnn.benchmark
+    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+    torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    if deterministic:
+        # Read by cuBLAS when it first creates a handle in this process, and checked by torch at
+        # every cuBLAS call under deterministic algorithms: set before the stage's first kernel.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous_precision)
+        torch.backends.cudnn.allow_tf32 = previous_cudnn_tf32
+        torch.use_deterministic_algorithms(previous_deterministic)
+        torch.backends.cudnn.benchmark = previous_benchmark
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[object]:
@@ -278,15 +330,16 @@ def holdout_loss(
     amp_dtype: torch.dtype | None,
 ) -> float:
     """Mean cross-entropy of the model's predictions against the held-out rows' (soft) labels."""
-    total, n = 0.0, len(holdout.data.lengths)
-    targets = holdout.labels.to(device=device, dtype=torch.float32)
+    n = len(holdout.data.lengths)
+    total = torch.zeros((), device=device)
     for start in range(0, n, batch_size):
         indices = list(range(start, min(n, start + batch_size)))
         with autocast(device, amp_dtype):
             logits = model(**holdout.data.collate(indices, device))
         log_probs = torch.log_softmax(logits.float(), dim=-1)
-        total += float(-(targets[indices] * log_probs).sum())
-    return total / n
+        targets = to_device(holdout.labels[indices].float(), device)
+        total += -(targets * log_probs).sum()
+    return float(total) / n  # one read from the device per evaluation
 
 
 class _BestWeights:
@@ -378,7 +431,7 @@ def fit(
         config.lr,
         config.mode,
     )
-    labels = soft_labels.to(device=device, dtype=torch.float32)
+    labels = soft_labels.to(dtype=torch.float32, device="cpu")  # indexed on the host, per minibatch
     accumulating = config.minibatch_size < config.batch_size
     if accumulating:
         check_minibatch_invariance(loss_fn)  # a plug-in that needs the whole batch must say so
@@ -396,30 +449,38 @@ def fit(
             # accumulation: a forward pass without gradients first, over the same minibatches.
             with torch.no_grad(), autocast(device, amp_dtype):
                 batch_logits = torch.cat([model(**data.collate(mb, device)) for mb in minibatches])
-            stats = batch_statistics(loss_fn, batch_logits.float(), labels[batch], step_frac)
-        batch_loss, correct = 0.0, 0
+            stats = batch_statistics(
+                loss_fn, batch_logits.float(), to_device(labels[batch], device), step_frac
+            )
+        # The step's loss and correct count stay on the device until the step ends: reading them
+        # per minibatch would make the host wait for the device each time (one read per step).
+        batch_loss = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
         for minibatch in minibatches:
             inputs = data.collate(minibatch, device)
-            targets = labels[minibatch]  # (minibatch, 2)
+            targets = to_device(labels[minibatch], device)  # (minibatch, 2)
             with autocast(device, amp_dtype):
                 logits = model(**inputs)
             loss = minibatch_loss(loss_fn, logits.float(), targets, step_frac, stats)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(
-                    f"loss became non-finite at step {step + 1} of {steps} ({float(loss)}); "
-                    "lower lr, or use dtype float32"
-                )
             # Weight by size so a short last minibatch counts for what it holds.
-            scaler.scale(loss * (len(minibatch) / len(batch))).backward()
-            batch_loss += loss.item() * len(minibatch) / len(batch)
-            correct += int((logits.argmax(dim=1) == targets.argmax(dim=1)).sum())
+            share = len(minibatch) / len(batch)
+            scaler.scale(loss * share).backward()
+            batch_loss += loss.detach() * share
+            correct += (logits.detach().argmax(dim=1) == targets.argmax(dim=1)).sum()
+        loss_read, correct_read = torch.stack([batch_loss, correct.to(batch_loss.dtype)]).tolist()
+        if not math.isfinite(loss_read):
+            # Before the optimizer step: the weights keep the last finite step's values.
+            raise NonFiniteLoss(
+                f"loss became non-finite at step {step + 1} of {steps} ({loss_read}); "
+                "lower lr, or use dtype float32"
+            )
         step_lr = optimizer.param_groups[0]["lr"]  # the rate this step used, before the schedule moves
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         examples += len(batch)
-        loss_value = batch_loss
+        loss_value = loss_read
         eval_accuracy = None
         is_last = step + 1 == steps
         if evaluate is not None and config.eval_every and ((step + 1) % config.eval_every == 0 or is_last):
@@ -446,8 +507,8 @@ def fit(
             progress = Progress(
                 step=step + 1,
                 total_steps=steps,
-                loss=batch_loss,
-                train_accuracy=correct / len(batch),
+                loss=loss_read,
+                train_accuracy=correct_read / len(batch),
                 lr=step_lr,
                 eval_accuracy=eval_accuracy,
             )
@@ -484,12 +545,15 @@ def predict_proba(
     model.eval()
     amp_dtype = autocast_dtype(dtype, device)
     order = sorted(range(len(data.lengths)), key=lambda i: data.lengths[i])
-    probs = np.empty(len(order), dtype=np.float64)
+    batches = []
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
         with autocast(device, amp_dtype):
             logits = model(**data.collate(indices, device))
-        probs[indices] = torch.softmax(logits.float(), dim=-1)[:, 1].cpu().numpy()
+        batches.append(torch.softmax(logits.float(), dim=-1)[:, 1])
+    probs = np.empty(len(order), dtype=np.float64)
+    if batches:
+        probs[order] = torch.cat(batches).cpu().numpy()  # one read from the device
     model.train(was_training)
     return probs
 
