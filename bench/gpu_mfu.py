@@ -41,7 +41,8 @@ from w2s.train import Progress, TokenData, fit, one_hot
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from NVIDIA's data sheets, matched against
 # torch.cuda.get_device_name in order: the first substring found wins (PCIe before the SXM default).
 DENSE_BF16_PEAK_TFLOPS: list[tuple[str, float]] = [
-    ("H200", 989.0),  # also GH200
+    ("H200 NVL", 835.0),  # the PCIe card: lower clocks and power than the SXM part
+    ("H200", 989.0),  # SXM, also GH200
     ("H100 PCIe", 756.0),
     ("H100 NVL", 835.0),
     ("H100", 989.0),  # SXM5: the "NVIDIA H100 80GB HBM3" name

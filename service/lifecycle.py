@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, delete, exists, func, select, text, update
+from sqlalchemy import and_, delete, exists, func, literal, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from service.db import insert_ignoring_duplicates
@@ -153,6 +153,16 @@ def move_stage(
     return moved
 
 
+def dependencies_done() -> Any:
+    """SQL: the stage's supervisor and the stage that computes its features (each, if it has one)
+    have results. A planned stage that satisfies it is ready."""
+    dependency = Stage.__table__.alias("dependency")
+    return ~exists().where(
+        or_(dependency.c.id == Stage.depends_on_id, dependency.c.id == Stage.features_from_id),
+        dependency.c.status.not_in([str(s) for s in STAGE_DONE]),
+    )
+
+
 def _cancel_waiting_stages(session: Session, job_id: str) -> None:
     session.execute(
         update(Stage)
@@ -220,11 +230,6 @@ def retry_job(session: Session, job_id: str) -> None:
     ):
         current = _job_status(session, job_id)
         raise InvalidTransition("job", current, JobStatus.queued, JOB_TRANSITIONS[JobStatus(current)])
-    dependency = Stage.__table__.alias("dependency")
-    dependency_done = ~exists().where(
-        dependency.c.id == Stage.depends_on_id,
-        dependency.c.status.not_in([str(s) for s in STAGE_DONE]),
-    )
     session.execute(
         update(Stage)
         .where(
@@ -236,7 +241,7 @@ def retry_job(session: Session, job_id: str) -> None:
             attempts=0,
             error=None,
             finished_at=None,
-            ready=and_(Stage.stage_key.is_not(None), dependency_done),
+            ready=and_(Stage.stage_key.is_not(None), dependencies_done()),
         )
         .execution_options(synchronize_session=False)
     )
@@ -268,6 +273,7 @@ class PlannedStage:
     stage_key: str
     gpu_class: str
     memory_gb: float | None
+    features_from_id: str | None = None  # a probe head on a CPU worker: the stage computing its features
 
 
 def mark_planned(
@@ -298,7 +304,8 @@ def mark_planned(
                 stage_key=plan.stage_key,
                 gpu_class=plan.gpu_class,
                 memory_gb=plan.memory_gb,
-                ready=Stage.depends_on_id.is_(None),
+                features_from_id=plan.features_from_id,
+                ready=and_(Stage.depends_on_id.is_(None), literal(plan.features_from_id is None)),
             )
             .execution_options(synchronize_session=False)
         )
@@ -367,7 +374,10 @@ def _after_result(session: Session, stages: list[MovedStage]) -> None:
     session.execute(
         update(Stage)
         .where(
-            Stage.depends_on_id.in_(ids), Stage.status == StageStatus.pending, Stage.stage_key.is_not(None)
+            or_(Stage.depends_on_id.in_(ids), Stage.features_from_id.in_(ids)),
+            Stage.status == StageStatus.pending,
+            Stage.stage_key.is_not(None),
+            dependencies_done(),
         )
         .values(ready=True)
         .execution_options(synchronize_session=False)
@@ -621,6 +631,35 @@ def requeue_after_error(
             message=f"{moved.kind}/{moved.seed}: will retry in {wait:.0f} s: {error}",
             level="warning",
         )
+
+
+def out_of_memory(
+    session: Session, stage_id: str, *, attempt: int, error: str, larger_queue: str | None, store_uri: str
+) -> bool:
+    """The attempt ran out of GPU memory: the stage waits for a slot of ``larger_queue`` (the next
+    GPU class up), or fails with ``error`` when there is none. Never a blind retry on the same class.
+    False if the attempt no longer owns the stage."""
+    if larger_queue is None:
+        return finish_stage(
+            session, stage_id, StageStatus.failed, attempt=attempt, store_uri=store_uri, error=error
+        )
+    started_at = session.scalar(select(Stage.started_at).where(Stage.id == stage_id))
+    moved = move_stage(
+        session,
+        stage_id,
+        StageStatus.pending,
+        only_from=(StageStatus.running,),
+        attempt=attempt,
+        gpu_class=larger_queue,
+        error=error,
+        message=f"{error}; moved to {larger_queue}",
+        level="warning",
+    )
+    if moved is None:
+        return False
+    record_usage(session, stage_id, started_at)
+    wake_dispatcher(session)
+    return True
 
 
 def requeue_lost(session: Session, stage_id: str, message: str) -> bool:

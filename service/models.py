@@ -167,6 +167,7 @@ class Stage(Base):
         Index("ix_stages_status", "status"),
         Index("ix_stages_stage_key", "stage_key"),
         Index("ix_stages_depends_on", "depends_on_id"),
+        Index("ix_stages_features_from", "features_from_id"),
         Index("ix_stages_team_status", "team_id", "status"),
         # Admission reads, per queue and team, the next few ready stages in order: a seek.
         Index(
@@ -194,6 +195,11 @@ class Stage(Base):
     kind: Mapped[str] = mapped_column(String(200))  # weak | ceiling | student:<loss label>
     seed: Mapped[int] = mapped_column(Integer)
     depends_on_id: Mapped[str | None] = mapped_column(ForeignKey("stages.id", ondelete="SET NULL"))
+    # A probe stage whose head trains on a CPU worker: the stage that computes its features on a GPU
+    # (set at planning). Ready once both it and depends_on have results.
+    features_from_id: Mapped[str | None] = mapped_column(
+        ForeignKey("stages.id", ondelete="SET NULL", name="fk_stages_features_from_id_stages")
+    )
     stage_key: Mapped[str | None] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16), default=StageStatus.pending)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

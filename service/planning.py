@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from service.lifecycle import PlannedStage, job_succeeded, mark_planned
 from service.models import Dataset, Job, Stage, utcnow
-from service.scheduler import route_queue
+from service.scheduler import ROUTING_FILL, gpu_queues, route_queue
 from service.settings import Settings
 from service.states import StageStatus
 
@@ -72,7 +72,12 @@ def stage_plans(spec: Any, settings: Settings, seeds: list[int] | None = None) -
 
     data = experiment_data(spec, settings, seeds)
     narrowed = spec.model_copy(update={"seeds": list(data)}) if seeds else spec
-    plans = plan_experiment(narrowed, data, device_kind=settings.device_kind)
+    plans = plan_experiment(
+        narrowed,
+        data,
+        device_kind=settings.device_kind,
+        probe_head_device_kind=settings.probe_head_device_kind,
+    )
     return {(plan.kind, plan.seed): plan for plan in plans}
 
 
@@ -103,10 +108,8 @@ def pin_revisions(spec: dict[str, Any]) -> dict[str, Any]:
 
 def plan_job(session: Session, job_id: str, settings: Settings, store: Any) -> bool:
     """Compute every stage's key, memory estimate and queue; stages whose key already has a result
-    complete at once. Raises on any problem (the control task fails the job with the message);
-    False if the job no longer needs planning."""
-    from w2s.memory import estimate_memory_gb
-
+    complete at once. Raises on any problem (the control task fails the job with the message),
+    including a stage too large for every GPU class; False if the job no longer needs planning."""
     job = session.get(Job, job_id)
     if job is None or job.planned or job.status not in ("queued", "running"):
         return False
@@ -119,19 +122,49 @@ def plan_job(session: Session, job_id: str, settings: Settings, store: Any) -> b
     stages = session.execute(
         select(Stage.id, Stage.kind, Stage.seed, Stage.status).where(Stage.job_id == job_id)
     ).all()
+    ids = {(kind, seed): stage_id for stage_id, kind, seed, _ in stages}
     planned: dict[str, PlannedStage] = {}
     cached: dict[str, dict[str, Any]] = {}
+    too_large: dict[str, str] = {}
     for stage_id, kind, seed, status in stages:
         plan = plans[kind, seed]
-        memory_gb = estimate_memory_gb(plan.model, plan.config)
-        planned[stage_id] = PlannedStage(
-            plan.key, route_queue(memory_gb, settings.queue_slots, settings.gpu_classes), memory_gb
-        )
+        queue, memory_gb = route_stage(plan, settings, too_large)
+        features_from = ids[plan.features_from, seed] if plan.features_from else None
+        planned[stage_id] = PlannedStage(plan.key, queue, memory_gb, features_from)
         if status == StageStatus.pending:
             record = store.get_record("stages", plan.key)
             if record is not None:
                 cached[stage_id] = record
+    if too_large:
+        raise PlanningError(" ".join(too_large.values()))
     return mark_planned(session, job_id, planned, cached)
+
+
+def route_stage(plan: Any, settings: Settings, too_large: dict[str, str]) -> tuple[str, float | None]:
+    """The queue of a planned stage and its memory estimate (GiB). A stage that fits no GPU class
+    adds a message to ``too_large`` (one per model and configuration) and gets the largest."""
+    from w2s.memory import estimate_memory
+    from w2s.spec import TrainConfig
+
+    found = estimate_memory(plan.model, plan.config)
+    memory_gb = found.total if found is not None else None
+    if plan.device_kind == "cpu" and settings.device_kind == "cuda":
+        return "cpu", memory_gb  # a probe head on features a GPU computed: a CPU worker's work
+    queue = route_queue(memory_gb, settings.queue_slots, settings.gpu_classes)
+    if queue is not None:
+        return queue, memory_gb
+    size, largest = gpu_queues(settings.queue_slots, settings.gpu_classes)[-1]
+    config: TrainConfig = plan.config
+    too_large.setdefault(
+        json.dumps([plan.model.model, str(config)]),
+        f"stage {plan.kind} (seed {plan.seed}) on {plan.model.model} needs an estimated "
+        f"{found.describe() if found else memory_gb} of GPU memory, more than the largest GPU class "
+        f"here allows ({largest}: {size:g} GiB, of which {size * ROUTING_FILL:.1f} GiB may be used): "
+        f"lower minibatch_size (now {config.minibatch_size}; gradient accumulation keeps the result the "
+        f"same), set gradient_checkpointing: true, lower max_length (now {config.max_length}), or use "
+        "mode: lora.",
+    )
+    return largest, memory_gb
 
 
 def finish_job(session: Session, job_id: str, settings: Settings, store: Any) -> bool:

@@ -80,14 +80,46 @@ def admit(
     return admitted
 
 
-def route_queue(memory_gb: float | None, queue_slots: dict[str, int], gpu_classes: dict[str, float]) -> str:
-    """The smallest configured GPU class the estimate fits (with 10% headroom); the largest when it
-    fits none or is unknown; the CPU queue when the deployment has no GPU queues."""
-    gpu_queues = sorted((size, name) for name, size in gpu_classes.items() if name in queue_slots)
-    if not gpu_queues:
+# The share of a GPU class's memory a stage's estimate may fill: the rest is headroom for what the
+# estimate cannot know (other processes' contexts, allocator behaviour on this GPU and driver).
+ROUTING_FILL = 1 / 1.1
+
+
+def gpu_queues(queue_slots: dict[str, int], gpu_classes: dict[str, float]) -> list[tuple[float, str]]:
+    """The deployment's GPU classes that have worker slots, as (GiB, name), smallest first."""
+    return sorted((size, name) for name, size in gpu_classes.items() if name in queue_slots)
+
+
+def route_queue(
+    memory_gb: float | None, queue_slots: dict[str, int], gpu_classes: dict[str, float]
+) -> str | None:
+    """The smallest configured GPU class the estimate fits (with 10% headroom); the largest when the
+    estimate is unknown; None when it fits none; the CPU queue when the deployment has no GPU queues."""
+    queues = gpu_queues(queue_slots, gpu_classes)
+    if not queues:
         return "cpu"
-    if memory_gb is not None:
-        for size, name in gpu_queues:
-            if memory_gb * 1.1 <= size:
-                return name
-    return gpu_queues[-1][1]
+    if memory_gb is None:
+        return queues[-1][1]
+    for size, name in queues:
+        if memory_gb <= size * ROUTING_FILL:
+            return name
+    return None
+
+
+def next_larger_queue(current: str, queue_slots: dict[str, int], gpu_classes: dict[str, float]) -> str | None:
+    """The next GPU class up from ``current``, for a stage that ran out of memory there; None at the top."""
+    queues = gpu_queues(queue_slots, gpu_classes)
+    size = gpu_classes.get(current)
+    larger = [name for queue_size, name in queues if size is not None and queue_size > size]
+    return larger[0] if larger else None
+
+
+def classes_tried(
+    memory_gb: float | None, current: str, queue_slots: dict[str, int], gpu_classes: dict[str, float]
+) -> list[str]:
+    """The GPU classes a stage has run on by the time it runs out of memory on ``current``: from the
+    one its estimate chose up to ``current`` (each out-of-memory moves it one class up)."""
+    queues = gpu_queues(queue_slots, gpu_classes)
+    first = route_queue(memory_gb, queue_slots, gpu_classes) or current
+    low, high = gpu_classes.get(first, 0.0), gpu_classes.get(current, 0.0)
+    return [name for size, name in queues if low <= size <= high] or [current]

@@ -178,6 +178,13 @@ class Settings(LibrarySettings):
         return "cuda" if any(name in self.queue_slots for name in self.gpu_classes) else "cpu"
 
     @property
+    def probe_head_device_kind(self) -> str | None:
+        """Where probe heads train whose features an earlier stage computes: on the CPU queue when
+        the deployment has one beside its GPU queues (a GPU computes the features, then a CPU worker
+        trains the head in a second or so and the GPU goes to work that needs it); else None."""
+        return "cpu" if self.device_kind == "cuda" and self.queue_slots.get("cpu", 0) > 0 else None
+
+    @property
     def embedded_broker(self) -> bool:
         return self.broker_url.startswith("filesystem://")
 

@@ -3,8 +3,9 @@
 Job:   queued -> running -> succeeded | failed | cancelled; failed or cancelled -> queued (retry).
 Stage: pending -> queued -> running -> succeeded | failed | cancelled, or cached when its stage key
        already has a result; failed or cancelled -> pending (retry). A running stage may start
-       running again (the broker redelivered it after its worker died) or go back to queued (a
-       transient error; the task retries with backoff, keeping its slot).
+       running again (the broker redelivered it after its worker died), go back to queued (a
+       transient error; the task retries with backoff, keeping its slot), or to pending (it ran
+       out of GPU memory and waits for a slot in the next larger GPU class).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ STAGE_TRANSITIONS: dict[StageStatus, frozenset[StageStatus]] = {
     ),
     StageStatus.running: frozenset(
         {
+            StageStatus.pending,  # out of memory: it waits for a slot of the next larger GPU class
             StageStatus.running,
             StageStatus.queued,
             StageStatus.succeeded,

@@ -50,6 +50,7 @@ def test_peaks_come_from_the_device_name() -> None:
     assert bench.peak_tflops("NVIDIA H100 80GB HBM3") == (989.0, "H100")
     assert bench.peak_tflops("NVIDIA H100 PCIe") == (756.0, "H100 PCIe")
     assert bench.peak_tflops("NVIDIA H200") == (989.0, "H200")
+    assert bench.peak_tflops("NVIDIA H200 NVL") == (835.0, "H200 NVL")  # not the SXM part's 989
     assert bench.peak_tflops("NVIDIA A100-SXM4-80GB") == (312.0, "A100")
     assert bench.peak_tflops("Tesla T4") is None
 

@@ -14,6 +14,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tomllib
 from collections import Counter
 from fnmatch import fnmatch
@@ -357,6 +358,45 @@ def test_every_image_of_ours_is_built_from_an_existing_dockerfile(services):
         assert image.endswith("-" + args.get("TORCH_VARIANT", "cpu")), f"{name}: tag says another variant"
 
 
+CONSTRAINTS = ROOT / "docker" / "constraints.txt"
+
+
+def constraint_pins() -> dict[str, str]:
+    from packaging.utils import canonicalize_name
+
+    pins: dict[str, str] = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.strip().split("==")
+            assert canonicalize_name(name) not in pins, f"{name} pinned twice"
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def test_one_constraints_file_pins_every_dependency_of_both_images():
+    """Both images (and the test environment) install from docker/constraints.txt: every library
+    and service dependency is pinned there, at a version pyproject.toml allows."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = constraint_pins()
+    for dependency in [*project["dependencies"], *project["optional-dependencies"]["service"]]:
+        requirement = Requirement(dependency)
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{requirement.name} is not pinned in docker/constraints.txt"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (
+            f"docker/constraints.txt pins {name}=={pins[name]}, outside pyproject's {requirement.specifier}"
+        )
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    installs = [line for line in text.splitlines() if re.search(r"\bpip install\b", line)]
+    assert installs and all(
+        "-c /tmp/build/constraints.txt" in line for line in installs if "--no-deps" not in line
+    )
+    assert "-c docker/constraints.txt" in (ROOT / "scripts" / "install.sh").read_text()
+    assert not dockerignored("docker/constraints.txt", dockerignore_patterns())
+
+
 def test_dockerfile_pins_the_torch_of_pyproject():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     (pin,) = [dep for dep in pyproject["project"]["dependencies"] if re.match(r"torch\s*==", dep)]
@@ -364,6 +404,27 @@ def test_dockerfile_pins_the_torch_of_pyproject():
     resolved = re.sub(r"\$\{(\w+)\}", lambda m: dockerfile_args(text).get(m.group(1), m.group(0)), text)
     assert '"torch==2.13.0"' in resolved
     assert pin.replace(" ", "") == "torch==2.13.0", "pyproject and docker/Dockerfile disagree on torch"
+    assert constraint_pins()["torch"] == "2.13.0", "docker/constraints.txt disagrees on torch"
+
+
+def test_dockerfile_pulls_no_frontend_image():
+    first = DOCKERFILE.read_text().splitlines()[0]
+    assert not re.match(r"#\s*syntax\s*=", first, re.IGNORECASE), (
+        "a syntax line makes every build pull a frontend"
+    )
+
+
+@pytest.mark.slow
+def test_every_pinned_wheel_resolves_for_the_images_platform():
+    """pip download --no-deps of every pin, for CPython 3.11 on manylinux x86_64, from PyPI alone."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "image_pins.py"), "check"],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resolve to a wheel" in done.stdout
 
 
 def test_dockerfile_runs_unbuffered_as_a_non_root_user():
@@ -394,12 +455,16 @@ def dockerignored(path: str, patterns: list[str]) -> bool:
     return excluded
 
 
-def test_build_context_holds_the_code_and_no_data():
-    patterns = [
+def dockerignore_patterns() -> list[str]:
+    return [
         line.strip()
         for line in DOCKERIGNORE.read_text().splitlines()
         if line.strip() and not line.strip().startswith("#")
     ]
+
+
+def test_build_context_holds_the_code_and_no_data():
+    patterns = dockerignore_patterns()
     text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
     sources = []
     for line in re.findall(r"^COPY\s+(.*)$", text, re.MULTILINE):

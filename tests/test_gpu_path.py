@@ -249,3 +249,49 @@ def test_collation_says_on_the_host_whether_a_batch_is_left_padded() -> None:
     assert data.collate([0], torch.device("cpu"))["left_padded"] is False
     right = TokenData([[1, 2, 3], [4]], pad_id=0, padding_side="right")
     assert right.collate([0, 1], torch.device("cpu"))["left_padded"] is False
+
+
+# ----------------------------------------------------------------------------------------------------
+# Probe heads on a CPU worker, on features a GPU computed
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_a_probe_student_trains_its_head_on_features_another_device_kind_computed(
+    tiny_bert: Path, sst2_dir: Path, tmp_path: Path
+) -> None:
+    from w2s.splits import prepare_seed_data
+    from w2s.stages import STAGES, _Backbone, cached_features, plan_seed, run_stage
+    from w2s.store import ArtifactStore
+
+    options = {"mode": "probe", "max_length": 32, "batch_size": 16, "epochs": 3}
+    spec = parse_spec(
+        {
+            "dataset": {"name": "sst2", "n_train": 60, "n_test": 20},
+            "weak": {"model": str(tiny_bert), **options},
+            "strong": {"model": str(tiny_bert), **options},
+        }
+    )
+    data = prepare_seed_data(spec, 0, sst2_dir)
+    plans = {p.kind: p for p in plan_seed(spec, data, device_kind="cuda", probe_head_device_kind="cpu")}
+    weak, ceiling, student = plans["weak"], plans["ceiling"], plans["student:xent"]
+    assert (weak.device_kind, ceiling.device_kind) == ("cuda", "cuda")  # features need the backbone
+    assert (student.device_kind, student.feature_device_kind, student.features_from) == (
+        "cpu",
+        "cuda",
+        "ceiling",
+    )
+    assert student.key != plan_seed(spec, data, device_kind="cuda")[2].key  # its own computation
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    # What the weak stage on a GPU leaves for the student: soft labels of half B.
+    blob = store.put_array(np.full(len(data.train_b), 0.7))
+    store.put_record(STAGES, weak.key, {"key": weak.key, "soft_labels": blob})
+    with pytest.raises(train.StageError, match="no stored probe features from a cuda worker"):
+        run_stage(student, store)  # the ceiling has not run: the CPU never computes GPU features
+
+    # The ceiling's features, stored under the GPU's feature space (computed here on the CPU).
+    backbone = _Backbone(ceiling, torch.device("cpu"))
+    for texts in (ceiling.train, ceiling.test):
+        cached_features(backbone, texts, store)
+    result = run_stage(student, store)
+    assert result.steps > 0 and 0.0 <= result.accuracy <= 1.0

@@ -7,7 +7,15 @@ import datetime as dt
 
 import pytest
 
-from service.scheduler import IN_FLIGHT_COST_S, Candidate, TeamShare, admit, route_queue
+from service.scheduler import (
+    IN_FLIGHT_COST_S,
+    Candidate,
+    TeamShare,
+    admit,
+    classes_tried,
+    next_larger_queue,
+    route_queue,
+)
 from service.states import InvalidTransition, check_job_transition, check_stage_transition
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
@@ -117,9 +125,21 @@ def test_routing_by_memory_estimate() -> None:
     assert route_queue(10.0, slots, classes) == "gpu-24g"
     assert route_queue(30.0, slots, classes) == "gpu-80g"
     assert route_queue(22.5, slots, classes) == "gpu-80g"  # 10% headroom
-    assert route_queue(500.0, slots, classes) == "gpu-80g"  # fits nothing: the largest
-    assert route_queue(None, slots, classes) == "gpu-80g"
+    assert route_queue(500.0, slots, classes) is None  # fits nothing: planning refuses it
+    assert route_queue(None, slots, classes) == "gpu-80g"  # unknown: the largest
     assert route_queue(10.0, {"cpu": 1}, classes) == "cpu"  # a CPU-only deployment
+
+
+def test_out_of_memory_moves_one_class_up_and_knows_the_classes_tried() -> None:
+    classes = {"gpu-24g": 24.0, "gpu-48g": 48.0, "gpu-80g": 80.0}
+    slots = {"gpu-24g": 1, "gpu-48g": 1, "gpu-80g": 1, "cpu": 1}
+    assert next_larger_queue("gpu-24g", slots, classes) == "gpu-48g"
+    assert next_larger_queue("gpu-80g", slots, classes) is None
+    assert next_larger_queue("gpu-24g", {"gpu-24g": 1, "gpu-80g": 1}, classes) == "gpu-80g"  # no 48g slots
+    assert next_larger_queue("cpu", slots, classes) is None
+    assert classes_tried(10.0, "gpu-80g", slots, classes) == ["gpu-24g", "gpu-48g", "gpu-80g"]
+    assert classes_tried(30.0, "gpu-80g", slots, classes) == ["gpu-48g", "gpu-80g"]
+    assert classes_tried(None, "gpu-80g", slots, classes) == ["gpu-80g"]
 
 
 def test_state_machines() -> None:

@@ -64,14 +64,26 @@ def prepare_data(spec: JobSpec, data_dir: Path | None, models: Models | None = N
 
 
 def plan_experiment(
-    spec: JobSpec, data: dict[int, SeedData], *, device_kind: str, models: Models | None = None
+    spec: JobSpec,
+    data: dict[int, SeedData],
+    *,
+    device_kind: str,
+    models: Models | None = None,
+    probe_head_device_kind: str | None = None,
 ) -> list[StagePlan]:
-    """Every stage in run order: per seed, weak, ceiling, then one student per loss."""
+    """Every stage in run order: per seed, weak, ceiling, then one student per loss (see
+    w2s.stages.plan_seed for ``probe_head_device_kind``)."""
     models = models or resolved_models(spec)
     return [
         plan
         for seed in spec.seeds
-        for plan in plan_seed(spec, data[seed], device_kind=device_kind, models=models)
+        for plan in plan_seed(
+            spec,
+            data[seed],
+            device_kind=device_kind,
+            models=models,
+            probe_head_device_kind=probe_head_device_kind,
+        )
     ]
 
 

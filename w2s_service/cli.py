@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("w2s_service")
@@ -140,6 +141,53 @@ def port_in_use(host: str, port: int) -> bool:
         return probe.connect_ex((host, port)) == 0
 
 
+def visible_gpus(settings: Any) -> list[str]:
+    """The GPUs this machine lets the service use: CUDA_VISIBLE_DEVICES where set, else every GPU
+    torch sees (asked only when the settings name GPU queues)."""
+    from service.scheduler import gpu_queues
+
+    if not gpu_queues(settings.queue_slots, settings.gpu_classes):
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [device.strip() for device in listed.split(",") if device.strip()]
+    import torch
+
+    return [str(index) for index in range(torch.cuda.device_count())]
+
+
+def stage_workers(
+    queue_slots: dict[str, int], gpu_classes: dict[str, float], gpus: list[str]
+) -> list[tuple[str, dict[str, str]]]:
+    """One stage worker process per slot of each queue, with its environment: a GPU queue's worker
+    sees exactly one GPU of its own (CUDA_VISIBLE_DEVICES), so N slots on N GPUs use N GPUs rather
+    than N processes on GPU 0; CPU workers see none. ValueError when there are fewer GPUs than
+    GPU slots."""
+    from service.scheduler import gpu_queues
+
+    gpu_names = [name for _, name in gpu_queues(queue_slots, gpu_classes)]
+    wanted = sum(queue_slots[name] for name in gpu_names)
+    if wanted > len(gpus):
+        raise ValueError(
+            f"W2S_QUEUE_SLOTS asks for {wanted} GPU worker(s) ("
+            + ", ".join(f"{name}: {queue_slots[name]}" for name in gpu_names)
+            + f") but this machine offers {len(gpus)} GPU(s)"
+            + (
+                f" (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})"
+                if "CUDA_VISIBLE_DEVICES" in os.environ
+                else ""
+            )
+            + '; one worker runs on one GPU: lower the slots, or use {"cpu": 1} on a machine without GPUs'
+        )
+    free = iter(gpus)
+    workers: list[tuple[str, dict[str, str]]] = []
+    for queue, slots in queue_slots.items():
+        for _ in range(slots):
+            device = next(free) if queue in gpu_names else ""
+            workers.append((queue, {"CUDA_VISIBLE_DEVICES": device}))
+    return workers
+
+
 def first_team_key() -> str | None:
     """On a fresh database, a first team ("default") and its key; None if any team exists."""
     from sqlalchemy import func, select
@@ -174,9 +222,17 @@ def cmd_dev(args: argparse.Namespace) -> int:
     migrate()
     key = first_team_key()
     me = [sys.executable, "-m", "w2s_service.cli"]
-    commands = [[*me, "api", "--host", args.host, "--port", str(args.port)], [*me, "dispatcher"]]
-    commands += [[*me, "worker", "--queue", queue] for queue in [*settings.queue_slots, CONTROL_QUEUE]]
-    children = [subprocess.Popen(command) for command in commands]
+    try:
+        workers = stage_workers(settings.queue_slots, settings.gpu_classes, visible_gpus(settings))
+    except ValueError as error:
+        raise SystemExit(f"w2s-service: {error}") from None
+    commands: list[tuple[list[str], dict[str, str]]] = [
+        ([*me, "api", "--host", args.host, "--port", str(args.port)], {}),
+        ([*me, "dispatcher"], {}),
+        ([*me, "worker", "--queue", CONTROL_QUEUE], {"CUDA_VISIBLE_DEVICES": ""}),
+        *(([*me, "worker", "--queue", queue], env) for queue, env in workers),
+    ]
+    children = [subprocess.Popen(command, env={**os.environ, **env}) for command, env in commands]
     print(f"w2s-service: API and dashboard on http://{args.host}:{args.port} (API docs at /docs)")
     print(f"w2s-service: state in {settings.state_dir}; database {settings.database_url}")
     print(f"w2s-service: admin key {settings.admin_key!r} (development only; production sets W2S_ADMIN_KEY)")

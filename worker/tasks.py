@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import gc
 import logging
 import math
 import os
@@ -30,6 +31,7 @@ import random
 import socket
 import threading
 import time
+import traceback
 from typing import Any
 
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown
@@ -264,6 +266,18 @@ def _release_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """A GPU (or host) allocation failed: torch's OutOfMemoryError, also when it crossed the pipe from
+    a stage's own process, or Python's MemoryError."""
+    import torch
+
+    return (
+        isinstance(error, (torch.OutOfMemoryError, MemoryError))
+        or type(error).__name__ == "OutOfMemoryError"
+        or "CUDA out of memory" in str(error)
+    )
+
+
 def claim_stage(stage_id: str, worker: str, settings: Settings) -> Claim | None:
     """Start a new attempt of the stage (service/lifecycle.py), or None if this delivery must not run."""
     with session_scope() as session:
@@ -303,6 +317,45 @@ def persist_outcome(
     retry_database(write, f"stage {stage_id}: writing its outcome", settings.db_retry_s)
 
 
+def persist_out_of_memory(stage_id: str, *, attempt: int, error: BaseException, settings: Settings) -> str:
+    """Move a stage that ran out of memory to the next larger GPU class, or fail it naming every
+    class it was tried on; return the state it is in now."""
+    from sqlalchemy import select
+
+    from service.scheduler import classes_tried, next_larger_queue
+
+    def write() -> str:
+        with session_scope() as session:
+            row = session.execute(select(Stage.gpu_class, Stage.memory_gb).where(Stage.id == stage_id)).one()
+            current = row.gpu_class or "cpu"
+            larger = next_larger_queue(current, settings.queue_slots, settings.gpu_classes)
+            estimate = f"estimated {row.memory_gb:g} GiB" if row.memory_gb is not None else "no estimate"
+            if larger is not None:
+                message = f"out of memory on {current} ({estimate})"
+            else:
+                tried = classes_tried(row.memory_gb, current, settings.queue_slots, settings.gpu_classes)
+                sizes = ", ".join(
+                    f"{name} ({settings.gpu_classes[name]:g} GiB)" if name in settings.gpu_classes else name
+                    for name in tried
+                )
+                message = (
+                    f"out of memory on every class tried: {sizes}; {estimate}. Lower minibatch_size "
+                    "(gradient accumulation keeps the result the same), set gradient_checkpointing: true, "
+                    f"lower max_length or use mode: lora ({_first_line(error)})"
+                )
+            lifecycle.out_of_memory(
+                session,
+                stage_id,
+                attempt=attempt,
+                error=message,
+                larger_queue=larger,
+                store_uri=settings.store_uri,
+            )
+            return StageStatus.pending if larger is not None else StageStatus.failed
+
+    return retry_database(write, f"stage {stage_id}: writing its out-of-memory outcome", settings.db_retry_s)
+
+
 def load_plan(claim: Claim, settings: Settings) -> Any:
     """The w2s plan of the claimed stage (only its seed's data is prepared)."""
     with session_scope() as session:
@@ -330,6 +383,13 @@ def run_plan(plan: Any, stage_id: str, writer: ProgressWriter, settings: Setting
         _record_device(stage_id, _device_name())
     try:
         return run_stage(plan, process_store(settings.store_uri, settings.stage_cache_mb), callback=writer)
+    except BaseException as error:
+        # The traceback's frames hold the stage's model, activations and optimizer state: while the
+        # error is handled up the stack they would keep GPU memory from the next stage of this
+        # long-lived process (an out-of-memory error above all). Drop them before releasing.
+        traceback.clear_frames(error.__traceback__)
+        gc.collect()
+        raise
     finally:
         _release_accelerator_memory()
 
@@ -362,22 +422,18 @@ def execute_stage(
             writer.final_flush(settings.db_retry_s)
             persist_outcome(stage_id, StageStatus.cancelled, attempt=claim.attempt, settings=settings)
             return StageStatus.cancelled
-        except (ValueError, MemoryError, StageError) as error:
-            # Bad input, diverged training or out of memory will fail again: stop now, with the
-            # message shown.
+        except Exception as error:
+            if is_out_of_memory(error):
+                # The same class would fail the same way: a larger one, or a failure that says so.
+                return persist_out_of_memory(stage_id, attempt=claim.attempt, error=error, settings=settings)
+            if not isinstance(error, (ValueError, StageError)):
+                raise  # transient until shown otherwise: retried with backoff (run_stage_task)
+            # Bad input or diverged training will fail again: stop now, with the message shown.
             message = str(error) if isinstance(error, StageError) else f"{type(error).__name__}: {error}"
             persist_outcome(
                 stage_id, StageStatus.failed, attempt=claim.attempt, error=message, settings=settings
             )
             return StageStatus.failed
-        except Exception as error:
-            if "OutOfMemoryError" in type(error).__name__:
-                message = f"out of GPU memory: {error}"
-                persist_outcome(
-                    stage_id, StageStatus.failed, attempt=claim.attempt, error=message, settings=settings
-                )
-                return StageStatus.failed
-            raise
         writer.final_flush(settings.db_retry_s)
         outcome = StageStatus.cached if result.cached else StageStatus.succeeded
         persist_outcome(

@@ -100,3 +100,37 @@ def login(client: TestClient, key: str, next_url: str = "/") -> Any:
     return client.post(
         "/login", data={"api_key": key, "csrf": token, "next": next_url}, follow_redirects=False
     )
+
+
+class Steps:
+    """Run the service's loop by hand: dispatch rounds, control tasks, stages."""
+
+    def round(self) -> Any:
+        from service.db import session_scope
+        from service.dispatch import dispatch_round
+        from service.settings import get_settings
+
+        with session_scope() as session:
+            return dispatch_round(session, get_settings())
+
+    def run(self, job_id: str, rounds: int = 12) -> dict[str, Any]:
+        from service.db import session_scope
+        from service.models import Job
+        from service.settings import get_settings
+        from worker.control import finish_job_task, plan_job_task
+        from worker.tasks import execute_stage
+
+        settings = get_settings()
+        for _ in range(rounds):
+            report = self.round()
+            for planned in report.plan:
+                plan_job_task(planned)
+            for finished in report.finish:
+                finish_job_task(finished)
+            for stage_id, _queue in report.admitted:
+                execute_stage(stage_id, worker="in-process", settings=settings)
+            with session_scope() as session:
+                job = session.get(Job, job_id)
+                if job is not None and job.status in ("succeeded", "failed", "cancelled"):
+                    return {"status": job.status, "error": job.error, "results": job.results}
+        raise AssertionError(f"job {job_id} did not end in {rounds} rounds")

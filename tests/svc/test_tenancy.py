@@ -23,35 +23,10 @@ from service.dispatch import dispatch_round
 from service.models import Job, Stage, TeamUsage, new_id, utcnow
 from service.settings import get_settings
 from service.states import InvalidTransition
-from svc_support import tiny_job
-from worker.control import finish_job_task, plan_job_task
-from worker.tasks import execute_stage
+from svc_support import Steps, tiny_job
+from worker.control import plan_job_task
 
 ADMIN = {"Authorization": "Bearer test-admin-key"}
-
-
-class Steps:
-    """Run the service's loop by hand: dispatch rounds, control tasks, stages."""
-
-    def round(self) -> Any:
-        with session_scope() as session:
-            return dispatch_round(session, get_settings())
-
-    def run(self, job_id: str, rounds: int = 12) -> dict[str, Any]:
-        settings = get_settings()
-        for _ in range(rounds):
-            report = self.round()
-            for planned in report.plan:
-                plan_job_task(planned)
-            for finished in report.finish:
-                finish_job_task(finished)
-            for stage_id, _queue in report.admitted:
-                execute_stage(stage_id, worker="in-process", settings=settings)
-            with session_scope() as session:
-                job = session.get(Job, job_id)
-                if job is not None and job.status in ("succeeded", "failed", "cancelled"):
-                    return {"status": job.status, "error": job.error, "results": job.results}
-        raise AssertionError(f"job {job_id} did not end in {rounds} rounds")
 
 
 @pytest.fixture
@@ -99,6 +74,7 @@ def test_the_round_loads_no_data_hashes_no_file_and_computes_no_statistics(
         "w2s.models.model_fingerprint",
         "w2s.results.build_results",
         "w2s.memory.estimate_memory_gb",
+        "w2s.memory.estimate_memory",
     ):
         monkeypatch.setattr(target, forbidden)
     report = steps.round()
