@@ -295,3 +295,26 @@ def test_a_probe_student_trains_its_head_on_features_another_device_kind_compute
         cached_features(backbone, texts, store)
     result = run_stage(student, store)
     assert result.steps > 0 and 0.0 <= result.accuracy <= 1.0
+
+
+def test_a_student_whose_features_differ_from_its_ceilings_keeps_its_head_with_them(
+    tiny_bert: Path, sst2_dir: Path
+) -> None:
+    """A transfer override of max_length (or a full-mode ceiling) means the ceiling computes other
+    features: the student then computes its own, on the GPU."""
+    from w2s.splits import prepare_seed_data
+    from w2s.stages import plan_seed
+
+    options = {"mode": "probe", "max_length": 32, "batch_size": 16}
+    for transfer, strong_mode in (({"max_length": 24}, "probe"), ({"mode": "probe"}, "full")):
+        spec = parse_spec(
+            {
+                "dataset": {"name": "sst2", "n_train": 60, "n_test": 20},
+                "weak": {"model": str(tiny_bert), **options},
+                "strong": {"model": str(tiny_bert), **options, "mode": strong_mode},
+                "transfer": transfer,
+            }
+        )
+        data = prepare_seed_data(spec, 0, sst2_dir)
+        student = plan_seed(spec, data, device_kind="cuda", probe_head_device_kind="cpu")[2]
+        assert (student.device_kind, student.feature_device_kind) == ("cuda", None)

@@ -311,13 +311,14 @@ def plan_seed(
     probe heads train when their features come from an earlier stage (a CPU worker in a deployment
     whose GPUs compute features), if not on ``device_kind``."""
     models = models or resolved_models(spec)
+    roles = {slot.kind: slot.role for slot in stage_layout(spec)}
     plans: dict[str, StagePlan] = {}
     for slot in stage_layout(spec):
         model, config = models[slot.role]
         head_elsewhere = (
-            config.mode == "probe"
+            probe_head_device_kind not in (None, device_kind)
             and slot.features_from is not None
-            and probe_head_device_kind not in (None, device_kind)
+            and same_features(models[slot.role], models[roles[slot.features_from]])
         )
         plans[slot.kind] = StagePlan(
             kind=slot.kind,
@@ -335,6 +336,19 @@ def plan_seed(
             features_from=slot.features_from if head_elsewhere else None,
         )
     return list(plans.values())
+
+
+def same_features(a: tuple[ModelSpec, TrainConfig], b: tuple[ModelSpec, TrainConfig]) -> bool:
+    """Whether two probe-mode roles read the same features (model, pooling, tokenisation and
+    precision): then one computes what the other trains its head on."""
+    (model_a, config_a), (model_b, config_b) = a, b
+    return (
+        config_a.mode == config_b.mode == "probe"
+        and (model_a.model, model_a.revision, model_a.pooling, model_a.trust_remote_code)
+        == (model_b.model, model_b.revision, model_b.pooling, model_b.trust_remote_code)
+        and (config_a.max_length, config_a.truncation, config_a.dtype)
+        == (config_b.max_length, config_b.truncation, config_b.dtype)
+    )
 
 
 def plan_weak(
