@@ -15,22 +15,30 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, or_, select, text, update
+from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from service.lifecycle import admit_stage, fail_job, log, requeue_lost
+from service.lifecycle import (
+    admit_stages,
+    complete_cached,
+    fail_job,
+    lease_control,
+    lock_jobs,
+    log,
+    requeue_lost,
+)
 from service.models import Job, Stage, Team, TeamUsage, utcnow
 from service.scheduler import Candidate, TeamShare, admit
 from service.settings import Settings
-from service.states import STAGE_ACTIVE, StageStatus
+from service.states import JOB_FINISH_DUE, JOB_PLAN_DUE, STAGE_ACTIVE, STAGE_DONE, STAGE_READY, StageStatus
 
 logger = logging.getLogger(__name__)
 
-# The same predicates as the partial indexes in service/models.py, written identically so the
-# database can use those indexes.
-TO_PLAN = text("NOT jobs.planned AND jobs.status IN ('queued', 'running')")
-TO_FINISH = text("jobs.finish_due AND jobs.status = 'running'")
-READY = text("stages.status = 'pending' AND stages.ready")
+# The predicates of service/states.py, as the partial indexes in service/models.py use them: the
+# database can then use those indexes.
+PLAN_DUE = text(JOB_PLAN_DUE)
+FINISH_DUE = text(JOB_FINISH_DUE)
+READY = text(STAGE_READY)
 ACTIVE = [str(status) for status in STAGE_ACTIVE]
 
 
@@ -38,12 +46,13 @@ ACTIVE = [str(status) for status in STAGE_ACTIVE]
 class RoundReport:
     admitted: list[tuple[str, str]] = field(default_factory=list)  # (stage id, queue)
     resent: list[tuple[str, str]] = field(default_factory=list)  # (stage id, queue): lost, sent again
-    plan: list[str] = field(default_factory=list)  # job ids whose planning task to send
-    finish: list[str] = field(default_factory=list)  # job ids whose finishing task to send
+    plan: list[tuple[str, int]] = field(default_factory=list)  # (job id, lease token): planning to send
+    finish: list[tuple[str, int]] = field(default_factory=list)  # (job id, lease token): finishing to send
     failed: int = 0  # jobs failed because their control task was lost too often
+    cached: int = 0  # stages completed from a result another stage computed
 
     def __bool__(self) -> bool:
-        return bool(self.admitted or self.resent or self.plan or self.finish or self.failed)
+        return bool(self.admitted or self.resent or self.plan or self.finish or self.failed or self.cached)
 
 
 def dispatch_round(session: Session, settings: Settings) -> RoundReport:
@@ -60,78 +69,91 @@ def recover_lost_stages(session: Session, settings: Settings, report: RoundRepor
 
     A running stage whose heartbeat went silent lost its worker (killed, or its machine gone): it is
     requeued, and the new attempt fences the old one out (service/lifecycle.py). A queued stage that
-    no worker took long after it was sent lost its broker message (Redis restarted, say): it is sent
-    again. A duplicate message is harmless: the claim drops it.
+    no worker claimed within a lease of seconds after it was sent (the dispatcher died between its
+    commit and the send, or the broker lost the message) is sent again, then every
+    ``redeliver_after_s``. A duplicate message is harmless: the claim drops it.
     """
     now = utcnow()
     silent_since = now - dt.timedelta(seconds=settings.heartbeat_timeout_s)
     lost = session.execute(
-        select(Stage.id, Stage.worker, Stage.gpu_class).where(
+        select(Stage.id, Stage.fence, Stage.worker, Stage.gpu_class).where(
             Stage.status == StageStatus.running,
             or_(Stage.heartbeat_at < silent_since, Stage.heartbeat_at.is_(None)),
         )
     ).all()
-    for stage_id, worker, queue in lost:
+    for stage_id, fence, worker, queue in lost:
         message = f"no heartbeat from {worker} for {settings.heartbeat_timeout_s:.0f} s; requeued"
-        if requeue_lost(session, stage_id, message):
+        if requeue_lost(session, stage_id, fence, message):
             report.resent.append((stage_id, queue or "cpu"))
-    unclaimed_since = now - dt.timedelta(seconds=settings.redeliver_after_s)
+    first_lease = now - dt.timedelta(seconds=settings.claim_lease_s)
+    again = now - dt.timedelta(seconds=settings.redeliver_after_s)
     unclaimed = session.execute(
+        select(Stage.id, Stage.job_id).where(
+            Stage.status == StageStatus.queued,
+            or_(
+                and_(Stage.sent_at == Stage.queued_at, Stage.sent_at < first_lease),  # sent once
+                Stage.sent_at < again,
+            ),
+        )
+    ).all()
+    if not unclaimed:
+        return
+    lock_jobs(session, [job_id for _, job_id in unclaimed])  # a job before its stages
+    resent = session.execute(
         update(Stage)
-        .where(Stage.status == StageStatus.queued, Stage.sent_at < unclaimed_since)
+        .where(
+            Stage.id.in_([stage_id for stage_id, _ in unclaimed]),
+            Stage.status == StageStatus.queued,
+            or_(and_(Stage.sent_at == Stage.queued_at, Stage.sent_at < first_lease), Stage.sent_at < again),
+        )
         .values(sent_at=now)
         .returning(Stage.id, Stage.job_id, Stage.kind, Stage.seed, Stage.gpu_class)
         .execution_options(synchronize_session=False)
     ).all()
-    for stage_id, job_id, kind, seed, queue in unclaimed:
-        message = f"{kind}/{seed}: no worker took it for {settings.redeliver_after_s:.0f} s; sent again"
+    for stage_id, job_id, kind, seed, queue in resent:
+        message = f"{kind}/{seed}: no worker claimed it; sent again"
         log(session, job_id=job_id, stage_id=stage_id, message=message, level="warning")
         report.resent.append((stage_id, queue or "cpu"))
 
 
 def due_control_tasks(session: Session, settings: Settings, report: RoundReport) -> None:
-    """Jobs to plan and jobs to finish. Fair across teams: a team has at most one planning and one
-    finishing task out at a time, so a sweep of a thousand jobs is planned one job after another
-    while another team's job is planned as soon as it arrives. A task not done within the control
-    timeout (its worker lost) is sent again; a job whose task was lost too often fails."""
+    """Jobs to plan and jobs to finish, as their rows say (service/states.py), whose task is not
+    leased right now. Fair across teams: a team has at most one planning and one finishing task out
+    at a time, so a sweep of a thousand jobs is planned one job after another while another team's
+    job is planned as soon as it arrives. A task whose lease lapsed (its worker lost, or the send
+    lost) is due again; a job whose task was lost too often fails."""
     now = utcnow()
-    stale = now - dt.timedelta(seconds=settings.control_timeout_s + 60)
-    for due, sent_at, attempts, what, into in (
-        (TO_PLAN, Job.plan_sent_at, Job.plan_attempts, "planning", report.plan),
-        (TO_FINISH, Job.finish_sent_at, Job.finish_attempts, "finishing", report.finish),
+    free = or_(Job.control_lease_until.is_(None), Job.control_lease_until < now)
+    for due, task, what, into in (
+        (PLAN_DUE, "plan", "planning", report.plan),
+        (FINISH_DUE, "finish", "finishing", report.finish),
     ):
-        busy_teams = set(session.scalars(select(Job.team_id).where(due, sent_at >= stale).distinct()))
+        busy_teams = set(session.scalars(select(Job.team_id).where(due, ~free).distinct()))
         waiting_teams = session.scalars(  # the team waiting longest first
-            select(Job.team_id)
-            .where(due, or_(sent_at.is_(None), sent_at < stale))
-            .group_by(Job.team_id)
-            .order_by(func.min(Job.created_at))
+            select(Job.team_id).where(due, free).group_by(Job.team_id).order_by(func.min(Job.created_at))
         ).all()
         chosen = [team_id for team_id in waiting_teams if team_id not in busy_teams]
         for team_id in chosen[: settings.dispatch_batch]:
             row = session.execute(
-                select(Job.id, attempts)
-                .where(due, Job.team_id == team_id, or_(sent_at.is_(None), sent_at < stale))
+                select(Job.id, Job.control_task, Job.control_attempts)
+                .where(due, free, Job.team_id == team_id)
                 .order_by(Job.created_at)
                 .limit(1)
             ).first()
             if row is None:
                 continue
-            job_id, tries = row
-            if tries >= settings.max_control_attempts:
+            job_id, leased_task, tries = row
+            if leased_task == task and tries >= settings.max_control_attempts:
                 error = (
-                    f"{what} the job did not finish in {tries} attempts of "
-                    f"{settings.control_timeout_s:.0f} s each (its worker was lost or stuck); retry the job"
+                    f"{what} the job did not end in {tries} attempts (its worker was lost or stuck, "
+                    f"each time for longer than its {settings.control_lease_s:.0f} s lease); retry the job"
                 )
+                lock_jobs(session, [job_id])
                 report.failed += fail_job(session, job_id, error)
                 continue
-            session.execute(
-                update(Job)
-                .where(Job.id == job_id)
-                .values({sent_at.key: now, attempts.key: tries + 1})
-                .execution_options(synchronize_session=False)
-            )
-            into.append(job_id)
+            token = lease_control(session, job_id, task, settings.control_lease_s)
+            if token is not None:
+                into.append((job_id, token))
 
 
 def team_shares(session: Session, settings: Settings) -> dict[str, TeamShare]:
@@ -193,12 +215,22 @@ def admit_ready_stages(session: Session, settings: Settings, report: RoundReport
     if not candidates:
         return
     keys = [c.stage_key for c in candidates if c.stage_key]
+    # A stage whose key another stage has computed meanwhile completes from that result.
+    computed = dict(
+        session.execute(
+            select(Stage.stage_key, Stage.result).where(
+                Stage.stage_key.in_(keys), Stage.status.in_([str(s) for s in STAGE_DONE])
+            )
+        ).all()
+    )
+    for candidate in [c for c in candidates if c.stage_key in computed]:
+        report.cached += complete_cached(session, candidate.stage_id, computed[candidate.stage_key])
+    candidates = [c for c in candidates if c.stage_key not in computed]
     busy = set(
         session.scalars(select(Stage.stage_key).where(Stage.status.in_(ACTIVE), Stage.stage_key.in_(keys)))
     )
-    for candidate in admit(candidates, teams, free, busy):
-        if admit_stage(session, candidate.stage_id, candidate.queue):
-            report.admitted.append((candidate.stage_id, candidate.queue))
+    chosen = admit(candidates, teams, free, busy)
+    report.admitted += admit_stages(session, [(c.stage_id, c.queue) for c in chosen])
 
 
 # Per team, its next ready stages in a queue: one index seek each, in one statement (LATERAL).

@@ -240,6 +240,7 @@ def create_job(
         strong_model=spec.strong.model,
         idempotency_key=idempotency_key,
         request_hash=body_hash,
+        stages_left=len(templates),
         created_at=utcnow(),
     )
     session.add(job)

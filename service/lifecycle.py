@@ -1,15 +1,27 @@
 """The job and stage lifecycle: the one module that changes a status.
 
-Every change is a conditional UPDATE. It names the states the row may be in (those the state machine
-in :mod:`service.states` allows to move to the new one, optionally narrowed), and it writes nothing
-if the row has moved on meanwhile: a cancel, a retry, a failure and a dispatch round can race, and
-whichever commits second finds the row already elsewhere and changes nothing, instead of writing an
-old state back. Each change stamps its times and leaves a log line.
+Three rules make it safe under any interleaving of requests, workers, control tasks and dispatch
+rounds, on any number of hosts:
 
-Besides the two primitives (:func:`move_job`, :func:`move_stage`) this module holds every operation
-that changes a status: admission, cancel, retry, failure, the worker's claim, outcome and requeue,
-planning's cached stages, and the effects of a stage getting its result (its dependents become
-ready; a job whose stages all have results is due to be finished).
+- **Level-triggered.** What is due for a job is derived from its rows, never remembered as a flag
+  one event set: :func:`refresh_job` recomputes, from the stage rows, which pending stages are ready
+  and how many stages still lack a result (``jobs.stages_left``), and fails a job one of whose stages
+  failed for good. Every operation here that changes a job's stages ends with it, so a crash, a lost
+  message or a race can leave a job late but never stuck: the dispatcher's round (service/dispatch.py)
+  acts on whatever the rows say is due (service/states.py names the predicates).
+- **Fenced.** A stage's every attempt gets a token (``stages.fence``, incremented by each claim and
+  by a retry, never reset); a heartbeat, progress write or outcome whose token is no longer current
+  changes nothing. Control tasks are fenced the same way (``jobs.control_token``), and leased: the
+  round records a task as sent with a lease of seconds in the same transaction that picks it (an
+  outbox), so a crash between commit and send costs one lease, not a timeout of minutes.
+- **One lock order.** Every operation that changes a job's stages first locks that job's row
+  (:func:`lock_jobs`, in ascending id when it takes several), then writes stages: two transactions
+  never wait on each other in a circle, and counts recomputed under the lock see every committed
+  change. (SQLite, the embedded default, serialises writers itself: service/db.py.)
+
+Each change is a conditional UPDATE naming the states the row may be in (the state machine in
+:mod:`service.states`), so whichever of two racing writes commits second finds the row moved on and
+changes nothing, instead of writing an old state back.
 """
 
 from __future__ import annotations
@@ -20,15 +32,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, delete, exists, func, literal, or_, select, text, update
+from sqlalchemy import and_, case, delete, exists, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from service.db import insert_ignoring_duplicates
 from service.models import Artifact, Job, LogLine, MetricPoint, Stage, TeamUsage, utcnow
 from service.states import (
+    JOB_OPEN,
     JOB_TRANSITIONS,
     STAGE_DONE,
     STAGE_TRANSITIONS,
+    STAGE_UNFINISHED,
+    STAGE_WAITING,
     InvalidTransition,
     JobStatus,
     StageStatus,
@@ -36,11 +51,10 @@ from service.states import (
 
 logger = logging.getLogger(__name__)
 
-STAGE_WAITING = (StageStatus.pending, StageStatus.queued)  # stop at once when the job ends
 # The dispatcher (worker/dispatcher.py) listens here, and runs a round as soon as it is told that a
-# slot was freed or work became ready instead of at its next interval: with one worker slot and
-# stages of a tenth of a second, waiting for the interval would cost more than the stages.
+# slot was freed or work became due instead of at its next interval.
 DISPATCH_CHANNEL = "w2s_dispatch"
+CONTROL_TASKS = ("plan", "finish")
 
 
 def log(
@@ -64,6 +78,69 @@ def _sources(transitions: dict[Any, frozenset[Any]], to: Any, only_from: Iterabl
     return sorted(allowed)
 
 
+def _strs(statuses: Iterable[Any]) -> list[str]:
+    return sorted(str(status) for status in statuses)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Locks and the level-triggered refresh
+# ------------------------------------------------------------------------------------------------------
+
+
+def lock_jobs(session: Session, job_ids: Iterable[str]) -> list[str]:
+    """Lock the jobs' rows, in ascending id (the one lock order), for the rest of the transaction;
+    the ids that exist. On SQLite the database's single writer lock does this."""
+    ids = sorted(set(job_ids))
+    if not ids:
+        return []
+    query = select(Job.id).where(Job.id.in_(ids)).order_by(Job.id)
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update()
+    return list(session.scalars(query))
+
+
+def job_of_stage(session: Session, stage_id: str) -> str | None:
+    """The id of a stage's job (a stage never changes job, so reading it before the lock is safe)."""
+    return session.scalar(select(Stage.job_id).where(Stage.id == stage_id))
+
+
+def dependencies_done() -> Any:
+    """SQL: the stage's supervisor and the stage that computes its features (each, if it has one)
+    have results. A planned stage that satisfies it is ready."""
+    dependency = Stage.__table__.alias("dependency")
+    return ~exists().where(
+        or_(dependency.c.id == Stage.depends_on_id, dependency.c.id == Stage.features_from_id),
+        dependency.c.status.not_in(_strs(STAGE_DONE)),
+    )
+
+
+def refresh_job(session: Session, job_id: str) -> None:
+    """Derive what is due for a job from its stage rows (call with the job locked, after changing its
+    stages): readiness of its pending stages, its count of stages without a result, and its failure
+    when one of its stages failed for good while it was open."""
+    session.execute(
+        update(Stage)
+        .where(Stage.job_id == job_id, Stage.status == StageStatus.pending)
+        .values(ready=and_(Stage.stage_key.is_not(None), dependencies_done()))
+        .execution_options(synchronize_session=False)
+    )
+    left = select(func.count()).where(Stage.job_id == job_id, Stage.status.in_(_strs(STAGE_UNFINISHED)))
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(stages_left=left.scalar_subquery())
+        .execution_options(synchronize_session=False)
+    )
+    failed = session.execute(
+        select(Stage.kind, Stage.seed, Stage.error)
+        .join(Job, Job.id == Stage.job_id)
+        .where(Stage.job_id == job_id, Stage.status == StageStatus.failed, Job.status.in_(_strs(JOB_OPEN)))
+        .limit(1)
+    ).first()
+    if failed is not None:
+        fail_job(session, job_id, f"stage {failed.kind} (seed {failed.seed}) failed: {failed.error}")
+
+
 # ------------------------------------------------------------------------------------------------------
 # The two primitives
 # ------------------------------------------------------------------------------------------------------
@@ -85,7 +162,7 @@ def move_job(
     if to == JobStatus.running:
         stamps["started_at"] = func.coalesce(Job.started_at, now)
     elif to in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled):
-        stamps["finished_at"] = now
+        stamps |= {"finished_at": now, "control_task": None, "control_lease_until": None}
     elif to == JobStatus.queued:
         stamps |= {"finished_at": None, "error": None}
     moved = session.execute(
@@ -118,13 +195,13 @@ def move_stage(
     to: StageStatus,
     *,
     only_from: Iterable[StageStatus] | None = None,
-    attempt: int | None = None,
+    if_fence: int | None = None,
     message: str | None = None,
     level: str = "info",
     **values: Any,
 ) -> MovedStage | None:
-    """Move a stage to ``to`` if it may go there (and, with ``attempt``, if that attempt still owns
-    it); None if it moved on. ``message`` is logged with the stage's name in front."""
+    """Move a stage to ``to`` if it may go there (and, with ``if_fence``, if that attempt is still
+    the current one); None if it moved on. ``message`` is logged with the stage's name in front."""
     now = utcnow()
     stamps: dict[str, Any] = {}
     if to == StageStatus.running:
@@ -136,8 +213,8 @@ def move_stage(
     elif to == StageStatus.pending:
         stamps["finished_at"] = None
     conditions = [Stage.id == stage_id, Stage.status.in_(_sources(STAGE_TRANSITIONS, to, only_from))]
-    if attempt is not None:
-        conditions.append(Stage.attempts == attempt)
+    if if_fence is not None:
+        conditions.append(Stage.fence == if_fence)
     row = session.execute(
         update(Stage)
         .where(*conditions)
@@ -153,20 +230,10 @@ def move_stage(
     return moved
 
 
-def dependencies_done() -> Any:
-    """SQL: the stage's supervisor and the stage that computes its features (each, if it has one)
-    have results. A planned stage that satisfies it is ready."""
-    dependency = Stage.__table__.alias("dependency")
-    return ~exists().where(
-        or_(dependency.c.id == Stage.depends_on_id, dependency.c.id == Stage.features_from_id),
-        dependency.c.status.not_in([str(s) for s in STAGE_DONE]),
-    )
-
-
 def _cancel_waiting_stages(session: Session, job_id: str) -> None:
     session.execute(
         update(Stage)
-        .where(Stage.job_id == job_id, Stage.status.in_([str(s) for s in STAGE_WAITING]))
+        .where(Stage.job_id == job_id, Stage.status.in_(_strs(STAGE_WAITING)))
         .values(status=StageStatus.cancelled, finished_at=utcnow())
         .execution_options(synchronize_session=False)
     )
@@ -185,8 +252,9 @@ def _job_status(session: Session, job_id: str) -> str:
 
 
 def cancel_job(session: Session, job_id: str, *, by: str = "") -> None:
-    """Cancel: waiting stages stop now, running ones at their next step. InvalidTransition (409)
-    if the job has already ended."""
+    """Cancel: waiting stages stop now, running ones at their next step (their attempt then reports,
+    and is fenced out if the job was retried meanwhile). InvalidTransition (409) if the job ended."""
+    lock_jobs(session, [job_id])
     suffix = f" by {by}" if by else ""
     if not move_job(
         session, job_id, JobStatus.cancelled, cancel_requested=True, message=f"cancel requested{suffix}"
@@ -194,15 +262,17 @@ def cancel_job(session: Session, job_id: str, *, by: str = "") -> None:
         current = _job_status(session, job_id)
         raise InvalidTransition("job", current, JobStatus.cancelled, JOB_TRANSITIONS[JobStatus(current)])
     _cancel_waiting_stages(session, job_id)
+    refresh_job(session, job_id)
 
 
 def fail_job(session: Session, job_id: str, error: str) -> bool:
-    """Fail a job that is still open, stopping its other stages; False if it had already ended."""
+    """Fail a job that is still open, stopping its other stages; False if it had already ended.
+    (The caller holds the job's lock.)"""
     if not move_job(
         session,
         job_id,
         JobStatus.failed,
-        only_from=(JobStatus.queued, JobStatus.running),
+        only_from=JOB_OPEN,
         error=error,
         cancel_requested=True,
         message=error,
@@ -214,52 +284,129 @@ def fail_job(session: Session, job_id: str, error: str) -> bool:
 
 
 def retry_job(session: Session, job_id: str) -> None:
-    """Run a failed or cancelled job's unfinished stages again; stages with results are kept."""
+    """Run a failed or cancelled job again: every stage without a result starts over as a new
+    attempt (an attempt still running, say of a cancel that has not reached its next step, is fenced
+    out), stages with results are kept, and what is due (planning, admission, finishing) follows
+    from the rows."""
+    lock_jobs(session, [job_id])
     if not move_job(
         session,
         job_id,
         JobStatus.queued,
         cancel_requested=False,
         results=None,
-        finish_due=False,
-        finish_sent_at=None,
-        finish_attempts=0,
-        plan_sent_at=None,
-        plan_attempts=0,
+        control_task=None,
+        control_lease_until=None,
+        control_attempts=0,
+        control_token=Job.control_token + 1,  # a control task still running is fenced out
         message="retry requested",
     ):
         current = _job_status(session, job_id)
         raise InvalidTransition("job", current, JobStatus.queued, JOB_TRANSITIONS[JobStatus(current)])
     session.execute(
         update(Stage)
-        .where(
-            Stage.job_id == job_id,
-            Stage.status.in_([StageStatus.failed, StageStatus.cancelled]),
-        )
+        .where(Stage.job_id == job_id, Stage.status.in_(_strs(STAGE_UNFINISHED)))
         .values(
             status=StageStatus.pending,
+            fence=Stage.fence + 1,
             attempts=0,
             error=None,
+            worker=None,
             finished_at=None,
-            ready=and_(Stage.stage_key.is_not(None), dependencies_done()),
+            sent_at=None,
         )
         .execution_options(synchronize_session=False)
     )
+    refresh_job(session, job_id)
+    wake_dispatcher(session)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Control tasks (planning, finishing): leased and fenced
+# ------------------------------------------------------------------------------------------------------
+
+
+def lease_control(session: Session, job_id: str, task: str, lease_s: float) -> int | None:
+    """Record that ``task`` is being sent for the job (the round does this in the transaction that
+    picks it): a new token and a lease. Returns the token, or None if the job moved on."""
+    assert task in CONTROL_TASKS
+    row = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(_strs(JOB_OPEN)))
+        .values(
+            control_task=task,
+            control_token=Job.control_token + 1,
+            control_lease_until=utcnow() + dt.timedelta(seconds=lease_s),
+            # Attempts count per kind of task: finishing starts from zero after planning.
+            control_attempts=case((Job.control_task == task, Job.control_attempts), else_=0) + 1,
+        )
+        .returning(Job.control_token)
+        .execution_options(synchronize_session=False)
+    ).first()
+    return None if row is None else int(row[0])
+
+
+def hold_control(session: Session, job_id: str, task: str, token: int, lease_s: float) -> bool:
+    """A running control task claims or extends its lease; False if its token is no longer current
+    (it was sent again after its lease lapsed, or the job was retried or ended): it must stop."""
+    held = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.control_task == task,
+            Job.control_token == token,
+            Job.status.in_(_strs(JOB_OPEN)),
+        )
+        .values(control_lease_until=utcnow() + dt.timedelta(seconds=lease_s))
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    ).first()
+    return held is not None
+
+
+# What a control task's success writes: nothing is leased any more.
+RELEASED = {"control_task": None, "control_lease_until": None, "control_attempts": 0}
+
+
+def control_current(session: Session, job_id: str, task: str, token: int) -> bool:
+    """Whether ``token`` is still the current lease of ``task`` (under the job's lock)."""
+    return (
+        session.scalar(
+            select(Job.id).where(Job.id == job_id, Job.control_task == task, Job.control_token == token)
+        )
+        is not None
+    )
+
+
+def fail_control(session: Session, job_id: str, task: str, token: int | None, error: str) -> bool:
+    """A control task failed in a way that running it again would repeat: the job fails (only if
+    ``token`` is still current; None: whatever holds the lease)."""
+    lock_jobs(session, [job_id])
+    if token is not None and not control_current(session, job_id, task, token):
+        return False
+    return fail_job(session, job_id, error)
 
 
 def job_succeeded(
-    session: Session, job_id: str, *, results: dict[str, Any], manifest: dict[str, Any]
+    session: Session, job_id: str, *, token: int | None, results: dict[str, Any], manifest: dict[str, Any]
 ) -> bool:
-    """Store the results of a job whose stages all have results; False if it ended meanwhile."""
+    """Store the results of a job whose stages all have results, if the finishing task holding
+    ``token`` is still current; False if not (or the job ended meanwhile)."""
+    lock_jobs(session, [job_id])
+    if token is not None and not control_current(session, job_id, "finish", token):
+        return False
+    left = session.scalar(select(Job.stages_left).where(Job.id == job_id))
+    if left:
+        return False  # a stage lost its result meanwhile (retried): finishing is not due any more
     return move_job(
         session,
         job_id,
         JobStatus.succeeded,
-        only_from=(JobStatus.running,),
+        only_from=JOB_OPEN,
         results=results,
         manifest=manifest,
-        finish_due=False,
         message="job succeeded",
+        **RELEASED,
     )
 
 
@@ -274,6 +421,7 @@ class PlannedStage:
     gpu_class: str
     memory_gb: float | None
     features_from_id: str | None = None  # a probe head on a CPU worker: the stage computing its features
+    plan: dict[str, Any] | None = None  # w2s.stages.plan_record: what the worker runs
 
 
 def mark_planned(
@@ -281,16 +429,19 @@ def mark_planned(
     job_id: str,
     planned: dict[str, PlannedStage],
     cached: dict[str, dict[str, Any]],
+    *,
+    token: int | None = None,
 ) -> bool:
-    """Write each stage's key, memory estimate and queue, complete those whose key already has a
+    """Write each stage's plan, key, memory estimate and queue, complete those whose key already has a
     result (``cached``: stage id -> result record), and mark the job planned. Nothing is written if
-    the job was cancelled or failed meanwhile (returns False)."""
+    the planning task holding ``token`` is no longer current, or the job ended (returns False)."""
+    lock_jobs(session, [job_id])
+    if token is not None and not control_current(session, job_id, "plan", token):
+        return False
     still_open = session.execute(
         update(Job)
-        .where(
-            Job.id == job_id, Job.status.in_([JobStatus.queued, JobStatus.running]), Job.planned.is_(False)
-        )
-        .values(planned=True)
+        .where(Job.id == job_id, Job.status.in_(_strs(JOB_OPEN)), Job.planned.is_(False))
+        .values(planned=True, **RELEASED)
         .returning(Job.id)
         .execution_options(synchronize_session=False)
     ).first()
@@ -305,12 +456,15 @@ def mark_planned(
                 gpu_class=plan.gpu_class,
                 memory_gb=plan.memory_gb,
                 features_from_id=plan.features_from_id,
-                ready=and_(Stage.depends_on_id.is_(None), literal(plan.features_from_id is None)),
+                plan=plan.plan,
             )
             .execution_options(synchronize_session=False)
         )
     for stage_id, record in cached.items():
-        complete_cached(session, stage_id, record)
+        _complete_cached(session, stage_id, record)
+    refresh_job(session, job_id)
+    if session.scalar(select(Job.stages_left).where(Job.id == job_id)) == 0:
+        move_job(session, job_id, JobStatus.running, only_from=(JobStatus.queued,))
     log(
         session,
         job_id=job_id,
@@ -323,32 +477,51 @@ def mark_planned(
     return True
 
 
-def admit_stage(session: Session, stage_id: str, queue: str) -> bool:
-    """A ready stage gets a slot on ``queue``: queued, and its job running."""
-    now = utcnow()
-    moved = move_stage(
-        session,
-        stage_id,
-        StageStatus.queued,
-        only_from=(StageStatus.pending,),
-        queued_at=now,
-        sent_at=now,
-        gpu_class=queue,
+def admit_stages(session: Session, admissions: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Ready stages get slots: ``(stage id, queue)`` each, queued, and their jobs running. Returns
+    those admitted (a stage that moved on meanwhile is left out)."""
+    jobs = dict(
+        session.execute(
+            select(Stage.id, Stage.job_id).where(Stage.id.in_([stage_id for stage_id, _ in admissions]))
+        ).all()
     )
-    if moved is None:
-        return False
-    move_job(session, moved.job_id, JobStatus.running, only_from=(JobStatus.queued,))
-    return True
+    lock_jobs(session, jobs.values())
+    admitted = []
+    now = utcnow()
+    for stage_id, queue in sorted(admissions, key=lambda item: (jobs.get(item[0], ""), item[0])):
+        moved = move_stage(
+            session,
+            stage_id,
+            StageStatus.queued,
+            only_from=(StageStatus.pending,),
+            queued_at=now,
+            sent_at=now,
+            gpu_class=queue,
+        )
+        if moved is None:
+            continue
+        move_job(session, moved.job_id, JobStatus.running, only_from=(JobStatus.queued,))
+        admitted.append((stage_id, queue))
+    return admitted
+
+
+def admit_stage(session: Session, stage_id: str, queue: str) -> bool:
+    """One ready stage gets a slot on ``queue`` (see :func:`admit_stages`)."""
+    return bool(admit_stages(session, [(stage_id, queue)]))
 
 
 def unadmit_stage(session: Session, stage_id: str) -> None:
     """The broker refused the stage's task: it waits for the next round, slot returned."""
-    move_stage(session, stage_id, StageStatus.pending, only_from=(StageStatus.queued,))
+    job_id = job_of_stage(session, stage_id)
+    if job_id is None:
+        return
+    lock_jobs(session, [job_id])
+    if move_stage(session, stage_id, StageStatus.pending, only_from=(StageStatus.queued,)):
+        refresh_job(session, job_id)
 
 
-def complete_cached(session: Session, stage_id: str, record: dict[str, Any]) -> bool:
-    """Complete a waiting stage from a result another stage already computed."""
-    moved = move_stage(
+def _complete_cached(session: Session, stage_id: str, record: dict[str, Any]) -> MovedStage | None:
+    return move_stage(
         session,
         stage_id,
         StageStatus.cached,
@@ -361,45 +534,20 @@ def complete_cached(session: Session, stage_id: str, record: dict[str, Any]) -> 
         },
         message="cached result",
     )
+
+
+def complete_cached(session: Session, stage_id: str, record: dict[str, Any]) -> bool:
+    """Complete a waiting stage from a result another stage already computed."""
+    job_id = job_of_stage(session, stage_id)
+    if job_id is None:
+        return False
+    lock_jobs(session, [job_id])
+    moved = _complete_cached(session, stage_id, record)
     if moved is None:
         return False
-    _after_result(session, [moved])
+    refresh_job(session, job_id)
+    move_job(session, job_id, JobStatus.running, only_from=(JobStatus.queued,))
     return True
-
-
-def _after_result(session: Session, stages: list[MovedStage]) -> None:
-    """A stage has its result: its dependents become ready, and a job whose stages all have results
-    is due to be finished."""
-    ids = [stage.id for stage in stages]
-    session.execute(
-        update(Stage)
-        .where(
-            or_(Stage.depends_on_id.in_(ids), Stage.features_from_id.in_(ids)),
-            Stage.status == StageStatus.pending,
-            Stage.stage_key.is_not(None),
-            dependencies_done(),
-        )
-        .values(ready=True)
-        .execution_options(synchronize_session=False)
-    )
-    for job_id in sorted({stage.job_id for stage in stages}):
-        unfinished = exists().where(Stage.job_id == job_id, Stage.status.not_in([str(s) for s in STAGE_DONE]))
-        session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.planned.is_(True), ~unfinished)
-            .values(finish_due=True)
-            .execution_options(synchronize_session=False)
-        )
-        # A job whose every stage was cached at planning never had a stage admitted: it is running now.
-        move_job(session, job_id, JobStatus.running, only_from=(JobStatus.queued,))
-
-
-def complete_duplicates(session: Session, record: dict[str, Any]) -> int:
-    """Stages elsewhere waiting for the same key take this result (cached)."""
-    waiting = session.scalars(
-        select(Stage.id).where(Stage.stage_key == record["key"], Stage.status == StageStatus.pending)
-    ).all()
-    return sum(complete_cached(session, stage_id, record) for stage_id in waiting)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -416,7 +564,9 @@ class Claim:
     spec: dict[str, Any]
     kind: str
     seed: int
-    attempt: int
+    attempt: int  # the attempt's number, towards the limit
+    fence: int  # the attempt's token: its writes count only while it is current
+    plan: dict[str, Any] | None  # the planner's stored plan (w2s.stages.plan_record)
 
 
 def claim_stage(
@@ -424,16 +574,21 @@ def claim_stage(
 ) -> Claim | None:
     """Mark the stage running as a new attempt and return what the run needs, or None if this
     delivery must not run (a duplicate, a finished or cancelled stage, or attempts used up)."""
+    job_id = job_of_stage(session, stage_id)
+    if job_id is None:
+        return None
+    lock_jobs(session, [job_id])
     row = session.execute(
         select(
             Stage.status,
             Stage.attempts,
+            Stage.fence,
             Stage.worker,
             Stage.heartbeat_at,
             Stage.error,
             Stage.kind,
             Stage.seed,
-            Stage.job_id,
+            Stage.plan,
             Job.cancel_requested,
             Job.status.label("job_status"),
             Job.spec,
@@ -442,11 +597,12 @@ def claim_stage(
         .where(Stage.id == stage_id)
     ).first()
     if row is None or row.status in STAGE_DONE:
-        return None  # deleted, or a duplicate delivery of a finished stage
+        return None  # a duplicate delivery of a finished stage
     if row.cancel_requested or row.job_status in (JobStatus.cancelled, JobStatus.failed):
-        move_stage(
+        if move_stage(
             session, stage_id, StageStatus.cancelled, only_from=(StageStatus.queued, StageStatus.running)
-        )
+        ):
+            refresh_job(session, job_id)
         return None
     if row.status not in (StageStatus.queued, StageStatus.running):
         return None  # pending again (a retry reset it): the dispatcher sends it when admitted
@@ -459,46 +615,46 @@ def claim_stage(
         return None
     if row.attempts >= max_attempts:
         error = f"gave up after {row.attempts} attempts; last error: {row.error or 'worker lost'}"
-        moved = move_stage(
+        if move_stage(
             session,
             stage_id,
             StageStatus.failed,
-            attempt=row.attempts,
+            if_fence=row.fence,
             error=error,
             message=error,
             level="error",
-        )
-        if moved is not None:
-            fail_job(session, moved.job_id, f"stage {moved.kind} (seed {moved.seed}) failed: {error}")
+        ):
+            refresh_job(session, job_id)
         return None
     if row.status == StageStatus.running:
         # Its last attempt's worker died (this worker runs one task at a time, so if it was here it is
         # gone; elsewhere, its heartbeat stopped).
         log(
             session,
-            job_id=row.job_id,
+            job_id=job_id,
             stage_id=stage_id,
             message=f"{row.kind}/{row.seed}: redelivered; attempt {row.attempts} on {row.worker} was lost",
             level="warning",
         )
-    attempt = row.attempts + 1
+    attempt, fence = row.attempts + 1, row.fence + 1
     moved = move_stage(
         session,
         stage_id,
         StageStatus.running,
         only_from=(StageStatus.queued, StageStatus.running),
-        attempt=row.attempts,
+        if_fence=row.fence,
         attempts=attempt,
+        fence=fence,
         worker=worker,
         step=0,
         message=f"attempt {attempt} on {worker}",
     )
     if moved is None:
         return None  # another delivery claimed it first
-    if row.attempts:
+    if row.attempts or row.fence:
         # The curves show the attempt that produces the result, not a lost one's partial run.
         session.execute(delete(MetricPoint).where(MetricPoint.stage_id == stage_id))
-    return Claim(stage_id, row.job_id, row.spec, row.kind, row.seed, attempt)
+    return Claim(stage_id, job_id, row.spec, row.kind, row.seed, attempt, fence, row.plan)
 
 
 def _alive(heartbeat_at: dt.datetime | None, timeout_s: float) -> bool:
@@ -544,29 +700,36 @@ def record_usage(session: Session, stage_id: str, started_at: dt.datetime | None
     )
 
 
+def _current_start(session: Session, stage_id: str, fence: int) -> dt.datetime | None:
+    return session.scalar(
+        select(Stage.started_at).where(
+            Stage.id == stage_id, Stage.fence == fence, Stage.status == StageStatus.running
+        )
+    )
+
+
 def finish_stage(
     session: Session,
     stage_id: str,
     status: StageStatus,
     *,
-    attempt: int,
+    fence: int,
     store_uri: str,
     error: str | None = None,
     record: dict[str, Any] | None = None,
 ) -> bool:
-    """Write an attempt's outcome, if that attempt still owns the stage (False: it was requeued
-    while it looked dead, and the current attempt writes the outcome)."""
-    started_at = session.scalar(
-        select(Stage.started_at).where(
-            Stage.id == stage_id, Stage.attempts == attempt, Stage.status == StageStatus.running
-        )
-    )
+    """Write an attempt's outcome, if that attempt is still current (False: it was requeued, retried
+    or cancelled meanwhile, and its outcome is discarded)."""
+    job_id = job_of_stage(session, stage_id)
+    if job_id is None:
+        return False
+    lock_jobs(session, [job_id])
+    started_at = _current_start(session, stage_id, fence)
     values: dict[str, Any] = {"error": error}
     if record is not None:
         metrics = session.scalar(select(Stage.metrics).where(Stage.id == stage_id)) or {}
         values |= {
             "result": record,
-            "stage_key": record["key"],
             "metrics": {**metrics, "accuracy": record["accuracy"], "auroc": record["auroc"]}
             | ({"original_seconds": record.get("seconds")} if status == StageStatus.cached else {}),
         }
@@ -575,27 +738,24 @@ def finish_stage(
         stage_id,
         status,
         only_from=(StageStatus.running,),
-        attempt=attempt,
+        if_fence=fence,
         message=str(status) + (f": {error}" if error else ""),
         level="error" if error else "info",
         **values,
     )
     if moved is None:
-        logger.warning("stage %s: outcome of superseded attempt %d discarded", stage_id, attempt)
+        logger.warning("stage %s: outcome of superseded attempt (fence %d) discarded", stage_id, fence)
         return False
     record_usage(session, stage_id, started_at)
     if record is not None:
         _remember_artifacts(session, record, store_uri)
-        _after_result(session, [moved])
-        complete_duplicates(session, record)
-    elif status == StageStatus.failed:
-        fail_job(session, moved.job_id, f"stage {moved.kind} (seed {moved.seed}) failed: {error}")
+    refresh_job(session, job_id)
     wake_dispatcher(session)  # its slot is free, and its dependents or its job's finishing may be due
     return True
 
 
 def _remember_artifacts(session: Session, record: dict[str, Any], store_uri: str) -> None:
-    """Where a stage key's outputs are, so identical stages elsewhere complete as cached."""
+    """Where a stage key's outputs are: waiting stages with the same key complete as cached from it."""
     rows = [{"stage_key": record["key"], "name": "result", "uri": f"{store_uri}#stages/{record['key']}"}]
     rows += [
         {"stage_key": record["key"], "name": name, "uri": f"{store_uri}#blobs/{record[name]}"}
@@ -608,48 +768,58 @@ def _remember_artifacts(session: Session, record: dict[str, Any], store_uri: str
     )
 
 
-def requeue_after_error(
-    session: Session, stage_id: str, worker: str, error: str, due_at: dt.datetime
-) -> None:
+def requeue_after_error(session: Session, stage_id: str, fence: int, error: str, due_at: dt.datetime) -> None:
     """A transient failure: the stage goes back to queued (its slot kept) for Celery's retry; only
-    this worker's own attempt, never a newer attempt elsewhere."""
-    started_at = session.scalar(select(Stage.started_at).where(Stage.id == stage_id, Stage.worker == worker))
-    moved = session.execute(
-        update(Stage)
-        .where(Stage.id == stage_id, Stage.status == StageStatus.running, Stage.worker == worker)
-        .values(status=StageStatus.queued, error=error, sent_at=due_at)  # due back after the backoff
-        .returning(Stage.job_id, Stage.kind, Stage.seed)
-        .execution_options(synchronize_session=False)
-    ).first()
-    if moved is not None:
-        record_usage(session, stage_id, started_at)
-        wait = (due_at - utcnow()).total_seconds()
-        log(
-            session,
-            job_id=moved.job_id,
-            stage_id=stage_id,
-            message=f"{moved.kind}/{moved.seed}: will retry in {wait:.0f} s: {error}",
-            level="warning",
-        )
+    if the failed attempt is still the current one."""
+    job_id = job_of_stage(session, stage_id)
+    if job_id is None:
+        return
+    lock_jobs(session, [job_id])
+    started_at = _current_start(session, stage_id, fence)
+    moved = move_stage(
+        session,
+        stage_id,
+        StageStatus.queued,
+        only_from=(StageStatus.running,),
+        if_fence=fence,
+        error=error,
+    )
+    if moved is None:
+        return
+    # Due back after the backoff: the round does not send it again before then.
+    session.execute(update(Stage).where(Stage.id == stage_id).values(sent_at=due_at))
+    record_usage(session, stage_id, started_at)
+    wait = (due_at - utcnow()).total_seconds()
+    log(
+        session,
+        job_id=moved.job_id,
+        stage_id=stage_id,
+        message=f"{moved.name}: will retry in {wait:.0f} s: {error}",
+        level="warning",
+    )
 
 
 def out_of_memory(
-    session: Session, stage_id: str, *, attempt: int, error: str, larger_queue: str | None, store_uri: str
+    session: Session, stage_id: str, *, fence: int, error: str, larger_queue: str | None, store_uri: str
 ) -> bool:
     """The attempt ran out of GPU memory: the stage waits for a slot of ``larger_queue`` (the next
     GPU class up), or fails with ``error`` when there is none. Never a blind retry on the same class.
-    False if the attempt no longer owns the stage."""
+    False if the attempt is no longer current."""
     if larger_queue is None:
         return finish_stage(
-            session, stage_id, StageStatus.failed, attempt=attempt, store_uri=store_uri, error=error
+            session, stage_id, StageStatus.failed, fence=fence, store_uri=store_uri, error=error
         )
-    started_at = session.scalar(select(Stage.started_at).where(Stage.id == stage_id))
+    job_id = job_of_stage(session, stage_id)
+    if job_id is None:
+        return False
+    lock_jobs(session, [job_id])
+    started_at = _current_start(session, stage_id, fence)
     moved = move_stage(
         session,
         stage_id,
         StageStatus.pending,
         only_from=(StageStatus.running,),
-        attempt=attempt,
+        if_fence=fence,
         gpu_class=larger_queue,
         error=error,
         message=f"{error}; moved to {larger_queue}",
@@ -658,18 +828,25 @@ def out_of_memory(
     if moved is None:
         return False
     record_usage(session, stage_id, started_at)
+    refresh_job(session, job_id)
     wake_dispatcher(session)
     return True
 
 
-def requeue_lost(session: Session, stage_id: str, message: str) -> bool:
-    """A running stage whose worker went silent goes back to queued; its next attempt fences the old."""
+def requeue_lost(session: Session, stage_id: str, fence: int, message: str) -> bool:
+    """A running stage whose worker went silent goes back to queued; its next claim fences the old
+    attempt out."""
+    job_id = job_of_stage(session, stage_id)
+    if job_id is None:
+        return False
+    lock_jobs(session, [job_id])
     return (
         move_stage(
             session,
             stage_id,
             StageStatus.queued,
             only_from=(StageStatus.running,),
+            if_fence=fence,
             message=message,
             level="warning",
         )

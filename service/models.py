@@ -23,7 +23,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from service.states import JobStatus, StageStatus
+from service.states import JOB_FINISH_DUE, JOB_PLAN_DUE, STAGE_READY, JobStatus, StageStatus
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 # SQLite only auto-increments INTEGER primary keys.
@@ -102,16 +102,16 @@ class Job(Base):
         Index("ix_jobs_status", "status"),
         # The dispatcher's two job queries touch only the jobs they return.
         Index(
-            "ix_jobs_to_plan",
+            "ix_jobs_plan_due",
             "created_at",
-            postgresql_where=text("NOT planned AND status IN ('queued', 'running')"),
-            sqlite_where=text("NOT planned AND status IN ('queued', 'running')"),
+            postgresql_where=text(JOB_PLAN_DUE),
+            sqlite_where=text(JOB_PLAN_DUE),
         ),
         Index(
-            "ix_jobs_to_finish",
+            "ix_jobs_finish_due",
             "created_at",
-            postgresql_where=text("finish_due AND status = 'running'"),
-            sqlite_where=text("finish_due AND status = 'running'"),
+            postgresql_where=text(JOB_FINISH_DUE),
+            sqlite_where=text(JOB_FINISH_DUE),
         ),
     )
 
@@ -136,14 +136,20 @@ class Job(Base):
     # is refused instead of answered with this job.
     request_hash: Mapped[str | None] = mapped_column(String(64))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    planned: Mapped[bool] = mapped_column(Boolean, default=False)  # stage keys computed
-    # Planning and finishing run as control tasks (worker/control.py); the dispatcher sends them
-    # and sends again one that a lost worker dropped.
-    plan_sent_at: Mapped[dt.datetime | None]
-    plan_attempts: Mapped[int] = mapped_column(Integer, default=0)
-    finish_due: Mapped[bool] = mapped_column(Boolean, default=False)  # every stage has its result
-    finish_sent_at: Mapped[dt.datetime | None]
-    finish_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    planned: Mapped[bool] = mapped_column(Boolean, default=False)  # stage plans and keys stored
+    # Stages without a result, recomputed from the stage rows (under this row's lock) by every change
+    # of them (service/lifecycle.py refresh_job): finishing is due when it is 0.
+    stages_left: Mapped[int] = mapped_column(Integer, default=0)
+    # Planning and finishing run as control tasks (worker/control.py), leased: the round gives a task
+    # a token and a lease of seconds, the running task extends it, and a lapsed lease makes the work
+    # due again. Writes of a task whose token is no longer current change nothing.
+    control_task: Mapped[str | None] = mapped_column(String(16))  # plan | finish, while leased
+    control_token: Mapped[int] = mapped_column(Integer, default=0)
+    control_lease_until: Mapped[dt.datetime | None]
+    control_attempts: Mapped[int] = mapped_column(Integer, default=0)  # of the current task kind
+    # Written by planning: each seed's data summary, the results' data block and where the test
+    # rows are, so that finishing reads no dataset.
+    data_summary: Mapped[dict[str, Any] | None]
     results: Mapped[dict[str, Any] | None]
     manifest: Mapped[dict[str, Any] | None]
     gpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
@@ -178,8 +184,8 @@ class Stage(Base):
             "job_created_at",
             "job_id",
             "order",
-            postgresql_where=text("status = 'pending' AND ready"),
-            sqlite_where=text("status = 'pending' AND ready"),
+            postgresql_where=text(STAGE_READY),
+            sqlite_where=text(STAGE_READY),
         ),
     )
 
@@ -202,7 +208,12 @@ class Stage(Base):
     )
     stage_key: Mapped[str | None] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16), default=StageStatus.pending)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # towards the limit; a retry resets it
+    # The current attempt's token: every claim increments it and nothing resets it, so a heartbeat,
+    # progress or outcome from an attempt that is no longer current (requeued, retried) is ignored.
+    fence: Mapped[int] = mapped_column(Integer, default=0)
+    # The planner's plan of the stage (w2s.stages.StagePlan.to_record): what the worker runs.
+    plan: Mapped[dict[str, Any] | None]
     gpu_class: Mapped[str | None] = mapped_column(String(32))
     memory_gb: Mapped[float | None] = mapped_column(Float)
     worker: Mapped[str | None] = mapped_column(String(200))

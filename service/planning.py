@@ -23,7 +23,7 @@ from service.lifecycle import PlannedStage, job_succeeded, mark_planned
 from service.models import Dataset, Job, Stage, utcnow
 from service.scheduler import ROUTING_FILL, gpu_queues, route_queue
 from service.settings import Settings
-from service.states import StageStatus
+from service.states import JOB_OPEN, StageStatus
 
 logger = logging.getLogger(__name__)
 
@@ -106,18 +106,21 @@ def pin_revisions(spec: dict[str, Any]) -> dict[str, Any]:
     return pinned
 
 
-def plan_job(session: Session, job_id: str, settings: Settings, store: Any) -> bool:
-    """Compute every stage's key, memory estimate and queue; stages whose key already has a result
-    complete at once. Raises on any problem (the control task fails the job with the message),
-    including a stage too large for every GPU class; False if the job no longer needs planning."""
+def plan_job(session: Session, job_id: str, settings: Settings, store: Any, token: int | None = None) -> bool:
+    """Plan every stage once: its full plan (stored, and what the worker runs: w2s.stages.plan_record,
+    with the rows in the artifact store), key, memory estimate and queue; stages whose key already
+    has a result complete at once. Raises on any problem (the control task fails the job with the
+    message), including a stage too large for every GPU class; False if the job no longer needs
+    planning or the task holding ``token`` is no longer current."""
+    from w2s.pipeline import data_report
+    from w2s.stages import plan_record
+
     job = session.get(Job, job_id)
-    if job is None or job.planned or job.status not in ("queued", "running"):
+    if job is None or job.planned or job.status not in JOB_OPEN:
         return False
     pinned = pin_revisions(job.spec)
-    if pinned != job.spec:
-        job.spec = pinned  # the workers read the spec: they load the pinned revision
-        session.flush()
-    spec = library_spec(session, spec=job.spec, team_id=job.team_id)
+    spec = library_spec(session, spec=pinned, team_id=job.team_id)
+    data = experiment_data(spec, settings)
     plans = stage_plans(spec, settings)
     stages = session.execute(
         select(Stage.id, Stage.kind, Stage.seed, Stage.status).where(Stage.job_id == job_id)
@@ -126,18 +129,29 @@ def plan_job(session: Session, job_id: str, settings: Settings, store: Any) -> b
     planned: dict[str, PlannedStage] = {}
     cached: dict[str, dict[str, Any]] = {}
     too_large: dict[str, str] = {}
+    stored_rows: dict[str, Any] = {}
     for stage_id, kind, seed, status in stages:
         plan = plans[kind, seed]
         queue, memory_gb = route_stage(plan, settings, too_large)
         features_from = ids[plan.features_from, seed] if plan.features_from else None
-        planned[stage_id] = PlannedStage(plan.key, queue, memory_gb, features_from)
+        record = plan_record(plan, store, memo=stored_rows)
+        planned[stage_id] = PlannedStage(plan.key, queue, memory_gb, features_from, record)
         if status == StageStatus.pending:
-            record = store.get_record("stages", plan.key)
-            if record is not None:
-                cached[stage_id] = record
+            result = store.get_record("stages", plan.key)
+            if result is not None:
+                cached[stage_id] = result
     if too_large:
         raise PlanningError(" ".join(too_large.values()))
-    return mark_planned(session, job_id, planned, cached)
+    summary = {
+        "datasets": {str(seed): data[seed].summary() for seed in spec.seeds},
+        "data": data_report(spec, data),
+        "test": planned[ids["weak", spec.seeds[0]]].plan["test"],  # type: ignore[index]
+    }
+    if pinned != job.spec:
+        job.spec = pinned  # the stored plans name the pinned revision; the spec says so too
+    job.data_summary = summary
+    session.flush()
+    return mark_planned(session, job_id, planned, cached, token=token)
 
 
 def route_stage(plan: Any, settings: Settings, too_large: dict[str, str]) -> tuple[str, float | None]:
@@ -167,16 +181,20 @@ def route_stage(plan: Any, settings: Settings, too_large: dict[str, str]) -> tup
     return largest, memory_gb
 
 
-def finish_job(session: Session, job_id: str, settings: Settings, store: Any) -> bool:
-    """Aggregate the stage results into the library's results document; False if the job is not
-    (or no longer) due to be finished."""
-    from w2s.pipeline import experiment_results
+def finish_job(
+    session: Session, job_id: str, settings: Settings, store: Any, token: int | None = None
+) -> bool:
+    """Aggregate the stage results into the library's results document, from what planning stored
+    (no dataset is read); False if the job is not (or no longer) due to be finished, or the task
+    holding ``token`` is no longer current."""
+    from w2s.pipeline import results_document
+    from w2s.stages import get_rows
 
     job = session.get(Job, job_id)
-    if job is None or job.status != "running" or not job.finish_due:
+    if job is None or job.status not in JOB_OPEN or not job.planned or job.stages_left:
         return False
     spec = library_spec(session, spec=job.spec, team_id=job.team_id)
-    data = experiment_data(spec, settings)
+    summary = job.data_summary or {}
     stages = session.scalars(select(Stage).where(Stage.job_id == job_id).order_by(Stage.order)).all()
     results_of = {(stage.kind, stage.seed): stage.result or {} for stage in stages}
 
@@ -192,17 +210,18 @@ def finish_job(session: Session, job_id: str, settings: Settings, store: Any) ->
     if job.started_at is not None:
         started = job.started_at if job.started_at.tzinfo else job.started_at.replace(tzinfo=utcnow().tzinfo)
         timings["total"] = (utcnow() - started).total_seconds()
-    results = experiment_results(spec, data, probs, timings)
+    test_labels = np.asarray(get_rows(store, summary["test"]).labels)
+    results = results_document(spec, test_labels, summary["data"], probs, timings)
     manifest = {
-        "dataset": {str(seed): data[seed].summary() for seed in spec.seeds},
+        "dataset": summary["datasets"],
         "device_kind": settings.device_kind,
         "seeds": spec.seeds,
         "stages": [{"kind": s.kind, "seed": s.seed, "key": s.stage_key, "status": s.status} for s in stages],
     }
     name = (job.spec.get("dataset") or {}).get("name")
     if isinstance(name, str) and name.startswith(UPLOAD_PREFIX):
-        for summary in manifest["dataset"].values():  # the upload's id, never its server path
-            summary["name"] = name
-            summary["sources"] = {"train": name, "test": name}
+        for entry in manifest["dataset"].values():  # the upload's id, never its server path
+            entry["name"] = name
+            entry["sources"] = {"train": name, "test": name}
     session.expunge_all()  # the lifecycle writes with conditional statements, not these objects
-    return job_succeeded(session, job_id, results=results, manifest=manifest)
+    return job_succeeded(session, job_id, token=token, results=results, manifest=manifest)

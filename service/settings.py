@@ -85,6 +85,18 @@ class Settings(LibrarySettings):
     max_control_attempts: int = Field(
         3, ge=1, description="a job whose planning or finishing task is lost this often fails"
     )
+    control_lease_s: float = Field(
+        15.0,
+        gt=0,
+        description="a planning or finishing task not claimed (or, running, not renewed) within this "
+        "long is sent again: a dispatcher or control worker lost between commit and send costs this",
+    )
+    claim_lease_s: float = Field(
+        15.0,
+        gt=0,
+        description="a stage sent to a worker and not claimed within this long is sent once more, then "
+        "every redeliver_after_s: a send lost between the dispatcher's commit and the broker costs this",
+    )
     dispatch_batch: int = Field(
         20, ge=1, description="teams whose next planning or finishing task the dispatcher sends per round"
     )

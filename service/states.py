@@ -73,8 +73,44 @@ STAGE_TRANSITIONS: dict[StageStatus, frozenset[StageStatus]] = {
 }
 
 JOB_TERMINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
+JOB_OPEN = frozenset({JobStatus.queued, JobStatus.running})  # work is due or in flight
+JOB_CANCELLABLE = frozenset(s for s, targets in JOB_TRANSITIONS.items() if JobStatus.cancelled in targets)
+JOB_RETRYABLE = frozenset(s for s, targets in JOB_TRANSITIONS.items() if JobStatus.queued in targets)
 STAGE_DONE = frozenset({StageStatus.succeeded, StageStatus.cached})  # has a result
 STAGE_ACTIVE = frozenset({StageStatus.queued, StageStatus.running})  # holds a slot
+STAGE_WAITING = frozenset({StageStatus.pending, StageStatus.queued})  # stops at once when its job ends
+STAGE_UNFINISHED = frozenset(StageStatus) - STAGE_DONE  # counts in jobs.stages_left
+# Counted against a team's backlog limit (max_queued_stages).
+STAGE_BACKLOG = frozenset({StageStatus.pending, StageStatus.queued, StageStatus.running})
+
+
+def is_terminal(job_status: str) -> bool:
+    return job_status in JOB_TERMINAL
+
+
+def can_cancel(job_status: str) -> bool:
+    return job_status in JOB_CANCELLABLE
+
+
+def can_retry(job_status: str) -> bool:
+    return job_status in JOB_RETRYABLE
+
+
+def has_result(stage_status: str) -> bool:
+    return stage_status in STAGE_DONE
+
+
+def sql_in(column: str, statuses: frozenset[Any]) -> str:
+    """``column IN ('a', 'b')`` for a set of statuses, for the partial indexes and the due queries."""
+    return f"{column} IN ({', '.join(repr(str(s)) for s in sorted(statuses))})"
+
+
+# What is due, as SQL over a row's own columns: the dispatcher's queries and the partial indexes that
+# serve them use these very strings (a partial index is used only for its own predicate). Migrations
+# copy them as literals, since a migration must not change when this module does.
+JOB_PLAN_DUE = f"{sql_in('status', JOB_OPEN)} AND NOT planned"
+JOB_FINISH_DUE = f"{sql_in('status', JOB_OPEN)} AND planned AND stages_left = 0"
+STAGE_READY = f"status = '{StageStatus.pending}' AND ready"
 
 
 class InvalidTransition(Exception):

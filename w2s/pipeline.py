@@ -128,6 +128,19 @@ def experiment_results(
 ) -> dict[str, Any]:
     """The results document of a finished experiment, from each stage's test probabilities
     (``test_probs(kind, seed)``). The library and the service both build results here."""
+    test_labels = np.asarray(data[spec.seeds[0]].test.labels)
+    return results_document(spec, test_labels, data_report(spec, data, models), test_probs, timings)
+
+
+def results_document(
+    spec: JobSpec,
+    test_labels: np.ndarray,
+    data_block: dict[str, Any],
+    test_probs: Callable[[str, int], np.ndarray],
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """:func:`experiment_results` from what planning recorded (the test labels, the data block),
+    without the data itself: the service's finishing task reads no dataset."""
     predictions = [
         SeedPredictions(
             seed=seed,
@@ -137,9 +150,8 @@ def experiment_results(
         )
         for seed in spec.seeds
     ]
-    test_labels = np.asarray(data[spec.seeds[0]].test.labels)
     results = build_results(predictions, test_labels, timings)
-    results["data"] = data_report(spec, data, models)
+    results["data"] = data_block
     if spec.chain:
         results["chain"] = chain_results(spec, test_probs, test_labels)
     return results

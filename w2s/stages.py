@@ -204,6 +204,79 @@ class StagePlan:
         )
 
 
+def put_rows(store: ArtifactStore, rows: LabeledTexts, memo: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Store a split's rows (content-addressed: the same rows are stored once); a reference to them.
+    ``memo`` remembers references by content hash across calls (a job's stages share their splits)."""
+    content = rows.content_hash()
+    if memo is not None and content in memo:
+        return dict(memo[content])
+    blob = store.put_bytes(json.dumps({"texts": rows.texts, "labels": rows.labels}).encode())
+    ref = {"blob": blob, "content": content, "n": len(rows)}
+    if memo is not None:
+        memo[content] = ref
+    return dict(ref)
+
+
+def get_rows(store: ArtifactStore, ref: dict[str, Any]) -> LabeledTexts:
+    """The rows a :func:`put_rows` reference names, checked against their content hash."""
+    data = json.loads(store.get_bytes(ref["blob"]))
+    rows = LabeledTexts(data["texts"], data["labels"])
+    if rows.content_hash() != ref["content"]:
+        raise StageError(f"stored rows {ref['blob'][:12]} do not match their content hash")
+    return rows
+
+
+def plan_record(plan: StagePlan, store: ArtifactStore, memo: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything a worker needs to run ``plan`` exactly as planned, as JSON: the rows are stored in
+    ``store`` and referenced; ``key`` is the planner's stage key, which the worker must reproduce."""
+    return {
+        "kind": plan.kind,
+        "seed": plan.seed,
+        "model": plan.model.model_dump(mode="json"),
+        "config": dataclasses.asdict(plan.config),
+        "train": put_rows(store, plan.train, memo),
+        "test": put_rows(store, plan.test, memo),
+        "predict": put_rows(store, plan.predict, memo) if plan.predict is not None else None,
+        "loss": {"name": plan.loss.name, "params": plan.loss.params},
+        "device_kind": plan.device_kind,
+        "weak_key": plan.weak_key,
+        "feature_device_kind": plan.feature_device_kind,
+        "features_from": plan.features_from,
+        "key": plan.key,
+    }
+
+
+class PlanMismatch(StageError):
+    """This worker computes another stage key for a stored plan than the planner did."""
+
+
+def plan_from_record(record: dict[str, Any], store: ArtifactStore) -> StagePlan:
+    """The stored plan as the planner made it. A worker whose code, library versions or model files
+    differ from the planner's computes another key: it refuses to run, naming both keys."""
+    plan = StagePlan(
+        kind=record["kind"],
+        seed=record["seed"],
+        model=ModelSpec.model_validate(record["model"]),
+        config=TrainConfig(**record["config"]),
+        train=get_rows(store, record["train"]),
+        test=get_rows(store, record["test"]),
+        loss=LossSpec(name=record["loss"]["name"], params=record["loss"]["params"]),
+        device_kind=record["device_kind"],
+        predict=get_rows(store, record["predict"]) if record.get("predict") else None,
+        weak_key=record.get("weak_key"),
+        feature_device_kind=record.get("feature_device_kind"),
+        features_from=record.get("features_from"),
+    )
+    if plan.key != record["key"]:
+        raise PlanMismatch(
+            f"{plan.kind} seed {plan.seed}: this worker computes stage key {plan.key[:16]} for the stored "
+            f"plan, the planner computed {record['key'][:16]}: its w2s code, library versions "
+            f"({', '.join(f'{k} {v}' for k, v in library_versions().items())}) or model files differ "
+            "from the planner's; run the same version everywhere"
+        )
+    return plan
+
+
 @dataclass(frozen=True)
 class StageResult:
     kind: str

@@ -8,6 +8,7 @@ outage instead leaves the job as it was, and the dispatcher sends the task again
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +17,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from service.db import database_unreachable, session_scope
-from service.lifecycle import fail_job
+from service.lifecycle import fail_control, hold_control, lease_control
 from service.planning import finish_job, plan_job
 from service.settings import get_settings
 from worker.celery_app import FINISH_TASK, PLAN_TASK, app
@@ -39,16 +40,59 @@ def describe(error: BaseException) -> str:
     )
 
 
+class LeaseKeeper(threading.Thread):
+    """Renews a running control task's lease every third of it, so a live task is never sent again
+    and a dead one's lease lapses within seconds. ``lost`` is set once the token is no longer
+    current (the job was retried, ended, or the task sent again): the task's writes are fenced anyway."""
+
+    def __init__(self, job_id: str, task: str, token: int, lease_s: float):
+        super().__init__(name=f"lease-{task}-{job_id}", daemon=True)
+        self.job_id, self.task, self.token, self.lease_s = job_id, task, token, lease_s
+        self.stopped = threading.Event()
+        self.lost = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.lease_s / 3):
+            try:
+                with session_scope() as session:
+                    if not hold_control(session, self.job_id, self.task, self.token, self.lease_s):
+                        self.lost.set()
+                        return
+            except DBAPIError as error:  # the lease may lapse: then the task is sent again
+                logger.warning("lease of %s job %s not renewed: %s", self.task, self.job_id, error)
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
 def run_control(
-    what: str, job_id: str, work: Callable[[Session, str, Any, Any], bool], limit_s: float
+    task: str,
+    job_id: str,
+    token: int | None,
+    work: Callable[[Session, str, Any, Any, int], bool],
+    limit_s: float,
 ) -> str:
-    """Run ``work`` for one job; on any failure, fail that job alone."""
+    """Run ``work`` for one job under the lease ``token`` (None: take one now, as when called by
+    hand); on any failure, fail that job alone. A token that is no longer current does nothing."""
     from w2s.store import ArtifactStore
 
     settings = get_settings()
+    what = {"plan": "plan", "finish": "finish"}[task]
     try:
         with session_scope() as session:
-            done = work(session, job_id, settings, ArtifactStore(settings.store_uri))
+            if token is None:
+                token = lease_control(session, job_id, task, settings.control_lease_s)
+            if token is None or not hold_control(session, job_id, task, token, settings.control_lease_s):
+                return "stale"  # sent again, retried or ended meanwhile
+    except DBAPIError as failure:
+        if database_unreachable(failure):
+            return "deferred"  # the lease lapses and the task is sent again
+        raise
+    keeper = LeaseKeeper(job_id, task, token, settings.control_lease_s)
+    keeper.start()
+    try:
+        with session_scope() as session:
+            done = work(session, job_id, settings, ArtifactStore(settings.store_uri), token)
         return "done" if done else "skipped"
     except SoftTimeLimitExceeded:
         error = f"cannot {what} the job: it took longer than {limit_s:.0f} s (W2S_CONTROL_TIMEOUT_S)"
@@ -61,16 +105,18 @@ def run_control(
     except Exception as failure:  # any type: a bug in one job must not stop anything else
         logger.exception("%s job %s failed", what, job_id)
         error = f"cannot {what} the job: {describe(failure)}"
+    finally:
+        keeper.stop()
     with session_scope() as session:
-        fail_job(session, job_id, error)
+        fail_control(session, job_id, task, token, error)
     return "failed"
 
 
 @app.task(name=PLAN_TASK)
-def plan_job_task(job_id: str) -> str:
-    return run_control("plan", job_id, plan_job, get_settings().control_timeout_s)
+def plan_job_task(job_id: str, token: int | None = None) -> str:
+    return run_control("plan", job_id, token, plan_job, get_settings().control_timeout_s)
 
 
 @app.task(name=FINISH_TASK)
-def finish_job_task(job_id: str) -> str:
-    return run_control("finish", job_id, finish_job, get_settings().control_timeout_s)
+def finish_job_task(job_id: str, token: int | None = None) -> str:
+    return run_control("finish", job_id, token, finish_job, get_settings().control_timeout_s)

@@ -19,13 +19,12 @@ import threading
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import text, update
+from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from service.db import database_unreachable, session_scope
 from service.dispatch import RoundReport, dispatch_round
 from service.lifecycle import DISPATCH_CHANNEL, unadmit_stage
-from service.models import Job
 from service.settings import Settings, get_settings
 from worker.celery_app import FINISH_TASK, PLAN_TASK, STAGE_TASK
 
@@ -49,17 +48,12 @@ def run_round(settings: Settings, celery_app: Celery) -> RoundReport | None:
             logger.warning("could not enqueue stage %s on %s: %s", stage_id, queue, error)
             with session_scope() as session:
                 unadmit_stage(session, stage_id)
-    for task, job_ids, column in (
-        (PLAN_TASK, report.plan, Job.plan_sent_at),
-        (FINISH_TASK, report.finish, Job.finish_sent_at),
-    ):
-        for job_id in job_ids:
+    for task, leased in ((PLAN_TASK, report.plan), (FINISH_TASK, report.finish)):
+        for job_id, token in leased:
             try:
-                celery_app.send_task(task, args=[job_id])
-            except Exception as error:  # broker down: due again next round
+                celery_app.send_task(task, args=[job_id, token])
+            except Exception as error:  # broker down: due again when its lease of seconds lapses
                 logger.warning("could not send %s for job %s: %s", task, job_id, error)
-                with session_scope() as session:
-                    session.execute(update(Job).where(Job.id == job_id).values({column.key: None}))
     return report
 
 
@@ -135,9 +129,10 @@ def run_dispatcher(
             report = run_round(settings, celery_app)
             if report:
                 logger.info(
-                    "round: admitted %d, resent %d, to plan %d, to finish %d, failed %d",
+                    "round: admitted %d, resent %d, cached %d, to plan %d, to finish %d, failed %d",
                     len(report.admitted),
                     len(report.resent),
+                    report.cached,
                     len(report.plan),
                     len(report.finish),
                     report.failed,

@@ -11,9 +11,11 @@ fine-tuning or LoRA stage, which loads a whole backbone, runs in a fresh process
 (worker/isolation.py), so its GPU memory is returned when it ends; its claim, heartbeats, progress
 and outcome are written by the long-lived child all the same.
 
-Faults. Each run is one *attempt* (``stages.attempts``) and every write it makes is fenced by it:
-once the dispatcher has requeued a stage whose heartbeat went silent (its worker was killed, or cut
-off), a late write from the old attempt changes nothing and its training stops at the next step.
+Faults. Each run is one *attempt* with a token (``stages.fence``) and every write it makes is fenced
+by it: once the dispatcher has requeued a stage whose heartbeat went silent (its worker was killed, or
+cut off), or the job was retried, a late write from the old attempt changes nothing and its training
+stops at the next step. The stage runs its stored plan (the planner's, w2s.stages.plan_from_record),
+never one derived again here.
 A duplicate delivery of a stage that another live worker is running is dropped. Database writes
 are retried for ``db_retry_s`` (Postgres restarting), so a finished stage's result is not thrown
 away because the database blinked.
@@ -42,7 +44,6 @@ from service import lifecycle
 from service.db import database_unreachable, insert_ignoring_duplicates, retry_database, session_scope
 from service.lifecycle import Claim
 from service.models import Job, MetricPoint, Stage, utcnow
-from service.planning import library_spec, stage_plans
 from service.settings import Settings, get_settings
 from service.states import StageStatus
 from worker.celery_app import STAGE_TASK, app
@@ -103,10 +104,10 @@ class ProgressWriter:
     superseded, which stops training. A failed write (database briefly down) keeps the points for
     the next flush."""
 
-    def __init__(self, stage_id: str, flush_s: float, attempt: int | None = None):
+    def __init__(self, stage_id: str, flush_s: float, fence: int | None = None):
         self.stage_id = stage_id
         self.flush_s = flush_s
-        self.attempt = attempt  # None: unfenced (tests that drive the writer directly)
+        self.fence = fence  # the attempt's token; None: unfenced (tests that drive the writer directly)
         self.points: list[tuple[int, str, float]] = []
         self.latest: Any = None
         self.last_flush = time.monotonic()
@@ -152,7 +153,7 @@ class ProgressWriter:
     def _write(self) -> None:
         with session_scope() as session:
             stage = session.get(Stage, self.stage_id)
-            if stage is None or not _is_current(stage, self.attempt):
+            if stage is None or not _is_current(stage, self.fence):
                 self.cancelled = True  # deleted, or requeued while this attempt looked dead
                 self.points.clear()
                 return
@@ -196,9 +197,10 @@ def select_cancel_requested(stage_id: str) -> Any:
     return select(Job.cancel_requested).join(Stage, Stage.job_id == Job.id).where(Stage.id == stage_id)
 
 
-def _is_current(stage: Stage, attempt: int | None) -> bool:
-    """Whether ``attempt`` still owns the stage (it was not requeued, finished or cancelled since)."""
-    return attempt is None or (stage.status == StageStatus.running and stage.attempts == attempt)
+def _is_current(stage: Stage, fence: int | None) -> bool:
+    """Whether the attempt of token ``fence`` still owns the stage (not requeued, retried, finished or
+    cancelled since)."""
+    return fence is None or (stage.status == StageStatus.running and stage.fence == fence)
 
 
 class Heartbeat(threading.Thread):
@@ -206,9 +208,9 @@ class Heartbeat(threading.Thread):
     steps (loading the model, extracting probe features). It sees cancellation too, and notices when
     the dispatcher has given the stage to another worker."""
 
-    def __init__(self, stage_id: str, attempt: int, interval_s: float, writer: ProgressWriter):
+    def __init__(self, stage_id: str, fence: int, interval_s: float, writer: ProgressWriter):
         super().__init__(name=f"heartbeat-{stage_id}", daemon=True)
-        self.stage_id, self.attempt, self.interval_s, self.writer = stage_id, attempt, interval_s, writer
+        self.stage_id, self.fence, self.interval_s, self.writer = stage_id, fence, interval_s, writer
         self.stopped = threading.Event()
 
     def run(self) -> None:
@@ -219,7 +221,7 @@ class Heartbeat(threading.Thread):
                         update(Stage)
                         .where(
                             Stage.id == self.stage_id,
-                            Stage.attempts == self.attempt,
+                            Stage.fence == self.fence,
                             Stage.status == StageStatus.running,
                         )
                         .values(heartbeat_at=utcnow())
@@ -294,7 +296,7 @@ def persist_outcome(
     stage_id: str,
     status: StageStatus,
     *,
-    attempt: int,
+    fence: int,
     settings: Settings,
     error: str | None = None,
     record: dict[str, Any] | None = None,
@@ -308,7 +310,7 @@ def persist_outcome(
                 session,
                 stage_id,
                 status,
-                attempt=attempt,
+                fence=fence,
                 store_uri=settings.store_uri,
                 error=error,
                 record=record,
@@ -317,7 +319,7 @@ def persist_outcome(
     retry_database(write, f"stage {stage_id}: writing its outcome", settings.db_retry_s)
 
 
-def persist_out_of_memory(stage_id: str, *, attempt: int, error: BaseException, settings: Settings) -> str:
+def persist_out_of_memory(stage_id: str, *, fence: int, error: BaseException, settings: Settings) -> str:
     """Move a stage that ran out of memory to the next larger GPU class, or fail it naming every
     class it was tried on; return the state it is in now."""
     from sqlalchemy import select
@@ -346,7 +348,7 @@ def persist_out_of_memory(stage_id: str, *, attempt: int, error: BaseException, 
             lifecycle.out_of_memory(
                 session,
                 stage_id,
-                attempt=attempt,
+                fence=fence,
                 error=message,
                 larger_queue=larger,
                 store_uri=settings.store_uri,
@@ -357,10 +359,14 @@ def persist_out_of_memory(stage_id: str, *, attempt: int, error: BaseException, 
 
 
 def load_plan(claim: Claim, settings: Settings) -> Any:
-    """The w2s plan of the claimed stage (only its seed's data is prepared)."""
-    with session_scope() as session:
-        spec = library_spec(session, spec=claim.spec, team_id=session.get(Stage, claim.stage_id).team_id)  # type: ignore[union-attr]
-    return stage_plans(spec, settings, seeds=[claim.seed])[claim.kind, claim.seed]
+    """The planner's stored plan of the claimed stage, exactly as planned (its rows come from the
+    artifact store). A w2s.stages.PlanMismatch if this worker would compute another stage key."""
+    from w2s.stages import StageError, plan_from_record
+    from worker.stage_cache import process_store
+
+    if claim.plan is None:
+        raise StageError(f"{claim.kind} seed {claim.seed}: the stage has no stored plan; retry the job")
+    return plan_from_record(claim.plan, process_store(settings.store_uri, settings.stage_cache_mb))
 
 
 def run_plan(plan: Any, stage_id: str, writer: ProgressWriter, settings: Settings, *, isolate: bool) -> Any:
@@ -394,14 +400,29 @@ def run_plan(plan: Any, stage_id: str, writer: ProgressWriter, settings: Setting
         _release_accelerator_memory()
 
 
+class TransientStageError(Exception):
+    """An attempt failed in a way another attempt may not (the stage was requeued with backoff)."""
+
+    def __init__(self, error: BaseException, countdown_s: float):
+        super().__init__(str(error))
+        self.error, self.countdown_s = error, countdown_s
+
+
 def execute_stage(
-    stage_id: str, *, worker: str, settings: Settings | None = None, isolate: bool | None = None
+    stage_id: str,
+    *,
+    worker: str,
+    settings: Settings | None = None,
+    isolate: bool | None = None,
+    retries: int = 0,
 ) -> str:
     """Load the stage, run it, persist its outcome; return the state it ended in.
 
     ``isolate``: run full and LoRA stages in a process of their own; by default, only in a Celery
     worker's long-lived process (see ``_long_lived``). Other callers (tests of the service's rules,
-    one stage at a time) run every stage where they are."""
+    one stage at a time) run every stage where they are. An error that is not the stage's fault
+    requeues it with backoff (``retries``: how often this delivery was retried) and raises
+    TransientStageError."""
     settings = settings or get_settings()
     isolate = ISOLATE_HEAVY_STAGES if isolate is None else isolate
     claim = retry_database(
@@ -412,33 +433,35 @@ def execute_stage(
     from w2s.stages import StageCancelled
     from w2s.train import StageError
 
-    writer = ProgressWriter(stage_id, settings.progress_flush_s, claim.attempt)
-    heartbeat = Heartbeat(stage_id, claim.attempt, settings.heartbeat_interval_s, writer)
+    writer = ProgressWriter(stage_id, settings.progress_flush_s, claim.fence)
+    heartbeat = Heartbeat(stage_id, claim.fence, settings.heartbeat_interval_s, writer)
     heartbeat.start()
     try:
         try:
             result = run_plan(load_plan(claim, settings), stage_id, writer, settings, isolate=isolate)
         except StageCancelled:
             writer.final_flush(settings.db_retry_s)
-            persist_outcome(stage_id, StageStatus.cancelled, attempt=claim.attempt, settings=settings)
+            persist_outcome(stage_id, StageStatus.cancelled, fence=claim.fence, settings=settings)
             return StageStatus.cancelled
         except Exception as error:
             if is_out_of_memory(error):
                 # The same class would fail the same way: a larger one, or a failure that says so.
-                return persist_out_of_memory(stage_id, attempt=claim.attempt, error=error, settings=settings)
+                return persist_out_of_memory(stage_id, fence=claim.fence, error=error, settings=settings)
             if not isinstance(error, (ValueError, StageError)):
-                raise  # transient until shown otherwise: retried with backoff (run_stage_task)
+                # Transient until shown otherwise: this attempt ends, another one runs after a backoff.
+                logger.exception("stage %s failed", stage_id)
+                countdown = retry_countdown(settings.retry_backoff_s, retries)
+                with contextlib.suppress(DBAPIError), session_scope() as session:
+                    due = utcnow() + dt.timedelta(seconds=countdown)
+                    lifecycle.requeue_after_error(session, stage_id, claim.fence, user_message(error), due)
+                raise TransientStageError(error, countdown) from error
             # Bad input or diverged training will fail again: stop now, with the message shown.
             message = str(error) if isinstance(error, StageError) else f"{type(error).__name__}: {error}"
-            persist_outcome(
-                stage_id, StageStatus.failed, attempt=claim.attempt, error=message, settings=settings
-            )
+            persist_outcome(stage_id, StageStatus.failed, fence=claim.fence, error=message, settings=settings)
             return StageStatus.failed
         writer.final_flush(settings.db_retry_s)
         outcome = StageStatus.cached if result.cached else StageStatus.succeeded
-        persist_outcome(
-            stage_id, outcome, attempt=claim.attempt, record=result.to_record(), settings=settings
-        )
+        persist_outcome(stage_id, outcome, fence=claim.fence, record=result.to_record(), settings=settings)
         return outcome
     finally:
         heartbeat.stop()
@@ -463,13 +486,7 @@ def retry_countdown(factor_s: float, retries: int, maximum_s: float = 300.0) -> 
 def run_stage_task(self: Any, stage_id: str) -> str:
     worker = self.request.hostname or socket.gethostname()
     try:
-        return execute_stage(stage_id, worker=worker)
-    except Exception as error:
-        logger.exception("stage %s failed", stage_id)
-        # Attempts are bounded in claim_stage.
-        countdown = retry_countdown(get_settings().retry_backoff_s, self.request.retries)
-        # If the database is down too, the retry below finds the stage still running: fine.
-        with contextlib.suppress(DBAPIError), session_scope() as session:
-            due = utcnow() + dt.timedelta(seconds=countdown)
-            lifecycle.requeue_after_error(session, stage_id, worker, user_message(error), due)
-        raise self.retry(exc=error, countdown=countdown) from error
+        return execute_stage(stage_id, worker=worker, retries=self.request.retries)
+    except TransientStageError as transient:
+        # Attempts are bounded in claim_stage; the stage row already says when it is due back.
+        raise self.retry(exc=transient.error, countdown=transient.countdown_s) from transient.error

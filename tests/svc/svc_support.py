@@ -123,10 +123,10 @@ class Steps:
         settings = get_settings()
         for _ in range(rounds):
             report = self.round()
-            for planned in report.plan:
-                plan_job_task(planned)
-            for finished in report.finish:
-                finish_job_task(finished)
+            for job_id_, token in report.plan:
+                plan_job_task(job_id_, token)
+            for job_id_, token in report.finish:
+                finish_job_task(job_id_, token)
             for stage_id, _queue in report.admitted:
                 execute_stage(stage_id, worker="in-process", settings=settings)
             with session_scope() as session:

@@ -48,10 +48,10 @@ def run_rounds(job_id: str, rounds: int = 8) -> dict[str, Any]:
     for _ in range(rounds):
         with session_scope() as session:
             report = dispatch_round(session, settings)
-        for planned in report.plan:
-            plan_job_task(planned)
-        for finished in report.finish:
-            finish_job_task(finished)
+        for job_id_, token in report.plan:
+            plan_job_task(job_id_, token)
+        for job_id_, token in report.finish:
+            finish_job_task(job_id_, token)
         for stage_id, _queue in report.admitted:
             execute_stage(stage_id, worker="in-process", settings=settings)
         with session_scope() as session:

@@ -108,9 +108,9 @@ def test_feature_extraction_progress_reaches_the_stage_row(
     plan_job_task(job_id)
     with session_scope() as session:
         stage = session.scalars(select(Stage).where(Stage.job_id == job_id, Stage.kind == "weak")).one()
-        stage.status, stage.attempts = "running", 1
+        stage.status, stage.attempts, stage.fence = "running", 1, 1
         stage_id = stage.id
-    writer = ProgressWriter(stage_id, flush_s=0.0, attempt=1)
+    writer = ProgressWriter(stage_id, flush_s=0.0, fence=1)
     assert writer(ExtractionProgress("half A", 24, 32, 85.5)) is True
     job = client.get(f"/v1/jobs/{job_id}", headers=team.headers).json()
     weak = next(s for s in job["stages"] if s["id"] == stage_id)

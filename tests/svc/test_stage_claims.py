@@ -66,7 +66,7 @@ def test_duplicate_delivery_while_another_worker_is_alive_is_dropped(stage_id: s
 def test_redelivery_after_the_worker_died_starts_a_clean_attempt(stage_id: str) -> None:
     settings = get_settings()
     claim_stage(stage_id, "worker-a", settings)
-    ProgressWriter(stage_id, 0.0, attempt=1)._write()  # a heartbeat...
+    ProgressWriter(stage_id, 0.0, fence=1)._write()  # a heartbeat...
     with session_scope() as session:  # ...and a partial curve from the attempt that dies
         session.add_all(MetricPoint(stage_id=stage_id, step=step, name="loss", value=1.0) for step in (1, 2))
     set_stage(stage_id, heartbeat_at=utcnow() - dt.timedelta(seconds=settings.heartbeat_timeout_s + 1))
@@ -96,9 +96,9 @@ def test_a_superseded_attempt_writes_nothing(stage_id: str) -> None:
 
     with session_scope() as session:
         lifecycle.finish_stage(
-            session, stage_id, StageStatus.failed, attempt=1, store_uri=settings.store_uri, error="late error"
+            session, stage_id, StageStatus.failed, fence=1, store_uri=settings.store_uri, error="late error"
         )
-    writer = ProgressWriter(stage_id, 0.0, attempt=1)
+    writer = ProgressWriter(stage_id, 0.0, fence=1)
     writer.points.append((1, "loss", 0.5))
     writer.flush()
     stage = stage_row(stage_id)
@@ -122,11 +122,11 @@ def test_attempts_are_bounded(stage_id: str) -> None:
 def test_a_transient_error_requeues_the_stage_with_its_message_and_a_backoff(
     stage_id: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def claim_then_fail(stage: str, *, worker: str, settings: object = None) -> str:
-        claim_stage(stage, worker, get_settings())
+    def disk_full(*args: object, **kwargs: object) -> None:
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(tasks, "execute_stage", claim_then_fail)
+    monkeypatch.setattr(tasks, "run_plan", disk_full)
+    monkeypatch.setattr(tasks, "load_plan", lambda claim, settings: None)
     before = utcnow()
     with pytest.raises(OSError, match="No space left"):
         tasks.run_stage_task(stage_id)  # called directly, Celery's retry re-raises the error

@@ -6,6 +6,7 @@ at a time (``Steps``), so races can be interleaved deterministically.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import threading
 import time
@@ -78,7 +79,7 @@ def test_the_round_loads_no_data_hashes_no_file_and_computes_no_statistics(
     ):
         monkeypatch.setattr(target, forbidden)
     report = steps.round()
-    assert report.plan == [job_id] and not report.admitted
+    assert [job for job, _ in report.plan] == [job_id] and not report.admitted
     assert steps.round().plan == []  # sent once; sent again only if its task is lost
 
 
@@ -111,12 +112,12 @@ def test_planning_is_fair_a_big_sweep_never_holds_up_another_teams_job(
     sweeper, other = make_team(), make_team()
     many = [submit(client, sweeper, tiny_job(tiny_bert, tiny_bert, seeds=[s])).json()["id"] for s in range(5)]
     mine = submit(client, other, tiny_job(tiny_bert, tiny_bert)).json()["id"]
-    first = steps.round().plan
+    first = dict(steps.round().plan)
     # One task out per team: the sweeper's oldest job and the other team's job, side by side.
     assert sorted(first) == sorted([many[0], mine])
     assert steps.round().plan == []  # both still being planned
-    plan_job_task(many[0])
-    assert steps.round().plan == [many[1]]  # the next, once the first is done
+    plan_job_task(many[0], first[many[0]])
+    assert [job for job, _ in steps.round().plan] == [many[1]]  # the next, once the first is done
 
 
 def test_a_lost_control_task_is_sent_again_and_then_gives_up(
@@ -125,15 +126,16 @@ def test_a_lost_control_task_is_sent_again_and_then_gives_up(
     settings = get_settings()
     job_id = submit(client, make_team(), tiny_job(tiny_bert, tiny_bert)).json()["id"]
     for attempt in range(1, settings.max_control_attempts + 1):
-        assert steps.round().plan == [job_id]  # sent; its worker "dies": nothing happens
-        assert job_row(job_id).plan_attempts == attempt
-        with session_scope() as session:
-            stale = utcnow().replace(year=2000)
-            session.execute(update(Job).where(Job.id == job_id).values(plan_sent_at=stale))
+        assert [job for job, _ in steps.round().plan] == [job_id]  # sent; its worker "dies"
+        assert job_row(job_id).control_attempts == attempt
+        assert steps.round().plan == []  # leased: not sent twice
+        with session_scope() as session:  # the lease of seconds lapses
+            lapsed = utcnow() - dt.timedelta(seconds=1)
+            session.execute(update(Job).where(Job.id == job_id).values(control_lease_until=lapsed))
     report = steps.round()
     assert report.failed == 1 and report.plan == []
     job = job_row(job_id)
-    assert job.status == "failed" and "planning the job did not finish" in (job.error or "")
+    assert job.status == "failed" and "planning the job did not end" in (job.error or "")
 
 
 # ------------------------------------------------------------------------------------------------------
