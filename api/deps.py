@@ -8,11 +8,12 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, HTTPException, Path, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from service.auth import cached_owner, hash_key, is_admin_key, owner_of_key_hash, team_for_key_hash
-from service.db import session_scope
+from service.db import run_transaction, session_scope
 from service.errors import LimitExceeded
 from service.jobs import get_job
 from service.limits import RateLimiter
@@ -84,22 +85,29 @@ async def current_team_id(credentials: Credentials, settings: SettingsDep) -> st
     if credentials is None:
         raise UNAUTHORIZED
     key_hash = hash_key(credentials.credentials)
-    owner = cached_owner(key_hash) or await in_session(owner_of_key_hash, key_hash)
+    owner = cached_owner(key_hash) or await in_session(owner_of_key_hash, key_hash, read_only=True)
     if owner is None:
         raise UNAUTHORIZED
     enforce_rate(settings, key_hash, owner.requests_per_minute)
     return owner.team_id
 
 
-async def in_session(work: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-    """``work(session, *args, **kwargs)`` in a session of its own, in the threadpool: an async endpoint's
-    database work in one thread hand-off (a sync endpoint pays one per dependency and more)."""
+async def in_session(work: Callable[..., T], /, *args: Any, read_only: bool = False, **kwargs: Any) -> T:
+    """``work(session, *args, **kwargs)`` in a transaction of its own, committed before it returns,
+    in the threadpool: an async endpoint's database work in one thread hand-off (a sync endpoint pays
+    one per dependency and more). Work and commit share the thread, so a request never waits for a
+    free thread to commit while others wait on its locks; a transaction aborted to break a deadlock
+    runs again (service.db.run_transaction). ``read_only``: it only reads."""
+    return await run_in_threadpool(run_transaction, work, *args, read_only=read_only, **kwargs)
 
-    def run() -> T:
-        with session_scope() as session:
-            return work(session, *args, **kwargs)
 
-    return await run_in_threadpool(run)
+def team_for_write(session: Session, team_id: str) -> Team:
+    """The caller's team, loaded in a write endpoint's own transaction; 401 if it was disabled since
+    its key was checked."""
+    team = session.scalar(select(Team).where(Team.id == team_id, Team.disabled_at.is_(None)))
+    if team is None:
+        raise UNAUTHORIZED
+    return team
 
 
 def require_admin(settings: SettingsDep, credentials: Credentials) -> None:

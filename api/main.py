@@ -32,7 +32,7 @@ from api import web
 from api.deps import Credentials, SettingsDep, require_admin
 from api.routes import admin, datasets, jobs, sweeps, teams
 from api.schemas import error_responses
-from service.db import database_unreachable, get_engine, session_scope
+from service.db import database_unreachable, get_engine, lost_a_race, session_scope
 from service.errors import LimitExceeded, ServiceError
 from service.models import Job, Stage
 from service.settings import get_settings
@@ -240,8 +240,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         headers = {}
         if isinstance(error, LimitExceeded):
             body |= {"limit": error.limit, "limit_value": error.value}
-            if error.retry_after_s is not None:
-                headers["Retry-After"] = str(error.retry_after_s)
+        if error.retry_after_s is not None:
+            headers["Retry-After"] = str(error.retry_after_s)
         return JSONResponse(body, status_code=error.status_code, headers=headers)
 
     @app.exception_handler(InvalidTransition)
@@ -266,6 +266,13 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(DBAPIError)
     async def _database_error(request: Request, error: DBAPIError) -> JSONResponse:
+        if lost_a_race(error):  # still losing after run_transaction's retries: heavy contention
+            logger.warning("transaction kept losing races: %s", str(error.orig).splitlines()[0])
+            return JSONResponse(
+                {"detail": "the database is busy with conflicting changes; nothing was lost, retry"},
+                status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+                headers={"Retry-After": "1"},
+            )
         if database_unreachable(error):
             logger.warning("database unavailable: %s", str(error).splitlines()[0])
             return JSONResponse(

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from service.jobs import UPLOAD_PREFIX
+from service.states import has_result
 
 
 class ErrorItem(BaseModel):
@@ -394,7 +395,7 @@ _SUMMARY_COLUMNS = tuple(name for name in JobSummary.model_fields if name != "pr
 
 def stage_public(stage: Any) -> StagePublic:
     progress = min(1.0, stage.step / stage.total_steps) if stage.total_steps else None
-    if stage.status in ("succeeded", "cached"):
+    if has_result(stage.status):
         progress = 1.0
     return StagePublic(
         **{name: getattr(stage, name) for name in _STAGE_COLUMNS},
@@ -411,7 +412,7 @@ def job_public(job: Any, stages: Sequence[Any] | None = None) -> JobPublic:
 
 
 def job_summary(job: Any) -> JobSummary:
-    done = sum(stage.status in ("succeeded", "cached") for stage in job.stages)
+    done = sum(has_result(stage.status) for stage in job.stages)
     data = {name: getattr(job, name) for name in _SUMMARY_COLUMNS}
     return JobSummary(**data, progress=done / len(job.stages) if job.stages else 0.0)
 

@@ -4,6 +4,8 @@ dispatcher and a worker can share one file."""
 from __future__ import annotations
 
 import logging
+import random
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -31,6 +33,11 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+# Marks a session that only reads: on SQLite it starts a deferred transaction instead of taking
+# the write lock (service/db.py read_session).
+READ_ONLY = "w2s_read_only"
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
@@ -40,11 +47,22 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(connection: Any, _record: Any) -> None:
+            # SQLAlchemy emits BEGIN itself (below), not the driver: see _begin.
+            connection.isolation_level = None
             cursor = connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin(connection: Any) -> None:
+            # One writer at a time is SQLite's rule. A transaction that starts as a reader and then
+            # writes cannot wait for the lock (SQLite refuses at once: "database is locked"), so a
+            # transaction that may write takes the write lock when it begins and waits its turn
+            # (busy_timeout): concurrent writes queue instead of failing. Readers (WAL) never wait.
+            read_only = connection.get_execution_options().get(READ_ONLY, False)
+            connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
     # pool_pre_ping costs a round trip per checkout (0.03-0.07 ms of CPU, under a tenth of a read) and
@@ -59,14 +77,18 @@ def get_engine() -> Engine:
 
 
 @lru_cache
-def get_sessionmaker() -> sessionmaker[Session]:
-    return sessionmaker(get_engine(), expire_on_commit=False)
+def get_sessionmaker(read_only: bool = False) -> sessionmaker[Session]:
+    engine = get_engine()
+    return sessionmaker(
+        engine.execution_options(**{READ_ONLY: True}) if read_only else engine, expire_on_commit=False
+    )
 
 
 @contextmanager
-def session_scope() -> Iterator[Session]:
-    """A session that commits on success and rolls back on error."""
-    session = get_sessionmaker()()
+def session_scope(*, read_only: bool = False) -> Iterator[Session]:
+    """A session that commits on success and rolls back on error. ``read_only``: it only reads
+    (on SQLite it then never waits for writers)."""
+    session = get_sessionmaker(read_only)()
     try:
         yield session
         session.commit()
@@ -77,6 +99,38 @@ def session_scope() -> Iterator[Session]:
         session.close()
 
 
+# SQLSTATEs of a transaction that lost a race and may simply run again: deadlock detected and
+# serialization failure. SQLite's equivalent is "database is locked" past its busy timeout.
+RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})
+
+
+def lost_a_race(error: BaseException) -> bool:
+    """A transaction aborted by the database to break a deadlock or a serialization conflict (or
+    SQLite's lock wait running out): running it again is correct and not the caller's concern."""
+    if not isinstance(error, DBAPIError):
+        return False
+    orig = error.orig
+    if getattr(orig, "sqlstate", None) in RETRYABLE_SQLSTATES:
+        return True
+    return "database is locked" in str(orig)
+
+
+def run_transaction(work: Callable[..., T], /, *args: Any, read_only: bool = False, **kwargs: Any) -> T:
+    """``work(session, *args, **kwargs)`` in a transaction of its own, committed; run again (up to 5
+    times, with jittered backoff) when the database aborted it to break a deadlock or a
+    serialization conflict, so such a race never reaches a caller as an error."""
+    for attempt in range(5):
+        try:
+            with session_scope(read_only=read_only) as session:
+                return work(session, *args, **kwargs)
+        except DBAPIError as error:
+            if not lost_a_race(error) or attempt == 4:
+                raise
+            logger.info("transaction lost a race (%s); running it again", str(error.orig).splitlines()[0])
+            time.sleep(random.uniform(0.01, 0.05) * 2**attempt)
+    raise AssertionError("unreachable")
+
+
 def insert_ignoring_duplicates(session: Session, table: Table) -> Insert:
     """INSERT ... ON CONFLICT DO NOTHING, for rows a retried or redelivered write may repeat."""
     dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
@@ -84,7 +138,10 @@ def insert_ignoring_duplicates(session: Session, table: Table) -> Insert:
 
 
 def database_unreachable(error: BaseException) -> bool:
-    """A connection problem (retry later), as opposed to a bad statement (a bug: fail now)."""
+    """A connection problem (retry later), as opposed to a bad statement (a bug: fail now) or a lost
+    race (:func:`lost_a_race`: run the transaction again)."""
+    if lost_a_race(error):
+        return False
     return isinstance(error, OperationalError) or (
         isinstance(error, DBAPIError) and bool(error.connection_invalidated)
     )
@@ -102,7 +159,11 @@ def retry_database(action: Callable[[], T], what: str, budget_s: float) -> T:
         logger.warning("%s: database unreachable, retrying in %.1f s: %s", what, wait, first_line)
 
     retrying = Retrying(
-        retry=retry_if_exception(lambda error: isinstance(error, DBAPIError) and database_unreachable(error)),
+        retry=retry_if_exception(
+            lambda error: (
+                isinstance(error, DBAPIError) and (database_unreachable(error) or lost_a_race(error))
+            )
+        ),
         wait=wait_exponential(multiplier=0.5, max=10.0) + wait_random(0, 0.25),
         stop=stop_after_delay(budget_s),
         before_sleep=log_retry,

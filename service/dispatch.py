@@ -235,13 +235,13 @@ def admit_ready_stages(session: Session, settings: Settings, report: RoundReport
 
 # Per team, its next ready stages in a queue: one index seek each, in one statement (LATERAL).
 _NEXT_READY_POSTGRES = text(
-    """
+    f"""
     SELECT s.id, s.job_id, s.team_id, s.priority, s.job_created_at, s."order", s.stage_key
     FROM unnest(CAST(:team_ids AS varchar[]), CAST(:limits AS integer[])) AS wanted(team_id, n)
     CROSS JOIN LATERAL (
         SELECT id, job_id, team_id, priority, job_created_at, "order", stage_key
         FROM stages
-        WHERE stages.status = 'pending' AND stages.ready
+        WHERE {STAGE_READY}
           AND stages.gpu_class = :queue AND stages.team_id = wanted.team_id
         ORDER BY priority DESC, job_created_at, job_id, "order"
         LIMIT wanted.n

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 
 class ServiceError(Exception):
-    """An error the caller can act on; ``status_code`` is what the API answers."""
+    """An error the caller can act on; ``status_code`` is what the API answers, with a Retry-After
+    header when ``retry_after_s`` says waiting helps."""
 
     status_code = 400
+    retry_after_s: int | None = None
 
 
 class NotFound(ServiceError, LookupError):
@@ -21,6 +23,10 @@ class Conflict(ServiceError):
     """The request collides with the current state (a taken name, a concurrent change)."""
 
     status_code = 409
+
+    def __init__(self, message: str, *, retry_after_s: int | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class InvalidInput(ServiceError, ValueError):

@@ -12,13 +12,13 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Row, Select, bindparam, func, insert, or_, select, tuple_
+from sqlalchemy import Row, Select, bindparam, func, insert, or_, select, text, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, defer, joinedload, selectinload
 
 from service import lifecycle, limits
 from service.availability import availability_errors
-from service.errors import InvalidInput, NotFound
+from service.errors import Conflict, InvalidInput, NotFound
 from service.lifecycle import log
 from service.models import Dataset, Job, LogLine, Stage, Team, new_id, utcnow
 from service.pagination import decode_cursor, page
@@ -216,7 +216,7 @@ def create_job(
     the same key with a different body is refused. A sweep's job gets ``sweep_position``: the
     indexes of its weak and strong entries in the sweep's grid."""
     if idempotency_key:
-        existing = _job_for_key(session, team, idempotency_key, body_hash)
+        existing = job_for_idempotency_key(session, team, idempotency_key, body_hash)
         if existing is not None:
             return existing, False
     spec = resolved.spec
@@ -275,6 +275,37 @@ def create_job(
     session.execute(insert(Stage), rows)
     log(session, job_id=job.id, message=f"job created with {len(rows)} stages")
     return job, True
+
+
+class IdempotencyKeyBusy(Conflict):
+    """Another request is creating a job with this Idempotency-Key right now (409, Retry-After)."""
+
+
+def claim_idempotency_key(session: Session, team_id: str, key: str) -> None:
+    """Only one request at a time may create a job for a team's key: it holds a lock on the key until
+    its transaction ends, and a repeat that arrives meanwhile is told at once to come back (409 with
+    Retry-After) instead of waiting on the first one's insert, which held a connection and a
+    thread per waiter. After the first commits, a repeat finds its job. (SQLite: its write lock
+    already serialises creators.)"""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    held = session.scalar(
+        text("SELECT pg_try_advisory_xact_lock(hashtextextended(:name, 0))"),
+        {"name": f"w2s:idempotency:{team_id}:{key}"},
+    )
+    if not held:
+        raise IdempotencyKeyBusy(
+            f"a request with Idempotency-Key {key!r} is being processed right now; send it again in a "
+            "second to get its job",
+            retry_after_s=1,
+        )
+
+
+def job_for_idempotency_key(session: Session, team: Team, key: str, body_hash: str | None) -> Job | None:
+    """The job a team's Idempotency-Key already created, or None, with the key claimed for this
+    transaction (:func:`claim_idempotency_key`: IdempotencyKeyBusy while another request holds it)."""
+    claim_idempotency_key(session, team.id, key)
+    return _job_for_key(session, team, key, body_hash)
 
 
 def _job_for_key(session: Session, team: Team, key: str, body_hash: str | None) -> Job | None:

@@ -13,9 +13,9 @@ from sqlalchemy.orm import Session
 from service.errors import LimitExceeded
 from service.models import Dataset, Stage, Team
 from service.settings import Settings
-from service.states import StageStatus
+from service.states import STAGE_BACKLOG
 
-WAITING = [StageStatus.pending, StageStatus.queued, StageStatus.running]
+WAITING = sorted(str(status) for status in STAGE_BACKLOG)
 
 
 def limit_of(team: Team, settings: Settings, name: str) -> int:
@@ -47,8 +47,19 @@ def check_job_size(team: Team, settings: Settings, n_stages: int, *, what: str =
         )
 
 
+def lock_team(session: Session, team_id: str) -> None:
+    """Hold the team's row until the transaction ends: a team's quota checks and the inserts they
+    admit are one step, so parallel requests cannot all pass a count that only one of them fits.
+    (The lock order is a team, then its jobs, then their stages. On SQLite a writing transaction
+    holds the database's one write lock already.)"""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(Team.id).where(Team.id == team_id).with_for_update())
+
+
 def check_backlog(session: Session, team: Team, settings: Settings, adding: int) -> None:
-    """Stages waiting or running for the team, plus ``adding``, within max_queued_stages (429)."""
+    """Stages waiting or running for the team, plus ``adding``, within max_queued_stages (429).
+    Counted under the team's lock: the caller inserts them in the same transaction."""
+    lock_team(session, team.id)
     limit = limit_of(team, settings, "max_queued_stages")
     waiting = session.scalar(
         select(func.count()).select_from(Stage).where(Stage.team_id == team.id, Stage.status.in_(WAITING))
@@ -65,6 +76,9 @@ def check_backlog(session: Session, team: Team, settings: Settings, adding: int)
 
 
 def check_upload_quota(session: Session, team: Team, settings: Settings, adding_bytes: int) -> None:
+    """The team's uploads plus ``adding_bytes`` within upload_quota_mb (422), counted under the
+    team's lock: the caller inserts the upload in the same transaction."""
+    lock_team(session, team.id)
     quota_mb = limit_of(team, settings, "upload_quota_mb")
     used = session.scalar(
         select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(Dataset.team_id == team.id)

@@ -399,6 +399,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from service.states import JobStatus
+
     parser = argparse.ArgumentParser(prog="w2s-service", description="Run and administer the w2s service")
     commands = parser.add_subparsers(dest="command", required=True)
     dev = commands.add_parser(
@@ -451,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.set_defaults(handler=cmd_revoke_key)
     jobs = commands.add_parser("jobs", help="jobs of any team, newest first")
     jobs.add_argument("--team", help="name or id (default: every team)")
-    jobs.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled"])
+    jobs.add_argument("--status", choices=[str(status) for status in JobStatus])
     jobs.add_argument("--limit", type=int, default=50)
     jobs.set_defaults(handler=cmd_jobs)
     cancel = commands.add_parser("cancel-job", help="cancel any team's job")

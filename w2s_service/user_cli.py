@@ -37,6 +37,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 from rich.text import Text
 
+from service.states import JobStatus, StageStatus, has_result
 from w2s import cli as library_cli
 from w2s import plots
 from w2s_service.client import DEFAULT_URL, ApiError, W2SClient
@@ -47,8 +48,12 @@ EXIT_USAGE = 2
 EXIT_CANCELLED = 3
 EXIT_UNREACHABLE = 4
 
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-TERMINAL = {"succeeded": EXIT_OK, "failed": EXIT_JOB_FAILED, "cancelled": EXIT_CANCELLED}
+JOB_STATUSES = tuple(str(status) for status in JobStatus)
+TERMINAL = {
+    JobStatus.succeeded: EXIT_OK,
+    JobStatus.failed: EXIT_JOB_FAILED,
+    JobStatus.cancelled: EXIT_CANCELLED,
+}
 FIGURES = ("accuracy", "auroc", "pgr", "agreement_with_weak")
 # A server restart while watching should not end the watch: this many failed polls in a row do.
 WATCH_RETRIES = 30
@@ -136,7 +141,12 @@ def jobs_table(jobs: list[dict[str, Any]], now: dt.datetime | None = None) -> Ta
     table.add_column("id", no_wrap=True, min_width=32)
     for column in ("name", "dataset", "weak → strong", "status", "progress", "age", "duration"):
         table.add_column(column)
-    styles = {"succeeded": "green", "failed": "red", "cancelled": "yellow", "running": "cyan"}
+    styles = {
+        JobStatus.succeeded: "green",
+        JobStatus.failed: "red",
+        JobStatus.cancelled: "yellow",
+        JobStatus.running: "cyan",
+    }
     for job in jobs:
         created, finished = parse_time(job.get("created_at")), parse_time(job.get("finished_at"))
         age = human_seconds((now - created).total_seconds()) if created else "-"
@@ -192,13 +202,13 @@ def results_csv_rows(results: dict[str, Any]) -> tuple[list[str], list[list[Any]
 def no_results(job: dict[str, Any]) -> CommandError:
     """Why a job has no results, with the exit code its status means."""
     job_id, status = job["id"], job["status"]
-    if status == "failed":
+    if status == JobStatus.failed:
         return CommandError(
             f"job {job_id} failed: {job.get('error') or 'no error recorded'}", EXIT_JOB_FAILED
         )
-    if status == "cancelled":
+    if status == JobStatus.cancelled:
         return CommandError(f"job {job_id} was cancelled (w2s retry {job_id} runs it again)", EXIT_CANCELLED)
-    if status == "succeeded":
+    if status == JobStatus.succeeded:
         return CommandError(f"job {job_id} succeeded but has no results document", EXIT_JOB_FAILED)
     return CommandError(f"job {job_id} is {status}: no results yet (follow it with: w2s watch {job_id})")
 
@@ -231,19 +241,19 @@ class StageBars:
     def describe(stage: dict[str, Any], latest: dict[str, float]) -> str:
         status, metrics = stage["status"], stage.get("metrics") or {}
         accuracy = metrics.get("accuracy")
-        if status in ("succeeded", "cached"):
+        if has_result(status):
             # The elapsed column beside it says how long it took.
             return (f"test acc {accuracy:.4f}  " if accuracy is not None else "") + (
-                "cached" if status == "cached" else "done"
+                "cached" if status == StageStatus.cached else "done"
             )
-        if status == "failed":
+        if status == StageStatus.failed:
             return f"failed: {' '.join((stage.get('error') or '').split())[:80]}"
-        if status == "running" and metrics.get("phase") == "features":
+        if status == StageStatus.running and metrics.get("phase") == "features":
             rate = metrics.get("rows_per_s")
             return f"features of {metrics.get('split', 'the texts')}" + (
                 f": {rate:.0f} rows/s" if rate else ""
             )
-        if status == "running":
+        if status == StageStatus.running:
             loss = latest.get("loss", metrics.get("loss"))
             parts = [f"loss {loss:.4f}"] if loss is not None else []
             if "train_accuracy" in latest:
@@ -256,7 +266,7 @@ class StageBars:
     def update(self, job: dict[str, Any], latest: dict[str, dict[str, float]]) -> None:
         for stage in job["stages"]:
             total, step = stage.get("total_steps"), stage.get("step") or 0
-            if stage["status"] in ("succeeded", "cached"):
+            if has_result(stage["status"]):
                 total = total or max(step, 1)
                 step = total
             fields = {
@@ -299,7 +309,9 @@ def follow(
         while True:
             try:
                 job = client.get_job(job_id)
-                running = tuple((s["id"], s["step"]) for s in job["stages"] if s["status"] == "running")
+                running = tuple(
+                    (s["id"], s["step"]) for s in job["stages"] if s["status"] == StageStatus.running
+                )
                 # Curves only change while a stage trains: fetch them only when a step moved.
                 if running and running != fetched_at:
                     latest = latest_metrics(client.job_metrics(job_id))
@@ -321,7 +333,7 @@ def follow(
 
 def watch_job(client: W2SClient, job_id: str, interval: float) -> int:
     job = follow(client, job_id, interval=interval, sleep=time.sleep)
-    if job["status"] == "succeeded" and job.get("results"):
+    if job["status"] == JobStatus.succeeded and job.get("results"):
         print_results(job["results"])
         return EXIT_OK
     raise no_results(job)

@@ -8,13 +8,13 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
+from sqlalchemy.orm import Session
 from starlette.datastructures import FormData, UploadFile
 from starlette.types import Message
 
-from api.deps import DatasetDep, SessionDep, SettingsDep, TeamDep
+from api.deps import DatasetDep, SessionDep, SettingsDep, TeamDep, TeamIdDep, in_session, team_for_write
 from api.schemas import DatasetPublic, DatasetsPublic, DatasetUploadForm, ErrorPublic, error_responses
 from service import uploads
 
@@ -73,9 +73,7 @@ def _invalid(loc: tuple[str | int, ...], msg: str, kind: str = "value_error") ->
         422: {"model": ErrorPublic, "description": "invalid rows: up to 20 errors, each naming its line"},
     },
 )
-async def upload_dataset(
-    request: Request, session: SessionDep, team: TeamDep, settings: SettingsDep
-) -> DatasetPublic:
+async def upload_dataset(request: Request, team_id: TeamIdDep, settings: SettingsDep) -> DatasetPublic:
     """Upload a binary-classification dataset as multipart/form-data: ``file`` (JSONL or CSV with a
     header row, UTF-8), ``name``, ``text_column`` [text], ``label_column`` [label] (0/1/true/false),
     ``format`` [from the file name]. At least 10 rows with both labels."""
@@ -93,18 +91,25 @@ async def upload_dataset(
                 raise RequestValidationError(
                     [{**item, "loc": ("body", *item["loc"])} for item in error.errors(include_url=False)]
                 ) from None
-            dataset = await run_in_threadpool(
-                uploads.create_dataset,
-                session,
-                team=team,
-                settings=settings,
-                source=file.file,
-                filename=file.filename or "",
-                name=fields.name,
-                text_column=fields.text_column,
-                label_column=fields.label_column,
-                format=fields.format,
-            )
+
+            def store(session: Session) -> DatasetPublic:
+                # Stored, counted against the quota (under the team's lock) and committed in one
+                # thread hand-off: parallel uploads cannot all pass a count only one of them fits.
+                file.file.seek(0)  # from the start, also when a lost race runs this again
+                dataset = uploads.create_dataset(
+                    session,
+                    team=team_for_write(session, team_id),
+                    settings=settings,
+                    source=file.file,
+                    filename=file.filename or "",
+                    name=fields.name,
+                    text_column=fields.text_column,
+                    label_column=fields.label_column,
+                    format=fields.format,
+                )
+                return DatasetPublic.model_validate(dataset)
+
+            public = await in_session(store)
         finally:
             await form.close()
     except uploads.UploadTooLarge as error:
@@ -115,7 +120,7 @@ async def upload_dataset(
             for line, msg in error.errors
         ]
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail) from None
-    return DatasetPublic.model_validate(dataset)
+    return public
 
 
 @router.get("", response_model=DatasetsPublic)

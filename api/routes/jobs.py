@@ -10,8 +10,9 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from api.deps import JobDep, JobId, SessionDep, SettingsDep, TeamDep, TeamIdDep, in_session
+from api.deps import JobDep, JobId, SessionDep, SettingsDep, TeamIdDep, in_session, team_for_write
 from api.schemas import (
     JobCreate,
     JobPublic,
@@ -27,7 +28,10 @@ from api.schemas import (
 from service import jobs as job_service
 from service.db import session_scope
 from service.models import Job, MetricPoint, Stage
-from service.states import JOB_TERMINAL, JobStatus
+from service.states import JOB_TERMINAL, JobStatus, StageStatus
+
+# How long a repeated Idempotency-Key waits for the first request's job, in steps (about 10 s in all).
+KEY_BUSY_WAITS_S = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], responses=error_responses(400, 401, 404, 413, 422))
 
@@ -36,32 +40,56 @@ router = APIRouter(prefix="/jobs", tags=["jobs"], responses=error_responses(400,
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=JobPublic,
-    responses={200: {"model": JobPublic, "description": "a repeat of an Idempotency-Key: the first job"}},
+    responses={
+        200: {"model": JobPublic, "description": "a repeat of an Idempotency-Key: the first job"},
+        409: {"description": "a repeat of an Idempotency-Key still being processed: retry (Retry-After)"},
+    },
 )
-def submit_job(
+async def submit_job(
     body: JobCreate,
-    session: SessionDep,
-    team: TeamDep,
+    team_id: TeamIdDep,
     settings: SettingsDep,
     response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JobPublic:
-    """Queue a job. A repeat with the same ``Idempotency-Key`` and body returns the first job (200);
-    the same key with another body is a 422."""
-    resolved = job_service.resolve_spec(session, team=team, raw=body.spec(), settings=settings)
-    job, created = job_service.create_job(
-        session,
-        team=team,
-        resolved=resolved,
-        settings=settings,
-        name=body.name,
-        priority=body.priority,
-        idempotency_key=idempotency_key,
-        body_hash=job_service.request_hash(body.model_dump()),
-    )
+    """Queue a job. A repeat with the same ``Idempotency-Key`` and body returns the first job (200),
+    or, while the first is still being created, 409 with Retry-After; the same key with another body
+    is a 422."""
+
+    body_hash = job_service.request_hash(body.model_dump())
+
+    def submit(session: Session) -> tuple[JobPublic, bool]:
+        team = team_for_write(session, team_id)
+        if idempotency_key:  # a repeat: its job at once, before any work (or IdempotencyKeyBusy)
+            existing = job_service.job_for_idempotency_key(session, team, idempotency_key, body_hash)
+            if existing is not None:
+                return job_public(existing), False
+        resolved = job_service.resolve_spec(session, team=team, raw=body.spec(), settings=settings)
+        job, created = job_service.create_job(
+            session,
+            team=team,
+            resolved=resolved,
+            settings=settings,
+            name=body.name,
+            priority=body.priority,
+            idempotency_key=idempotency_key,
+            body_hash=body_hash,
+        )
+        return job_public(job), created
+
+    # A repeat of a key whose first request is still creating its job waits for it here, without a
+    # transaction, a connection or a thread, and then answers with that job.
+    for wait_s in KEY_BUSY_WAITS_S:
+        try:
+            public, created = await in_session(submit)
+            break
+        except job_service.IdempotencyKeyBusy:
+            await asyncio.sleep(wait_s)
+    else:
+        public, created = await in_session(submit)  # still busy: 409 with Retry-After
     if not created:
         response.status_code = status.HTTP_200_OK
-    return job_public(job)
+    return public
 
 
 # The two read endpoints are async: the caller's key usually comes from a short cache and the query
@@ -79,6 +107,7 @@ async def list_jobs(
 ) -> JobsPublic:
     rows, next_cursor = await in_session(
         job_service.list_job_summaries,
+        read_only=True,
         team_id=team_id,
         status=status_,
         dataset=dataset,
@@ -93,7 +122,7 @@ async def list_jobs(
 
 @router.get("/{job_id}", response_model=JobPublic)
 async def read_job(team_id: TeamIdDep, job_id: JobId) -> JobPublic:
-    detail = await in_session(job_service.job_detail, team_id=team_id, job_id=job_id)
+    detail = await in_session(job_service.job_detail, team_id=team_id, job_id=job_id, read_only=True)
     return job_public(detail.job, detail.stages)
 
 
@@ -102,13 +131,17 @@ def metric_series(session: SessionDep, job: Job, after_id: int = 0) -> tuple[lis
     computed its result (when that run was this team's), marked as reused."""
     stages = {stage.id: stage for stage in job.stages}
     cached = {
-        stage.stage_key: stage.id for stage in job.stages if stage.status == "cached" and stage.stage_key
+        stage.stage_key: stage.id
+        for stage in job.stages
+        if stage.status == StageStatus.cached and stage.stage_key
     }
     origin_of: dict[str, str] = {}  # the computing stage's id -> the cached stage's id
     if cached:
         origins = session.execute(
             select(Stage.id, Stage.stage_key).where(
-                Stage.stage_key.in_(list(cached)), Stage.status == "succeeded", Stage.team_id == job.team_id
+                Stage.stage_key.in_(list(cached)),
+                Stage.status == StageStatus.succeeded,
+                Stage.team_id == job.team_id,
             )
         )
         for origin_id, key in origins:
@@ -198,10 +231,15 @@ def read_logs(
     status_code=status.HTTP_202_ACCEPTED,
     responses=error_responses(409),
 )
-def cancel_job(job: JobDep, session: SessionDep) -> JobPublic:
+async def cancel_job(team_id: TeamIdDep, job_id: JobId) -> JobPublic:
     """Cancel: waiting stages stop now; running ones stop at their next training step. 409 if the
     job has already ended."""
-    return job_public(job_service.cancel_job(session, job=job))
+
+    def cancel(session: Session) -> JobPublic:
+        job = job_service.get_job(session, team_id=team_for_write(session, team_id).id, job_id=job_id)
+        return job_public(job_service.cancel_job(session, job=job))
+
+    return await in_session(cancel)
 
 
 @router.post(
@@ -210,7 +248,12 @@ def cancel_job(job: JobDep, session: SessionDep) -> JobPublic:
     status_code=status.HTTP_202_ACCEPTED,
     responses=error_responses(409),
 )
-def retry_job(job: JobDep, session: SessionDep) -> JobPublic:
+async def retry_job(team_id: TeamIdDep, job_id: JobId) -> JobPublic:
     """Run a failed or cancelled job's unfinished stages again; finished stages are kept. 409 if
     the job is not failed or cancelled."""
-    return job_public(job_service.retry_job(session, job=job))
+
+    def retry(session: Session) -> JobPublic:
+        job = job_service.get_job(session, team_id=team_for_write(session, team_id).id, job_id=job_id)
+        return job_public(job_service.retry_job(session, job=job))
+
+    return await in_session(retry)

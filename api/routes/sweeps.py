@@ -7,8 +7,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, status
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.orm import Session
 
-from api.deps import SessionDep, SettingsDep, SweepDep, TeamDep
+from api.deps import SessionDep, SettingsDep, SweepDep, TeamDep, TeamIdDep, in_session, team_for_write
 from api.schemas import SweepCreate, SweepPublic, SweepsPublic, SweepSummary, error_responses
 from service import sweeps as sweep_service
 from w2s.spec import SpecError
@@ -35,24 +36,28 @@ def _public(report: sweep_service.SweepReport) -> SweepPublic:
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=SweepPublic)
-def create_sweep(body: SweepCreate, session: SessionDep, team: TeamDep, settings: SettingsDep) -> SweepPublic:
+async def create_sweep(body: SweepCreate, team_id: TeamIdDep, settings: SettingsDep) -> SweepPublic:
     """Queue one job per (weak, strong) pair, each with every loss and seed, all or nothing: an
     invalid pair is a 422 naming the model (``strong_models.1.mode``) and creates nothing.
 
     Stages the jobs share (a weak model's weak stage, a strong model's ceiling) run once: the
     dispatcher deduplicates by stage key."""
-    try:
+
+    def create(session: Session) -> SweepPublic:
         sweep = sweep_service.create_sweep(
             session,
-            team=team,
+            team=team_for_write(session, team_id),
             settings=settings,
             grid=body.model_dump(exclude={"name", "priority"}),
             name=body.name,
             priority=body.priority,
         )
+        return _public(sweep_service.sweep_report(session, sweep=sweep))
+
+    try:
+        return await in_session(create)
     except SpecError as error:
         raise _spec_errors(error) from None
-    return _public(sweep_service.sweep_report(session, sweep=sweep))
 
 
 @router.get("", response_model=SweepsPublic)

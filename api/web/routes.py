@@ -47,7 +47,7 @@ from service import jobs as job_service
 from service import sweeps as sweep_service
 from service.errors import NotFound, ServiceError
 from service.models import Job, Sweep, Team
-from service.states import JOB_TERMINAL, InvalidTransition
+from service.states import JOB_TERMINAL, InvalidTransition, JobStatus, StageStatus, has_result, is_terminal
 from service.usage import team_usage
 from w2s import plots
 
@@ -78,6 +78,11 @@ _env.filters.update(views.FILTERS)
 _env.globals.update(
     static_version=_static_version(),
     job_statuses=views.JOB_STATUSES,
+    # Templates compare statuses through these, never through literal strings (service/states.py).
+    JobStatus=JobStatus,
+    StageStatus=StageStatus,
+    has_result=has_result,
+    is_terminal=is_terminal,
     example_curl=views.example_curl,
     elapsed=views.elapsed,
 )
@@ -612,7 +617,7 @@ def team_page(
             views.job_row(job, reference)
             for job in job_service.list_jobs(session, team_id=team.id, status=state, limit=20)[0]
         ]
-        for state in ("running", "queued")
+        for state in (JobStatus.running, JobStatus.queued)
     }
     return render(request, "team.html", nav="team", usage=usage, active=active)
 

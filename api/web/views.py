@@ -17,11 +17,11 @@ from typing import Any
 from pydantic import Field
 
 from api.schemas import JobPublic, JobSummary, StagePublic, SweepPublic, job_summary
-from service.states import JOB_TERMINAL
+from service.states import JOB_TERMINAL, JobStatus, StageStatus, can_cancel, can_retry, has_result
 from w2s.plots import PALETTE
 from w2s.results import FLAG_DESCRIPTIONS
 
-JOB_STATUSES = ["queued", "running", "succeeded", "failed", "cancelled"]
+JOB_STATUSES = [str(status) for status in JobStatus]
 
 
 def utc(moment: dt.datetime | None) -> dt.datetime | None:
@@ -169,9 +169,9 @@ def _losses(stages: list[Any]) -> list[str]:
 
 
 def _stage_fraction(stage: Any) -> float:
-    if stage.status in ("succeeded", "cached"):
+    if has_result(stage.status):
         return 1.0
-    if stage.status == "running" and stage.total_steps:
+    if stage.status == StageStatus.running and stage.total_steps:
         return min(1.0, stage.step / stage.total_steps)
     return 0.0
 
@@ -184,7 +184,7 @@ def job_row(job: Any, reference: dt.datetime | None = None) -> JobRow:
         elapsed: float | None = ((finished or reference or now()) - started).total_seconds()
     else:
         elapsed = None
-    running = [stage for stage in stages if stage.status == "running"]
+    running = [stage for stage in stages if stage.status == StageStatus.running]
     current = None
     if running:
         stage = running[0]
@@ -198,7 +198,7 @@ def job_row(job: Any, reference: dt.datetime | None = None) -> JobRow:
         duration_s=elapsed,
         live_progress=sum(_stage_fraction(s) for s in stages) / len(stages) if stages else 0.0,
         current_stage=current,
-        stages_done=sum(s.status in ("succeeded", "cached") for s in stages),
+        stages_done=sum(has_result(s.status) for s in stages),
         stages_total=len(stages),
     )
 
@@ -248,17 +248,17 @@ def timeline(job: JobPublic, reference: dt.datetime | None = None) -> tuple[list
     for stage in job.stages:
         view = StageView(stage, stage_label(stage.kind), colors[stage.id], _stage_fraction(stage))
         if start is not None and span > 0:
-            run_end = stage.finished_at or (reference if stage.status == "running" else None)
+            run_end = stage.finished_at or (reference if stage.status == StageStatus.running else None)
             if stage.queued_at and stage.started_at:
                 left = position(stage.queued_at)
                 view.wait_bar = (left, max(0.4, position(stage.started_at) - left))
-            elif stage.queued_at and stage.status == "queued":
+            elif stage.queued_at and stage.status == StageStatus.queued:
                 left = position(stage.queued_at)
                 view.wait_bar = (left, max(0.4, position(reference) - left))
             if stage.started_at and run_end:
                 left = position(stage.started_at)
                 view.run_bar = (left, max(0.6, position(run_end) - left))
-            elif stage.status == "cached" and stage.finished_at:
+            elif stage.status == StageStatus.cached and stage.finished_at:
                 view.run_bar = (position(stage.finished_at), 0.6)
         groups.setdefault(stage.seed, SeedGroup(stage.seed)).stages.append(view)
     return list(groups.values()), duration(span) if span else ""
@@ -371,8 +371,8 @@ def example_curl(base_url: str) -> str:
 
 
 def job_actions(job: JobPublic) -> dict[str, bool]:
-    """Which buttons the job page shows; mirrors the transitions in service.states."""
-    return {"cancel": job.status in ("queued", "running"), "retry": job.status in ("failed", "cancelled")}
+    """Which buttons the job page shows: the transitions service.states allows from its status."""
+    return {"cancel": can_cancel(job.status), "retry": can_retry(job.status)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,7 +31,10 @@ PLAN_DUE = "status IN ('queued', 'running') AND NOT planned"
 FINISH_DUE = "status IN ('queued', 'running') AND planned AND stages_left = 0"
 OLD_TO_PLAN = "NOT planned AND status IN ('queued', 'running')"
 OLD_TO_FINISH = "finish_due AND status = 'running'"
-LEFT = "(SELECT count(*) FROM stages WHERE stages.job_id = jobs.id AND stages.status NOT IN ('succeeded', 'cached'))"
+LEFT = (
+    "(SELECT count(*) FROM stages WHERE stages.job_id = jobs.id "
+    "AND stages.status NOT IN ('succeeded', 'cached'))"
+)
 
 
 def upgrade() -> None:

@@ -19,7 +19,7 @@ from sqlalchemy import text
 from service.auth import create_api_key, create_team
 from service.db import get_engine, reset_caches, session_scope
 from service.models import Base
-from svc_support import PG_ADMIN_URL, REDIS_DB, Stack, alembic_config
+from svc_support import PG_ADMIN_URL, REDIS_DB, Stack, alembic_config, live_api_server
 
 ADMIN_KEY = "test-admin-key"
 
@@ -148,3 +148,10 @@ def stack(service_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.Monke
     client = redis.Redis(db=REDIS_DB)
     for key in client.scan_iter(f"{prefix}*"):
         client.delete(key)
+
+
+@pytest.fixture
+def live_api(service_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
+    """A real uvicorn on the test's Postgres: concurrency as clients meet it."""
+    with live_api_server(service_env, tmp_path / "api.log") as url:
+        yield url

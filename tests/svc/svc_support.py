@@ -3,15 +3,18 @@ tiny job's spec, and real service processes (``Stack``) with ways to wait on the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from alembic.config import Config
 from fastapi.testclient import TestClient
@@ -134,3 +137,40 @@ class Steps:
                 if job is not None and job.status in ("succeeded", "failed", "cancelled"):
                     return {"status": job.status, "error": job.error, "results": job.results}
         raise AssertionError(f"job {job_id} did not end in {rounds} rounds")
+
+
+@contextlib.contextmanager
+def live_api_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
+    """A real uvicorn serving the API with ``env``; its base URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = open(log_path, "wb")  # noqa: SIM115 (closed below)
+    command = [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory"]
+    process = subprocess.Popen(
+        [*command, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the API did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()

@@ -4,12 +4,7 @@ requests for one key must converge on one job (the unique constraint decides), n
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,52 +19,6 @@ pytestmark = pytest.mark.slow  # a real uvicorn server under concurrent load
 
 ROOT = Path(__file__).resolve().parents[2]
 REQUESTS, KEYS, CLIENTS = 200, 50, 50
-
-
-@pytest.fixture
-def live_api(service_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log = open(tmp_path / "api.log", "wb")  # noqa: SIM115 (closed below)
-    command = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "api.main:create_app",
-        "--factory",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    process = subprocess.Popen(
-        [*command, "--log-level", "warning"],
-        cwd=ROOT,
-        env={**os.environ, **service_env},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the API did not start:\n{(tmp_path / 'api.log').read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
 
 
 def test_concurrent_repeats_of_a_key_create_one_job(
