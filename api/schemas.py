@@ -241,6 +241,23 @@ class AuditEntryPublic(BaseModel):
     details: dict[str, Any] | None
 
 
+class FindingPublic(BaseModel):
+    """A job that breaks one of the lifecycle's invariants (service/doctor.py)."""
+
+    job_id: str
+    team_id: str
+    job_status: str
+    problem: str
+    detail: str
+    wedged: bool = Field(description="true: no dispatch round can repair it; false: overdue work")
+
+
+class CheckupPublic(BaseModel):
+    healthy: bool
+    checked_jobs: int
+    findings: list[FindingPublic]
+
+
 class ApiKeyCreate(BaseModel):
     model_config = ConfigDict(strict=True)
 

@@ -76,10 +76,12 @@ def recover_lost_stages(session: Session, settings: Settings, report: RoundRepor
     now = utcnow()
     silent_since = now - dt.timedelta(seconds=settings.heartbeat_timeout_s)
     lost = session.execute(
-        select(Stage.id, Stage.fence, Stage.worker, Stage.gpu_class).where(
+        select(Stage.id, Stage.fence, Stage.worker, Stage.gpu_class)
+        .where(
             Stage.status == StageStatus.running,
             or_(Stage.heartbeat_at < silent_since, Stage.heartbeat_at.is_(None)),
         )
+        .order_by(Stage.id)
     ).all()
     for stage_id, fence, worker, queue in lost:
         message = f"no heartbeat from {worker} for {settings.heartbeat_timeout_s:.0f} s; requeued"
@@ -88,13 +90,15 @@ def recover_lost_stages(session: Session, settings: Settings, report: RoundRepor
     first_lease = now - dt.timedelta(seconds=settings.claim_lease_s)
     again = now - dt.timedelta(seconds=settings.redeliver_after_s)
     unclaimed = session.execute(
-        select(Stage.id, Stage.job_id).where(
+        select(Stage.id, Stage.job_id)
+        .where(
             Stage.status == StageStatus.queued,
             or_(
                 and_(Stage.sent_at == Stage.queued_at, Stage.sent_at < first_lease),  # sent once
                 Stage.sent_at < again,
             ),
         )
+        .order_by(Stage.id)
     ).all()
     if not unclaimed:
         return
@@ -110,7 +114,7 @@ def recover_lost_stages(session: Session, settings: Settings, report: RoundRepor
         .returning(Stage.id, Stage.job_id, Stage.kind, Stage.seed, Stage.gpu_class)
         .execution_options(synchronize_session=False)
     ).all()
-    for stage_id, job_id, kind, seed, queue in resent:
+    for stage_id, job_id, kind, seed, queue in sorted(resent):
         message = f"{kind}/{seed}: no worker claimed it; sent again"
         log(session, job_id=job_id, stage_id=stage_id, message=message, level="warning")
         report.resent.append((stage_id, queue or "cpu"))

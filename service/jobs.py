@@ -23,11 +23,14 @@ from service.lifecycle import log
 from service.models import Dataset, Job, LogLine, Stage, Team, new_id, utcnow
 from service.pagination import decode_cursor, page
 from service.planning import UPLOAD_PREFIX
-from service.settings import Settings
-from service.states import STAGE_DONE, JobStatus
+from service.settings import Settings, get_settings
+from service.states import STAGE_BACKLOG, STAGE_DONE, STAGE_UNFINISHED, JobStatus, can_retry
 from w2s.spec import CustomDatasetSpec, JobSpec, SpecError, parse_spec
 
 __all__ = ["UPLOAD_PREFIX", "NotFound", "log"]
+
+# The stages a retry moves back to pending that were not counted in the team's backlog already.
+REVIVED_BY_RETRY = sorted(str(status) for status in STAGE_UNFINISHED - STAGE_BACKLOG)
 
 
 @dataclass(frozen=True)
@@ -549,8 +552,15 @@ def cancel_job(session: Session, *, job: Job) -> Job:
     return job
 
 
-def retry_job(session: Session, *, job: Job) -> Job:
-    """Run the failed and cancelled stages of a failed or cancelled job again."""
+def retry_job(session: Session, *, job: Job, settings: Settings | None = None) -> Job:
+    """Run the failed and cancelled stages of a failed or cancelled job again. The stages it revives
+    count against the team's backlog (max_queued_stages) like a new job's, under the team's lock."""
+    settings = settings or get_settings()
+    if can_retry(job.status):  # otherwise the lifecycle answers 409 with the job's state
+        reviving = session.scalar(
+            select(func.count()).where(Stage.job_id == job.id, Stage.status.in_(REVIVED_BY_RETRY))
+        )
+        limits.check_backlog(session, job.team, settings, int(reviving or 0))
     lifecycle.retry_job(session, job.id)
     session.expire_all()  # the lifecycle wrote with conditional statements
     return job

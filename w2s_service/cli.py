@@ -14,6 +14,7 @@ This module is the composition root: the one place that knows all of api/, worke
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -398,6 +399,38 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Exit 0 when every invariant holds, 1 when a job breaks one (2: wedged, no round can repair it)."""
+    from service import doctor
+    from service.db import session_scope
+    from service.settings import get_settings
+
+    with session_scope(read_only=True) as session:
+        result = doctor.checkup(session, get_settings(), grace_s=args.grace)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "healthy": result.healthy,
+                    "checked_jobs": result.checked_jobs,
+                    "findings": [finding.to_dict() for finding in result.findings],
+                },
+                indent=2,
+            )
+        )
+    else:
+        for finding in result.findings:
+            kind = "WEDGED " if finding.wedged else "overdue"
+            print(f"{kind}  {finding.job_id}  {finding.job_status:<9} {finding.problem}: {finding.detail}")
+        print(
+            f"{result.checked_jobs} jobs checked: "
+            + ("every invariant holds" if result.healthy else f"{len(result.findings)} findings")
+        )
+    if result.healthy:
+        return 0
+    return 2 if any(finding.wedged for finding in result.findings) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from service.states import JobStatus
 
@@ -462,6 +495,12 @@ def build_parser() -> argparse.ArgumentParser:
     audit = commands.add_parser("audit", help="the latest admin actions")
     audit.add_argument("--limit", type=int, default=50)
     audit.set_defaults(handler=cmd_audit)
+    doc = commands.add_parser(
+        "doctor", help="jobs that break a lifecycle invariant, and why (exit 0: none; 1: overdue; 2: wedged)"
+    )
+    doc.add_argument("--grace", type=float, default=60.0, help="seconds past a lease before work is overdue")
+    doc.add_argument("--json", action="store_true")
+    doc.set_defaults(handler=cmd_doctor)
     return parser
 
 

@@ -435,6 +435,10 @@ def execute_stage(
 
     writer = ProgressWriter(stage_id, settings.progress_flush_s, claim.fence)
     heartbeat = Heartbeat(stage_id, claim.fence, settings.heartbeat_interval_s, writer)
+    # One line as an attempt starts and one as it ends, each with its fence: an operator (or
+    # bench/race_storm.py) can tell from the logs of every worker which attempts overlapped.
+    logger.info("stage %s attempt %d started on %s", stage_id, claim.fence, worker)
+    started = time.monotonic()
     heartbeat.start()
     try:
         try:
@@ -465,6 +469,7 @@ def execute_stage(
         return outcome
     finally:
         heartbeat.stop()
+        logger.info("stage %s attempt %d ended after %.2f s", stage_id, claim.fence, time.monotonic() - started)
 
 
 def user_message(error: BaseException) -> str:

@@ -1,5 +1,6 @@
 """/v1/admin: teams (limits, weight, quota, priority ceiling, disable), keys, any team's jobs, the
-audit log. Every endpoint needs the admin key; every change is audited (service/admin.py)."""
+audit log, the lifecycle's health (doctor). Every endpoint needs the admin key; every change is
+audited (service/admin.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, status
 
-from api.deps import AdminDep, SessionDep
+from api.deps import AdminDep, SessionDep, SettingsDep
 from api.schemas import (
     ApiKeyPublic,
     AuditEntryPublic,
+    CheckupPublic,
+    FindingPublic,
     JobPublic,
     JobsPublic,
     TeamAdminPublic,
@@ -19,7 +22,7 @@ from api.schemas import (
     job_public,
     summary_public,
 )
-from service import admin
+from service import admin, doctor
 from service import jobs as job_service
 from service.models import Job
 from service.states import JobStatus
@@ -88,3 +91,21 @@ def read_audit(
 ) -> list[AuditEntryPublic]:
     """Admin actions, newest first."""
     return [AuditEntryPublic.model_validate(entry) for entry in admin.audit_entries(session, limit=limit)]
+
+
+@router.get("/doctor", response_model=CheckupPublic)
+def read_doctor(
+    session: SessionDep,
+    settings: SettingsDep,
+    _: AdminDep,
+    grace_s: Annotated[float, Query(ge=0, le=86_400)] = 60.0,
+) -> CheckupPublic:
+    """The jobs that break a lifecycle invariant, and why: wedged ones first (no dispatch round can
+    move them), then overdue work (due for longer than its lease plus ``grace_s``: is the dispatcher
+    running?). Empty while the dispatcher runs."""
+    result = doctor.checkup(session, settings, grace_s=grace_s)
+    return CheckupPublic(
+        healthy=result.healthy,
+        checked_jobs=result.checked_jobs,
+        findings=[FindingPublic(**finding.to_dict()) for finding in result.findings],
+    )

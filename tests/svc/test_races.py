@@ -22,6 +22,7 @@ import pytest
 from sqlalchemy import func, select, update
 
 from service.db import session_scope
+from service.limits import WAITING
 from service.models import Dataset, Stage, Team
 from svc_support import live_api_server, tiny_job
 
@@ -92,6 +93,40 @@ def test_parallel_submissions_never_exceed_the_backlog_quota(
     with session_scope() as session:
         stages = session.scalar(select(func.count()).select_from(Stage).where(Stage.team_id == team.team_id))
     assert stages == 9
+
+
+def test_parallel_retries_never_exceed_the_backlog_quota(live_api: str, make_team, tiny_bert: Path) -> None:  # type: ignore[no-untyped-def]
+    """A retry revives a job's stages: they count against the backlog like a new job's. Ten
+    cancelled jobs (30 stages) retried at once into a quota of 10 stages: three succeed, and a
+    refused retry leaves its job cancelled and says which limit, so it can be tried later."""
+    team = make_team()
+    body = tiny_job(tiny_bert, tiny_bert)
+    job_ids = []
+    for _ in range(10):
+        response = httpx.post(f"{live_api}/v1/jobs", json=body, headers=team.headers, timeout=30)
+        job_ids.append(response.json()["id"])
+        httpx.post(f"{live_api}/v1/jobs/{job_ids[-1]}/cancel", headers=team.headers, timeout=30)
+    with session_scope() as session:
+        session.execute(update(Team).where(Team.id == team.team_id).values(max_queued_stages=10))
+    responses = burst(
+        live_api,
+        [
+            {"method": "POST", "url": f"/v1/jobs/{job_id}/retry", "headers": team.headers}
+            for job_id in job_ids
+        ],
+    )
+    codes = [response.status_code for response in responses]
+    assert sorted(codes) == [202] * 3 + [429] * 7, codes
+    refused = next(response for response in responses if response.status_code == 429)
+    assert "max_queued_stages" in refused.text and refused.headers.get("retry-after")
+    with session_scope() as session:
+        waiting = session.scalar(
+            select(func.count()).where(Stage.team_id == team.team_id, Stage.status.in_(WAITING))
+        )
+    assert waiting == 9
+    for job_id, response in zip(job_ids, responses, strict=True):
+        status = httpx.get(f"{live_api}/v1/jobs/{job_id}", headers=team.headers, timeout=30).json()["status"]
+        assert status == ("queued" if response.status_code == 202 else "cancelled")
 
 
 def jsonl(rows: int, padding: int) -> bytes:
