@@ -125,7 +125,8 @@ def due_control_tasks(session: Session, settings: Settings, report: RoundReport)
     leased right now. Fair across teams: a team has at most one planning and one finishing task out
     at a time, so a sweep of a thousand jobs is planned one job after another while another team's
     job is planned as soon as it arrives. A task whose lease lapsed (its worker lost, or the send
-    lost) is due again; a job whose task was lost too often fails."""
+    lost) is due again; a job whose task started and was lost too often fails (a send no worker took is
+    not an attempt: it is sent again as long as it takes)."""
     now = utcnow()
     free = or_(Job.control_lease_until.is_(None), Job.control_lease_until < now)
     for due, task, what, into in (
@@ -149,8 +150,10 @@ def due_control_tasks(session: Session, settings: Settings, report: RoundReport)
             job_id, leased_task, tries = row
             if leased_task == task and tries >= settings.max_control_attempts:
                 error = (
-                    f"{what} the job did not end in {tries} attempts (its worker was lost or stuck, "
-                    f"each time for longer than its {settings.control_lease_s:.0f} s lease); retry the job"
+                    f"{what} the job started {tries} times and did not end (its worker was lost or "
+                    f"stuck, each time for longer than its {settings.control_lease_s:.0f} s lease); retry "
+                    "the job, and if it happens again, tell the operators: the control worker's log "
+                    "says why"
                 )
                 lock_jobs(session, [job_id])
                 report.failed += fail_job(session, job_id, error)

@@ -337,8 +337,10 @@ def lease_control(session: Session, job_id: str, task: str, lease_s: float) -> i
             control_task=task,
             control_token=Job.control_token + 1,
             control_lease_until=utcnow() + dt.timedelta(seconds=lease_s),
-            # Attempts count per kind of task: finishing starts from zero after planning.
-            control_attempts=case((Job.control_task == task, Job.control_attempts), else_=0) + 1,
+            # Attempts count per kind of task (finishing starts from zero after planning), and only
+            # tasks that started (claim_control): a send no worker took, say while the control
+            # workers were down, is sent again as often as it takes and never fails the job.
+            control_attempts=case((Job.control_task == task, Job.control_attempts), else_=0),
         )
         .returning(Job.control_token)
         .execution_options(synchronize_session=False)
@@ -346,9 +348,15 @@ def lease_control(session: Session, job_id: str, task: str, lease_s: float) -> i
     return None if row is None else int(row[0])
 
 
-def hold_control(session: Session, job_id: str, task: str, token: int, lease_s: float) -> bool:
-    """A running control task claims or extends its lease; False if its token is no longer current
-    (it was sent again after its lease lapsed, or the job was retried or ended): it must stop."""
+def hold_control(
+    session: Session, job_id: str, task: str, token: int, lease_s: float, *, starting: bool = False
+) -> bool:
+    """A running control task extends its lease (``starting``: claims it as it starts, which counts
+    an attempt); False if its token is no longer current (it was sent again after its lease lapsed,
+    or the job was retried or ended): it must stop."""
+    values: dict[str, Any] = {"control_lease_until": utcnow() + dt.timedelta(seconds=lease_s)}
+    if starting:
+        values["control_attempts"] = Job.control_attempts + 1
     held = session.execute(
         update(Job)
         .where(
@@ -357,7 +365,7 @@ def hold_control(session: Session, job_id: str, task: str, token: int, lease_s: 
             Job.control_token == token,
             Job.status.in_(_strs(JOB_OPEN)),
         )
-        .values(control_lease_until=utcnow() + dt.timedelta(seconds=lease_s))
+        .values(**values)
         .returning(Job.id)
         .execution_options(synchronize_session=False)
     ).first()

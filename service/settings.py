@@ -83,7 +83,10 @@ class Settings(LibrarySettings):
         600.0, gt=0, description="longest a job's planning or finishing may take"
     )
     max_control_attempts: int = Field(
-        3, ge=1, description="a job whose planning or finishing task is lost this often fails"
+        3,
+        ge=1,
+        description="a job whose planning or finishing task starts and is lost (its worker killed or "
+        "stuck) this often fails; sends no worker took do not count",
     )
     control_lease_s: float = Field(
         15.0,

@@ -87,3 +87,49 @@ def test_recorded_figures_render_with_their_targets(report: ModuleType) -> None:
     assert "worst p99 61.0 ms (listing.p99_ms); 0 errors | ❌ missed" in page
     assert "slowest 40.0 ms (cases.deep.max_ms) | ✅ met" in page
     assert "| POST → first stage running < 2 s | post_to_running_ms 900 ms | ✅ met |" in page
+
+
+def test_race_storm_figures_render_with_their_goals(report: ModuleType) -> None:
+    figures = {
+        "minutes": 1,
+        "clients": 20,
+        "teams": 4,
+        "backlog_quota": 12,
+        "slots": {"cpu": 2},
+        "requests": 1500,
+        "responses": {"submit 201": 90, "submit 429": 300, "cancel 202": 150},
+        "server_errors": 0,
+        "transport_errors": 0,
+        "kills": {"dispatcher": 2, "worker-cpu-0": 1},
+        "kills_total": 3,
+        "jobs": 90,
+        "end_states": {"cancelled": 70, "succeeded": 20},
+        "settle_s": 56.0,
+        "stuck_jobs": 0,
+        "doctor_findings": 0,
+        "quota": {
+            "samples": 200,
+            "backlog_max": 12,
+            "in_flight_max": 2,
+            "backlog_overshoot": 0,
+            "slot_overshoot": 1,
+        },
+        "attempts": {
+            "attempts": 60,
+            "overlapping_pairs": 3,
+            "by_cause": {"the job was retried (the old attempt stops at its next step)": 3},
+            "unexplained": 0,
+            "longest_overlap_s": 1.5,
+            "superseded_outcomes_discarded": 4,
+        },
+        "retried_afterwards": {"retried": 4, "succeeded": 4},
+        "reader": {"reads": 500, "failures": 0, "p50_ms": 20.0, "p99_ms": 250.0, "max_ms": 400.0},
+    }
+    records = {
+        "race_storm": {"name": "race_storm", "status": "ok", "figures": figures, "machine": report.machine()}
+    }
+    page = report.render_page(records, "python bench/report.py")
+    assert "| stuck jobs = 0 | 0 | ✅ met |" in page
+    assert "| quota overshoot = 0 | 1 | ❌ missed |" in page
+    assert "| another team's read p99 < 200 ms | 250.0 ms | ❌ missed |" in page
+    assert "| processes killed (SIGKILL) | 3 (dispatcher 2, worker-cpu-0 1) |" in page

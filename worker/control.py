@@ -82,7 +82,9 @@ def run_control(
         with session_scope() as session:
             if token is None:
                 token = lease_control(session, job_id, task, settings.control_lease_s)
-            if token is None or not hold_control(session, job_id, task, token, settings.control_lease_s):
+            if token is None or not hold_control(
+                session, job_id, task, token, settings.control_lease_s, starting=True
+            ):
                 return "stale"  # sent again, retried or ended meanwhile
     except DBAPIError as failure:
         if database_unreachable(failure):

@@ -469,7 +469,8 @@ def execute_stage(
         return outcome
     finally:
         heartbeat.stop()
-        logger.info("stage %s attempt %d ended after %.2f s", stage_id, claim.fence, time.monotonic() - started)
+        elapsed = time.monotonic() - started
+        logger.info("stage %s attempt %d ended after %.2f s", stage_id, claim.fence, elapsed)
 
 
 def user_message(error: BaseException) -> str:

@@ -120,22 +120,50 @@ def test_planning_is_fair_a_big_sweep_never_holds_up_another_teams_job(
     assert [job for job, _ in steps.round().plan] == [many[1]]  # the next, once the first is done
 
 
-def test_a_lost_control_task_is_sent_again_and_then_gives_up(
+def _lapse(job_id: str) -> None:
+    with session_scope() as session:  # the lease of seconds lapses
+        lapsed = utcnow() - dt.timedelta(seconds=1)
+        session.execute(update(Job).where(Job.id == job_id).values(control_lease_until=lapsed))
+
+
+def test_a_control_task_no_worker_takes_is_sent_again_without_failing_the_job(
     client: TestClient, make_team, tiny_bert: Path, steps: Steps
 ) -> None:  # type: ignore[no-untyped-def]
+    """The control workers are down (or the broker lost the sends): the task is sent again after
+    every lease, as long as it takes, and the job runs once a worker takes it."""
+    settings = get_settings()
+    job_id = submit(client, make_team(), tiny_job(tiny_bert, tiny_bert)).json()["id"]
+    for _ in range(3 * settings.max_control_attempts):
+        sent = dict(steps.round().plan)
+        assert list(sent) == [job_id]
+        assert steps.round().plan == []  # leased: not sent twice
+        _lapse(job_id)
+    assert job_row(job_id).status == "queued" and job_row(job_id).control_attempts == 0
+    token = dict(steps.round().plan)[job_id]
+    assert plan_job_task(job_id, token) == "done"
+
+
+def test_a_control_task_lost_after_starting_is_sent_again_and_then_gives_up(
+    client: TestClient, make_team, tiny_bert: Path, steps: Steps
+) -> None:  # type: ignore[no-untyped-def]
+    """A task that started and was lost (its worker killed mid-task, or stuck) counts; one that keeps
+    getting lost (a job that crashes its worker) fails its job, saying so."""
     settings = get_settings()
     job_id = submit(client, make_team(), tiny_job(tiny_bert, tiny_bert)).json()["id"]
     for attempt in range(1, settings.max_control_attempts + 1):
-        assert [job for job, _ in steps.round().plan] == [job_id]  # sent; its worker "dies"
+        sent = dict(steps.round().plan)
+        assert list(sent) == [job_id]
+        with session_scope() as session:  # a control worker starts it, as run_control does; then dies
+            assert lifecycle.hold_control(
+                session, job_id, "plan", sent[job_id], settings.control_lease_s, starting=True
+            )
         assert job_row(job_id).control_attempts == attempt
         assert steps.round().plan == []  # leased: not sent twice
-        with session_scope() as session:  # the lease of seconds lapses
-            lapsed = utcnow() - dt.timedelta(seconds=1)
-            session.execute(update(Job).where(Job.id == job_id).values(control_lease_until=lapsed))
+        _lapse(job_id)
     report = steps.round()
     assert report.failed == 1 and report.plan == []
     job = job_row(job_id)
-    assert job.status == "failed" and "planning the job did not end" in (job.error or "")
+    assert job.status == "failed" and "planning the job started 3 times and did not end" in (job.error or "")
 
 
 # ------------------------------------------------------------------------------------------------------
