@@ -776,13 +776,41 @@ def _remember_artifacts(session: Session, record: dict[str, Any], store_uri: str
     )
 
 
+def _cancel_if_job_ended(
+    session: Session, job_id: str, stage_id: str, fence: int, why: str
+) -> MovedStage | None:
+    """A running stage of a job that has ended (cancelled or failed meanwhile) is not sent back to
+    wait: it is cancelled, so no waiting stage outlives its job or holds a slot (call with the job
+    locked). None if the job is open (or the attempt is no longer current)."""
+    if _job_status(session, job_id) in JOB_OPEN:
+        return None
+    started_at = _current_start(session, stage_id, fence)
+    moved = move_stage(
+        session,
+        stage_id,
+        StageStatus.cancelled,
+        only_from=(StageStatus.running,),
+        if_fence=fence,
+        message=f"{why}; not run again: its job has ended",
+        level="warning",
+    )
+    if moved is not None:
+        record_usage(session, stage_id, started_at)
+        refresh_job(session, job_id)
+        wake_dispatcher(session)  # its slot is free
+    return moved
+
+
 def requeue_after_error(session: Session, stage_id: str, fence: int, error: str, due_at: dt.datetime) -> None:
     """A transient failure: the stage goes back to queued (its slot kept) for Celery's retry; only
-    if the failed attempt is still the current one."""
+    if the failed attempt is still the current one, and only while its job is open."""
     job_id = job_of_stage(session, stage_id)
     if job_id is None:
         return
     lock_jobs(session, [job_id])
+    if _job_status(session, job_id) not in JOB_OPEN:
+        _cancel_if_job_ended(session, job_id, stage_id, fence, error)
+        return
     started_at = _current_start(session, stage_id, fence)
     moved = move_stage(
         session,
@@ -821,6 +849,8 @@ def out_of_memory(
     if job_id is None:
         return False
     lock_jobs(session, [job_id])
+    if _job_status(session, job_id) not in JOB_OPEN:
+        return _cancel_if_job_ended(session, job_id, stage_id, fence, error) is not None
     started_at = _current_start(session, stage_id, fence)
     moved = move_stage(
         session,
@@ -842,12 +872,14 @@ def out_of_memory(
 
 
 def requeue_lost(session: Session, stage_id: str, fence: int, message: str) -> bool:
-    """A running stage whose worker went silent goes back to queued; its next claim fences the old
-    attempt out."""
+    """A running stage whose worker went silent goes back to queued, its next claim fencing the old
+    attempt out; of a job that has ended, it is cancelled instead."""
     job_id = job_of_stage(session, stage_id)
     if job_id is None:
         return False
     lock_jobs(session, [job_id])
+    if _job_status(session, job_id) not in JOB_OPEN:
+        return _cancel_if_job_ended(session, job_id, stage_id, fence, message) is not None
     return (
         move_stage(
             session,

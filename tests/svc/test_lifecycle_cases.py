@@ -228,3 +228,33 @@ def test_cancel_and_retry_storms_never_deadlock_or_report_an_outage(
     for thread in threads:
         thread.join(60)
     assert errors == []
+
+
+@pytest.mark.parametrize("fault", ["worker_lost", "transient_error", "out_of_memory"])
+def test_a_running_stage_of_a_job_that_ended_is_cancelled_not_requeued(
+    client: TestClient, make_team, tiny_bert: Path, fault: str
+) -> None:  # type: ignore[no-untyped-def]
+    """Found by the model-based test (slow tier, randomised): a job failed while one of its stages ran;
+    the stage's worker then went silent and the round requeued it, leaving a queued stage, holding a
+    slot, in a failed job. A stage of an ended job is cancelled instead, whatever sends it back."""
+    job_id = submit(client, make_team(), tiny_job(tiny_bert, tiny_bert))
+    weak = admitted(job_id)[0]
+    settings = get_settings()
+    claim = tasks.claim_stage(weak, "worker-a", settings)
+    assert claim is not None
+    with session_scope() as session:
+        lifecycle.lock_jobs(session, [job_id])
+        assert lifecycle.fail_job(session, job_id, "another stage failed")
+    with session_scope() as session:
+        if fault == "worker_lost":
+            silent = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=settings.heartbeat_timeout_s + 1)
+            session.execute(update(Stage).where(Stage.id == weak).values(heartbeat_at=silent))
+        elif fault == "transient_error":
+            lifecycle.requeue_after_error(session, weak, claim.fence, "flaky disk", dt.datetime.now(dt.UTC))
+        else:
+            lifecycle.out_of_memory(
+                session, weak, fence=claim.fence, error="CUDA OOM", larger_queue="gpu-80g", store_uri="x"
+            )
+    Steps().round()
+    assert stages(job_id)["weak"].status == StageStatus.cancelled
+    assert job_row(job_id).status == "failed" and job_row(job_id).stages_left == 3
