@@ -32,6 +32,7 @@ from api import web
 from api.deps import Credentials, SettingsDep, require_admin
 from api.routes import admin, datasets, jobs, sweeps, teams
 from api.schemas import error_responses
+from api.streams import StreamHub
 from service.db import database_unreachable, get_engine, lost_a_race, session_scope
 from service.errors import LimitExceeded, ServiceError
 from service.models import Job, Stage
@@ -45,6 +46,7 @@ REQUESTS = Counter("w2s_http_requests_total", "HTTP requests", ["method", "route
 LATENCY = Histogram("w2s_http_request_seconds", "HTTP request latency", ["method", "route"])
 JOBS = Gauge("w2s_jobs", "jobs by status", ["status"])
 STAGES = Gauge("w2s_stages", "stages by status and queue", ["status", "queue"])
+STREAMS = Gauge("w2s_open_streams", "live metric streams open in this API process")
 
 # A job spec or a sweep is a few kB; uploads (POST /v1/datasets) have their own W2S_MAX_UPLOAD_MB.
 MAX_BODY_BYTES = 1024 * 1024
@@ -77,11 +79,15 @@ def create_app() -> FastAPI:
     for module in (jobs, sweeps, datasets, teams, admin):
         v1.include_router(module.router)
     app.include_router(v1)
+    settings = get_settings()
+    # Every live metric stream of this process is served by one hub (api/streams.py).
+    app.state.stream_hub = StreamHub(
+        settings.broker_url, settings.broker_key_prefix, interval_s=settings.stream_interval_s
+    )
     app.include_router(ops)
     # The dashboard. Its session cookie is read by api/web only: /v1 stays bearer-only.
     app.include_router(web.router)
     app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
-    settings = get_settings()
     app.add_middleware(
         SessionMiddleware,
         # Unset, start-up refuses to serve (see _lifespan); the app itself can still be built to read
@@ -348,11 +354,12 @@ def _broker_check() -> str:
         **error_responses(401, 403),
     },
 )
-def metrics(settings: SettingsDep, credentials: Credentials) -> PlainTextResponse:
+def metrics(request: Request, settings: SettingsDep, credentials: Credentials) -> PlainTextResponse:
     """Prometheus metrics: request counts and latency, jobs and stages by status. Needs the admin
     key unless W2S_METRICS_PUBLIC is set (the counts describe every team's work)."""
     if not settings.metrics_public:
         require_admin(settings, credentials)
+    STREAMS.set(request.app.state.stream_hub.open_streams)
     try:
         with session_scope() as session:
             JOBS.clear()

@@ -200,6 +200,7 @@ class TeamAdminPublic(TeamPublic):
     max_stages_per_sweep: int | None
     upload_quota_mb: int | None
     requests_per_minute: int | None
+    max_streams_per_team: int | None
 
 
 class TeamUpdate(BaseModel):
@@ -216,6 +217,7 @@ class TeamUpdate(BaseModel):
     max_stages_per_sweep: int | None = Field(None, ge=1, le=10_000_000)
     upload_quota_mb: int | None = Field(None, ge=1, le=10_000_000)
     requests_per_minute: int | None = Field(None, ge=1, le=1_000_000)
+    max_streams_per_team: int | None = Field(None, ge=1, le=100_000, description="live metric streams open")
     disabled: bool | None = Field(None, description="true: keys stop working and open jobs are cancelled")
 
 

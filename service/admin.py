@@ -26,6 +26,7 @@ TEAM_FIELDS = (
     "max_stages_per_sweep",
     "upload_quota_mb",
     "requests_per_minute",
+    "max_streams_per_team",
 )
 ADMIN = "admin"
 

@@ -62,6 +62,7 @@ class Team(Base):
     max_stages_per_job: Mapped[int | None] = mapped_column(Integer)
     max_stages_per_sweep: Mapped[int | None] = mapped_column(Integer)
     upload_quota_mb: Mapped[int | None] = mapped_column(Integer)
+    max_streams_per_team: Mapped[int | None] = mapped_column(Integer)
     requests_per_minute: Mapped[int | None] = mapped_column(Integer)
 
 

@@ -114,6 +114,12 @@ class Settings(LibrarySettings):
     max_stages_per_sweep: int = Field(25_000, ge=1, description="stages one sweep may have")
     upload_quota_mb: int = Field(2_048, ge=1, description="uploaded data a team may keep")
     requests_per_minute: int = Field(1_200, ge=1, description="API requests per key per minute")
+    max_streams_per_team: int = Field(
+        20, ge=1, description="live metric streams (SSE) a team may hold open at once, over all API processes"
+    )
+    stream_interval_s: float = Field(
+        1.0, gt=0, le=60, description="how often live streams get new points; one database read per tick"
+    )
     max_priority: int = Field(100, ge=-100, le=100, description="highest job priority a team may ask for")
     # Where models may come from, besides hub ids: directories under these roots.
     model_roots: list[Path] = Field(

@@ -306,6 +306,7 @@ LIMIT_FLAGS = (
     "max_stages_per_sweep",
     "upload_quota_mb",
     "requests_per_minute",
+    "max_streams_per_team",
 )
 
 

@@ -3,32 +3,40 @@
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.deps import JobDep, JobId, SessionDep, SettingsDep, TeamIdDep, in_session, team_for_write
+from api.deps import (
+    Credentials,
+    JobDep,
+    JobId,
+    SessionDep,
+    SettingsDep,
+    TeamIdDep,
+    in_session,
+    team_for_write,
+)
 from api.schemas import (
     JobCreate,
     JobPublic,
     JobsPublic,
     LogLinePublic,
     LogsPublic,
-    MetricSeries,
     MetricsPublic,
     error_responses,
     job_public,
     summary_public,
 )
+from api.streams import StreamHub
 from service import jobs as job_service
-from service.db import session_scope
-from service.models import Job, MetricPoint, Stage
-from service.states import JOB_TERMINAL, JobStatus, StageStatus
+from service.auth import hash_key
+from service.limits import limit_of
+from service.metrics import as_series, job_points
+from service.models import Team
+from service.states import JobStatus
 
 # How long a repeated Idempotency-Key waits for the first request's job, in steps (about 10 s in all).
 KEY_BUSY_WAITS_S = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
@@ -126,54 +134,6 @@ async def read_job(team_id: TeamIdDep, job_id: JobId) -> JobPublic:
     return job_public(detail.job, detail.stages)
 
 
-def metric_series(session: SessionDep, job: Job, after_id: int = 0) -> tuple[list[MetricSeries], int]:
-    """The job's curves per stage and metric. A cached stage shows the curves of the run that
-    computed its result (when that run was this team's), marked as reused."""
-    stages = {stage.id: stage for stage in job.stages}
-    cached = {
-        stage.stage_key: stage.id
-        for stage in job.stages
-        if stage.status == StageStatus.cached and stage.stage_key
-    }
-    origin_of: dict[str, str] = {}  # the computing stage's id -> the cached stage's id
-    if cached:
-        origins = session.execute(
-            select(Stage.id, Stage.stage_key).where(
-                Stage.stage_key.in_(list(cached)),
-                Stage.status == StageStatus.succeeded,
-                Stage.team_id == job.team_id,
-            )
-        )
-        for origin_id, key in origins:
-            if cached[key] not in origin_of.values():
-                origin_of[origin_id] = cached[key]
-    points = session.execute(
-        select(MetricPoint.id, MetricPoint.stage_id, MetricPoint.name, MetricPoint.step, MetricPoint.value)
-        .where(MetricPoint.stage_id.in_([*stages, *origin_of]), MetricPoint.id > after_id)
-        .order_by(MetricPoint.stage_id, MetricPoint.name, MetricPoint.step)
-    ).all()
-    series: dict[tuple[str, str], MetricSeries] = {}
-    last_id = after_id
-    for point_id, source_id, name, step, value in points:
-        stage = stages[origin_of.get(source_id, source_id)]
-        entry = series.setdefault(
-            (stage.id, name),
-            MetricSeries(
-                stage_id=stage.id,
-                kind=stage.kind,
-                seed=stage.seed,
-                name=name,
-                steps=[],
-                values=[],
-                reused=source_id in origin_of,
-            ),
-        )
-        entry.steps.append(step)
-        entry.values.append(value)
-        last_id = max(last_id, point_id)
-    return list(series.values()), last_id
-
-
 @router.get(
     "/{job_id}/metrics",
     response_model=MetricsPublic,
@@ -181,37 +141,34 @@ def metric_series(session: SessionDep, job: Job, after_id: int = 0) -> tuple[lis
         200: {
             "content": {"text/event-stream": {}},
             "description": "JSON, or SSE with Accept: text/event-stream",
-        }
+        },
+        **error_responses(429),
     },
 )
-def read_metrics(job: JobDep, session: SessionDep, request: Request) -> MetricsPublic | StreamingResponse:
-    """Training curves per stage. With ``Accept: text/event-stream``, a Server-Sent Events stream of
-    new points and stage states until the job ends."""
-    if "text/event-stream" in request.headers.get("accept", ""):
-        return StreamingResponse(_metric_events(job.id, job.team_id, request), media_type="text/event-stream")
-    series, _ = metric_series(session, job)
-    return MetricsPublic(job_id=job.id, series=series)
+async def read_metrics(
+    job_id: JobId, team_id: TeamIdDep, credentials: Credentials, request: Request, settings: SettingsDep
+) -> MetricsPublic | StreamingResponse:
+    """Training curves per stage. With ``Accept: text/event-stream``, a Server-Sent Events stream:
+    the curves so far, then new points and stage states (``metrics``, ``status``) every
+    ``W2S_STREAM_INTERVAL_S``, ``end`` when the job is over, or ``error`` when the key is revoked
+    or the team disabled. A team may hold ``W2S_MAX_STREAMS_PER_TEAM`` streams open (429 above)."""
 
+    def read(session: Session) -> MetricsPublic:
+        job = job_service.get_job(session, team_id=team_id, job_id=job_id)
+        return MetricsPublic(job_id=job.id, series=as_series(job_points(session, job)))  # type: ignore[arg-type]
 
-async def _metric_events(job_id: str, team_id: str, request: Request) -> AsyncIterator[str]:
-    after_id = 0
-    while not await request.is_disconnected():
-        with session_scope() as session:
-            job = job_service.get_job(session, team_id=team_id, job_id=job_id)
-            series, after_id = metric_series(session, job, after_id)
-            states = {
-                stage.id: {"kind": stage.kind, "seed": stage.seed, "status": stage.status, "step": stage.step}
-                for stage in job.stages
-            }
-            finished = job.status in JOB_TERMINAL
-            job_status = job.status
-        if series:
-            yield f"event: metrics\ndata: {json.dumps([s.model_dump() for s in series])}\n\n"
-        yield f"event: status\ndata: {json.dumps({'status': job_status, 'stages': states})}\n\n"
-        if finished:
-            yield "event: end\ndata: {}\n\n"
-            return
-        await asyncio.sleep(1.0)
+    def stream_limit(session: Session) -> int:
+        job_service.get_job(session, team_id=team_id, job_id=job_id)  # 404 for a job not the team's
+        return limit_of(session.get_one(Team, team_id), settings, "max_streams_per_team")
+
+    if "text/event-stream" not in request.headers.get("accept", ""):
+        return await in_session(read, read_only=True)
+    limit = await in_session(stream_limit, read_only=True)
+    assert credentials is not None  # TeamIdDep checked them
+    hub: StreamHub = request.app.state.stream_hub
+    events = await hub.stream(job_id, team_id, hash_key(credentials.credentials), limit)
+    # No buffering by proxies (nginx), so each event reaches the viewer when it is sent.
+    return StreamingResponse(events, media_type="text/event-stream", headers={"X-Accel-Buffering": "no"})
 
 
 @router.get("/{job_id}/logs", response_model=LogsPublic)

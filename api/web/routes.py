@@ -29,8 +29,15 @@ from sqlalchemy.orm import Session
 from starlette.templating import Jinja2Templates
 
 from api.deps import SessionDep, SettingsDep
-from api.routes.jobs import metric_series
-from api.schemas import JobPublic, LogLinePublic, SweepPublic, SweepSummary, UsagePublic, job_public
+from api.schemas import (
+    JobPublic,
+    LogLinePublic,
+    MetricSeries,
+    SweepPublic,
+    SweepSummary,
+    UsagePublic,
+    job_public,
+)
 from api.web import views
 from api.web.session import (
     CSRF_FIELD,
@@ -46,6 +53,7 @@ from api.web.session import (
 from service import jobs as job_service
 from service import sweeps as sweep_service
 from service.errors import NotFound, ServiceError
+from service.metrics import as_series, job_points, latest_point_id
 from service.models import Job, Sweep, Team
 from service.states import JOB_TERMINAL, InvalidTransition, JobStatus, StageStatus, has_result, is_terminal
 from service.usage import team_usage
@@ -347,7 +355,7 @@ def job_page(request: Request, session: SessionDep, team: PageTeamDep, job_id: J
     _page_team(request, team)
     job = job_service.get_job(session, team_id=team.id, job_id=job_id)
     public = job_public(job)
-    _, metrics_after = metric_series(session, job)
+    metrics_after = latest_point_id(session, job)
     logs = _logs(session, job, 0)
     data = {
         "job_id": job.id,
@@ -393,7 +401,7 @@ def job_live(
     request.state.team = team
     job = job_service.get_job(session, team_id=team.id, job_id=job_id)
     public = job_public(job)
-    _, last_metric = metric_series(session, job, metrics_after)
+    last_metric = latest_point_id(session, job, metrics_after)
     logs = _logs(session, job, logs_after)
     return JobLive(
         job=public,
@@ -420,7 +428,7 @@ def job_curves(
     job = job_service.get_job(session, team_id=team.id, job_id=job_id)
     if panel not in CURVE_PANELS:
         raise NotFound(f"no {panel!r} curves: there are {' and '.join(CURVE_PANELS)}")
-    series, _ = metric_series(session, job)
+    series = [MetricSeries(**entry) for entry in as_series(job_points(session, job))]
     # Coloured by run order, as on the page's stage timeline.
     data = plots.curves_figure_data(series, order=[stage.id for stage in job.stages])
     return Response(plots.render_curves_svg(data, cast(plots.Panel, panel)), media_type=SVG)
