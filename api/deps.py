@@ -3,11 +3,13 @@ jobs, datasets and sweeps loaded for the caller's team (404 for anyone else's, i
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, HTTPException, Path, status
+from fastapi import Depends, HTTPException, Path, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import Counter
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -16,13 +18,14 @@ from service.auth import cached_owner, hash_key, is_admin_key, owner_of_key_hash
 from service.db import run_transaction, session_scope
 from service.errors import LimitExceeded
 from service.jobs import get_job
-from service.limits import RateLimiter
+from service.limits import FailurePolicy, FailureThrottle, RateLimiter
 from service.models import Dataset, Job, Sweep, Team
 from service.settings import Settings, get_settings
 from service.sweeps import get_sweep
 from service.uploads import get_dataset
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 bearer = HTTPBearer(auto_error=False, description="an API key: Authorization: Bearer w2s_...")
 
@@ -68,25 +71,112 @@ def enforce_rate(settings: Settings, key_hash: str, team_limit: int | None) -> N
         )
 
 
-def current_team(session: SessionDep, credentials: Credentials, settings: SettingsDep) -> Team:
+# ---- failed authentication: counted per client address and per key prefix, throttled with 429 ----
+
+AUTH_FAILURES = Counter("w2s_auth_failures_total", "failed authentications", ["kind"])
+AUTH_THROTTLED = Counter(
+    "w2s_auth_throttled_total", "requests refused for too many failed authentications", ["scope"]
+)
+KEY_PREFIX_CHARS = 12  # "w2s_" and 8 more: enough to tell a targeted key, far too few to guess it
+
+
+def client_address(request: Request) -> str:
+    """The caller's address (behind a proxy, run uvicorn with --forwarded-allow-ips so that this is
+    the client's, not the proxy's)."""
+    return request.client.host if request.client else "unknown"
+
+
+def failure_throttle(request: Request) -> FailureThrottle:
+    """One per app: Redis counts are shared by every API process; embedded, per process."""
+    return request.app.state.failure_throttle  # type: ignore[no-any-return]
+
+
+def api_failure_sources(
+    request: Request, settings: Settings, presented: str
+) -> list[tuple[FailurePolicy, str]]:
+    per_minute = settings.auth_failures_per_minute
+    return [
+        (FailurePolicy("api-address", 60, per_minute), client_address(request)),
+        (FailurePolicy("api-key-prefix", 60, per_minute), presented[:KEY_PREFIX_CHARS]),
+    ]
+
+
+def refuse_if_throttled(request: Request, sources: list[tuple[FailurePolicy, str]]) -> None:
+    """Before a credential is looked at: a source over its failures waits (429 with Retry-After)."""
+    throttle = failure_throttle(request)
+    for policy, source in sources:
+        wait = throttle.wait_s(policy, source)
+        if wait is not None:
+            AUTH_THROTTLED.labels(policy.scope).inc()
+            what = "address" if policy.scope.endswith("address") else "key prefix"
+            raise LimitExceeded(
+                f"too many failed authentications from your {what}; retry in {wait} s with a valid key",
+                limit="auth_failures",
+                value=policy.free,
+                retry_after_s=wait,
+            )
+
+
+def record_failure(request: Request, kind: str, sources: list[tuple[FailurePolicy, str]]) -> None:
+    """Count a failed authentication; the first time a source reaches its limit in a window, audit it
+    (an operator sees a guessing burst in the audit log, not only in the metrics)."""
+    AUTH_FAILURES.labels(kind).inc()
+    throttle = failure_throttle(request)
+    for policy, source in sources:
+        if throttle.failed(policy, source) == policy.free:
+            shown = source if policy.scope.endswith("address") else f"{source}…"
+            logger.warning("authentication failures: %s %s reached %d", policy.scope, shown, policy.free)
+            try:
+                run_transaction(audit_burst, policy=policy, source=shown, path=request.url.path, kind=kind)
+            except Exception:  # the audit must not turn a 401 into a 500
+                logger.warning("could not audit an authentication burst", exc_info=True)
+
+
+def audit_burst(session: Session, *, policy: FailurePolicy, source: str, path: str, kind: str) -> None:
+    from service.admin import audit
+
+    details = {"scope": policy.scope, "failures": policy.free, "window_s": policy.window_s, "path": path}
+    audit(session, actor="system", action=f"{kind}_failures_throttled", target=source, details=details)
+
+
+def signin_policy(settings: Settings) -> FailurePolicy:
+    """Dashboard sign-ins: a few free failures per 15 minutes, then a doubling wait after each."""
+    return FailurePolicy(
+        "signin-address", 900, settings.signin_failures_free, backoff_s=1.0, max_wait_s=300.0
+    )
+
+
+def unauthorized(request: Request, sources: list[tuple[FailurePolicy, str]]) -> HTTPException:
+    record_failure(request, "api_key", sources)
+    return UNAUTHORIZED
+
+
+def current_team(
+    request: Request, session: SessionDep, credentials: Credentials, settings: SettingsDep
+) -> Team:
     if credentials is None:
         raise UNAUTHORIZED
+    sources = api_failure_sources(request, settings, credentials.credentials)
+    refuse_if_throttled(request, sources)
     key_hash = hash_key(credentials.credentials)
     team = team_for_key_hash(session, key_hash)
     if team is None:
-        raise UNAUTHORIZED
+        raise unauthorized(request, sources)
     enforce_rate(settings, key_hash, team.requests_per_minute)
     return team
 
 
-async def current_team_id(credentials: Credentials, settings: SettingsDep) -> str:
+async def current_team_id(request: Request, credentials: Credentials, settings: SettingsDep) -> str:
     """The caller's team id, for the read endpoints. A key checked in the last few seconds comes from
     service.auth's cache: no query and no thread hand-off (revocation takes up to KEY_CACHE_TTL_S)."""
     if credentials is None:
         raise UNAUTHORIZED
+    sources = api_failure_sources(request, settings, credentials.credentials)
+    refuse_if_throttled(request, sources)
     key_hash = hash_key(credentials.credentials)
     owner = cached_owner(key_hash) or await in_session(owner_of_key_hash, key_hash, read_only=True)
     if owner is None:
+        await run_in_threadpool(record_failure, request, "api_key", sources)
         raise UNAUTHORIZED
     enforce_rate(settings, key_hash, owner.requests_per_minute)
     return owner.team_id
@@ -110,7 +200,7 @@ def team_for_write(session: Session, team_id: str) -> Team:
     return team
 
 
-def require_admin(settings: SettingsDep, credentials: Credentials) -> None:
+def require_admin(request: Request, settings: SettingsDep, credentials: Credentials) -> None:
     # No credentials at all is a 401 (send a key), as on every other endpoint; a team's key is a 403.
     if credentials is None:
         raise UNAUTHORIZED
@@ -118,7 +208,10 @@ def require_admin(settings: SettingsDep, credentials: Credentials) -> None:
         raise HTTPException(
             status.HTTP_403_FORBIDDEN, "admin endpoints are off: no admin key is configured (W2S_ADMIN_KEY)"
         )
+    sources = api_failure_sources(request, settings, credentials.credentials)
+    refuse_if_throttled(request, sources)
     if not is_admin_key(credentials.credentials, settings.admin_key):
+        record_failure(request, "admin_key", sources)
         raise HTTPException(status.HTTP_403_FORBIDDEN, "this endpoint needs the admin key")
 
 

@@ -35,6 +35,7 @@ from api.schemas import error_responses
 from api.streams import StreamHub
 from service.db import database_unreachable, get_engine, lost_a_race, session_scope
 from service.errors import LimitExceeded, ServiceError
+from service.limits import FailureThrottle
 from service.models import Job, Stage
 from service.settings import get_settings
 from service.states import InvalidTransition
@@ -81,6 +82,7 @@ def create_app() -> FastAPI:
     app.include_router(v1)
     settings = get_settings()
     # Every live metric stream of this process is served by one hub (api/streams.py).
+    app.state.failure_throttle = FailureThrottle(settings.broker_url, settings.broker_key_prefix)
     app.state.stream_hub = StreamHub(
         settings.broker_url, settings.broker_key_prefix, interval_s=settings.stream_interval_s
     )
@@ -358,7 +360,7 @@ def metrics(request: Request, settings: SettingsDep, credentials: Credentials) -
     """Prometheus metrics: request counts and latency, jobs and stages by status. Needs the admin
     key unless W2S_METRICS_PUBLIC is set (the counts describe every team's work)."""
     if not settings.metrics_public:
-        require_admin(settings, credentials)
+        require_admin(request, settings, credentials)
     STREAMS.set(request.app.state.stream_hub.open_streams)
     try:
         with session_scope() as session:

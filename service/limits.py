@@ -1,10 +1,14 @@
 """Per-team limits: stages per job and per sweep, stages waiting or running, upload storage and
-requests per key per minute. Each has a setting (``W2S_MAX_...``) and an admin's per-team override."""
+requests per key per minute. Each has a setting (``W2S_MAX_...``) and an admin's per-team override.
+And the throttle of failed authentications, per client address and per key prefix."""
 
 from __future__ import annotations
 
+import hashlib
+import math
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select
@@ -132,3 +136,85 @@ class RateLimiter:
             count = self._counts.get((key_hash, window), 0) + 1
             self._counts[(key_hash, window)] = count
             return count
+
+
+@dataclass(frozen=True)
+class FailurePolicy:
+    """How failed authentications from one source are slowed down.
+
+    ``free`` failures within ``window_s`` cost nothing; after that every attempt from the source
+    waits ``backoff_s * 2 ** (failures - free)`` seconds (capped at ``max_wait_s``) after its last
+    failure, or, with no back-off, until the window ends."""
+
+    scope: str  # what is counted: "api-address", "api-key-prefix", "signin-address"
+    window_s: int
+    free: int
+    backoff_s: float = 0.0
+    max_wait_s: float = 300.0
+
+    def wait_s(self, failures: int, last_failure: float, now: float) -> int | None:
+        if failures < self.free:
+            return None
+        if self.backoff_s <= 0:
+            window_ends = (now // self.window_s + 1) * self.window_s
+            return max(1, math.ceil(window_ends - now))
+        wait = min(self.max_wait_s, self.backoff_s * 2 ** (failures - self.free))
+        left = last_failure + wait - now
+        return math.ceil(left) if left > 0 else None
+
+
+class FailureThrottle:
+    """Failed authentications per source (a client address, a key's prefix) in fixed windows, in
+    Redis when the service has it (every API process shares the counts), else in this process.
+    ``wait_s`` is asked before a credential is even looked at: a guesser gets 429 instead of the
+    chance to try another key."""
+
+    def __init__(self, redis_url: str | None = None, prefix: str = "") -> None:
+        self._redis: Any = None
+        if redis_url and redis_url.startswith(("redis://", "rediss://")):
+            import redis
+
+            self._redis = redis.Redis.from_url(redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        self._prefix = prefix
+        self._local: dict[str, tuple[int, float]] = {}  # name -> (failures, last failure)
+        self._lock = threading.Lock()
+
+    def _name(self, policy: FailurePolicy, source: str, now: float) -> str:
+        digest = hashlib.sha256(source.encode()).hexdigest()[:24]  # no raw keys or addresses as names
+        return f"{self._prefix}w2s:authfail:{policy.scope}:{digest}:{int(now // policy.window_s)}"
+
+    def _read(self, name: str) -> tuple[int, float]:
+        if self._redis is not None:
+            try:
+                failures, last = self._redis.hmget(name, "n", "last")
+                return int(failures or 0), float(last or 0.0)
+            except Exception:  # Redis unreachable: count here rather than lock everyone out
+                pass
+        with self._lock:
+            return self._local.get(name, (0, 0.0))
+
+    def wait_s(self, policy: FailurePolicy, source: str) -> int | None:
+        """Seconds ``source`` must wait before its next attempt, or None."""
+        now = time.time()
+        failures, last = self._read(self._name(policy, source, now))
+        return policy.wait_s(failures, last, now)
+
+    def failed(self, policy: FailurePolicy, source: str) -> int:
+        """Count a failure; the failures of ``source`` in this window."""
+        now = time.time()
+        name = self._name(policy, source, now)
+        if self._redis is not None:
+            try:
+                pipe = self._redis.pipeline()
+                pipe.hincrby(name, "n", 1)
+                pipe.hset(name, "last", now)
+                pipe.expire(name, policy.window_s * 2)
+                return int(pipe.execute()[0])
+            except Exception:
+                pass
+        with self._lock:
+            if len(self._local) > 100_000:
+                self._local.clear()
+            failures = self._local.get(name, (0, 0.0))[0] + 1
+            self._local[name] = (failures, now)
+            return failures

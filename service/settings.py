@@ -114,6 +114,18 @@ class Settings(LibrarySettings):
     max_stages_per_sweep: int = Field(25_000, ge=1, description="stages one sweep may have")
     upload_quota_mb: int = Field(2_048, ge=1, description="uploaded data a team may keep")
     requests_per_minute: int = Field(1_200, ge=1, description="API requests per key per minute")
+    auth_failures_per_minute: int = Field(
+        30,
+        ge=1,
+        description="failed API authentications one client address (or one key prefix) may make per "
+        "minute; more get 429 until the minute ends",
+    )
+    signin_failures_free: int = Field(
+        5,
+        ge=1,
+        description="failed dashboard sign-ins from one address per 15 minutes before each further one "
+        "waits twice as long (1 s, 2 s, 4 s ... up to 5 min)",
+    )
     max_streams_per_team: int = Field(
         20, ge=1, description="live metric streams (SSE) a team may hold open at once, over all API processes"
     )

@@ -28,7 +28,14 @@ from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 from starlette.templating import Jinja2Templates
 
-from api.deps import SessionDep, SettingsDep
+from api.deps import (
+    SessionDep,
+    SettingsDep,
+    client_address,
+    failure_throttle,
+    record_failure,
+    signin_policy,
+)
 from api.schemas import (
     JobPublic,
     LogLinePublic,
@@ -205,6 +212,7 @@ def login_form(request: Request, next: Annotated[str, Query(max_length=2000)] = 
 def login(
     request: Request,
     session: SessionDep,
+    settings: SettingsDep,
     api_key: Annotated[str, Form(max_length=500)] = "",
     csrf: Annotated[str, Form(max_length=200)] = "",
     next: Annotated[str, Form(max_length=2000)] = "/",
@@ -214,7 +222,15 @@ def login(
         # Login CSRF: a foreign page must not sign the browser in to the attacker's team.
         error = "This sign-in form expired. Paste your key again."
         return render(request, "login.html", status_code=400, next=target, error=error)
+    sources = [(signin_policy(settings), client_address(request))]
+    wait = failure_throttle(request).wait_s(*sources[0])
+    if wait is not None:
+        error = f"Too many failed sign-ins from your address: wait {wait} s, then paste your key again."
+        page = render(request, "login.html", status_code=429, next=target, error=error)
+        page.headers["Retry-After"] = str(wait)
+        return page
     if sign_in(request, session, api_key) is None:
+        record_failure(request, "signin", sources)
         error = "That key is not valid: check it was pasted whole, or ask an admin for a new one."
         return render(request, "login.html", status_code=401, next=target, error=error)
     return RedirectResponse(target, status.HTTP_303_SEE_OTHER)
