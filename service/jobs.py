@@ -124,6 +124,22 @@ def _model_errors(raw: dict[str, Any], settings: Settings) -> list[tuple[str, st
     return errors
 
 
+def _count(value: Any, default: int) -> int:
+    return len(value) if isinstance(value, list) else default
+
+
+def check_size_first(
+    team: Team, settings: Settings, raw: dict[str, Any], *, pairs: int = 1, what: str = "job"
+) -> None:
+    """Refuse an oversized job or sweep by arithmetic on the raw spec's list lengths (losses, seeds,
+    chain, model pairs), before any model, loss or dataset is resolved: a refusal costs microseconds
+    however large the request. Malformed lists are left to the full validation."""
+    from w2s.stages import stages_per_seed
+
+    per_seed = stages_per_seed(_count(raw.get("losses"), 1), _count(raw.get("chain"), 0))
+    limits.check_job_size(team, settings, pairs * _count(raw.get("seeds"), 1) * per_seed, what=what)
+
+
 def resolve_spec(session: Session, *, team: Team, raw: dict[str, Any], settings: Settings) -> ResolvedSpec:
     """Validate a spec for ``team``: models from known places, uploaded datasets by id, file paths
     only inside the data directory, and ``trust_remote_code`` only where an admin allowed it."""

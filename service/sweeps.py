@@ -16,7 +16,14 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service import limits
-from service.jobs import NotFound, ResolvedSpec, create_job, expand_stages, resolve_spec
+from service.jobs import (
+    NotFound,
+    ResolvedSpec,
+    check_size_first,
+    create_job,
+    expand_stages,
+    resolve_spec,
+)
 from service.models import Job, Sweep, Team, new_id
 from service.pagination import newest_first, page
 from service.settings import Settings
@@ -82,6 +89,8 @@ def create_sweep(
     validated before anything is added; an invalid one raises :class:`SpecError` whose fields are
     named as in the grid (``strong_models.1.mode``), each problem once.
     """
+    pairs = len(grid["weak_models"]) * len(grid["strong_models"])
+    check_size_first(team, settings, grid, pairs=pairs, what="sweep")
     specs: list[tuple[tuple[int, int], ResolvedSpec]] = []
     errors: dict[tuple[str, str], None] = {}  # ordered set: a bad weak model fails every pair
     for i, weak in enumerate(grid["weak_models"]):

@@ -14,7 +14,7 @@ from w2s import metrics
 from w2s.pipeline import run_experiment
 from w2s.spec import SpecError, parse_spec, resolved_models
 from w2s.splits import prepare_seed_data
-from w2s.stages import STAGES, plan_seed, stage_layout
+from w2s.stages import STAGES, plan_seed, stage_layout, stages_per_seed
 from w2s.store import ArtifactStore
 
 CPU = torch.device("cpu")
@@ -150,3 +150,14 @@ def test_chain_stages_share_results_with_ordinary_jobs(
     assert second["ceiling@2"].cached and second["ceiling@2"].key == first["ceiling"].key
     # The middle student also labels half B for the next hop, so it is a different computation.
     assert second["chain@2:xent"].key != first["student:xent"].key
+
+
+@pytest.mark.parametrize("losses", [["xent"], ["xent", "product"], ["xent", "logconf", "product", "entropy"]])
+@pytest.mark.parametrize("chain_length", [0, 1, 3])
+def test_stage_count_by_arithmetic_matches_the_layout(
+    tiny_bert: Path, losses: list[str], chain_length: int
+) -> None:
+    """The service refuses oversized requests by this count before resolving anything: it must be
+    the layout's own."""
+    spec = parse_spec(chain_spec(tiny_bert, [str(tiny_bert)] * chain_length, tiny_bert, losses=losses))
+    assert stages_per_seed(len(losses), chain_length) == len(stage_layout(spec))

@@ -340,6 +340,15 @@ def chain_kind(position: int, loss: LossSpec) -> str:
     return f"chain@{position}:{loss.label}"
 
 
+def stages_per_seed(n_losses: int, chain_length: int = 0) -> int:
+    """How many stages ``stage_layout`` lays out per seed, by arithmetic alone: the service refuses an
+    oversized job or sweep with this before it resolves a single model (tests check it against the
+    layout)."""
+    chain_ceilings = chain_length
+    chain_students = n_losses * (chain_length + 1) if chain_length else 0
+    return 2 + n_losses + chain_ceilings + chain_students
+
+
 def stage_layout(spec: JobSpec) -> list[StageSlot]:
     """A seed's stages in run order: the weak supervisor (ground truth on half A; labels half B), the
     strong ceiling (ground truth on half B), one student per loss (the weak labels of half B). With a

@@ -72,7 +72,9 @@ async def submit_job(
             existing = job_service.job_for_idempotency_key(session, team, idempotency_key, body_hash)
             if existing is not None:
                 return job_public(existing), False
-        resolved = job_service.resolve_spec(session, team=team, raw=body.spec(), settings=settings)
+        raw = body.spec()
+        job_service.check_size_first(team, settings, raw)
+        resolved = job_service.resolve_spec(session, team=team, raw=raw, settings=settings)
         job, created = job_service.create_job(
             session,
             team=team,

@@ -372,6 +372,40 @@ def test_size_limits_are_422_naming_the_limit(client: TestClient, make_team, tin
     assert refused.status_code == 422 and refused.json()["limit"] == "max_stages_per_sweep"
 
 
+def test_oversized_requests_are_refused_before_anything_is_resolved(
+    client: TestClient, make_team, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The issue's 6.6 KB sweep (20 x 20 models, 50 losses, 20 seeds: 416,000 stages) and an
+    oversized job are refused by arithmetic on the request: no model, loss or dataset is resolved
+    (before, every pair was resolved first: 3.2 s of CPU per refusal). bench/abuse.py times it."""
+    from service import jobs
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("resolved before the size check")
+
+    monkeypatch.setattr(jobs, "resolve_spec", never)
+    monkeypatch.setattr("service.sweeps.resolve_spec", never)
+    team = make_team()
+    losses = [{"name": "logconf", "aux_coef": round(0.01 * i, 2)} for i in range(50)]
+    sweep = {
+        "dataset": {"name": "sst2"},
+        "weak_models": [f"no-such-org/weak-{i}" for i in range(20)],
+        "strong_models": [f"no-such-org/strong-{i}" for i in range(20)],
+        "losses": losses,
+        "seeds": list(range(20)),
+    }
+    refused = client.post("/v1/sweeps", json=sweep, headers=team.headers)
+    assert refused.status_code == 422 and refused.json()["limit"] == "max_stages_per_sweep"
+    assert "416,000 stages" in refused.json()["detail"]
+    job = {
+        "dataset": {"name": "sst2"},
+        "weak": {"model": "no-such-org/w"},
+        "strong": {"model": "no-such-org/s"},
+    }
+    refused = submit(client, team, {**job, "losses": losses, "seeds": list(range(40))})  # 40 x 52 = 2,080
+    assert refused.status_code == 422 and refused.json()["limit"] == "max_stages_per_job"
+
+
 def test_a_backlog_over_the_limit_is_429_with_retry_after(
     client: TestClient, make_team, tiny_bert: Path
 ) -> None:  # type: ignore[no-untyped-def]
