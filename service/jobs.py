@@ -133,11 +133,16 @@ def check_size_first(
 ) -> None:
     """Refuse an oversized job or sweep by arithmetic on the raw spec's list lengths (losses, seeds,
     chain, model pairs), before any model, loss or dataset is resolved: a refusal costs microseconds
-    however large the request. Malformed lists are left to the full validation."""
+    however large the request. Lists longer than a spec allows, or malformed, are left to the
+    validation, which names their field."""
+    from w2s.spec import MAX_CHAIN, MAX_LOSSES, MAX_SEEDS
     from w2s.stages import stages_per_seed
 
-    per_seed = stages_per_seed(_count(raw.get("losses"), 1), _count(raw.get("chain"), 0))
-    limits.check_job_size(team, settings, pairs * _count(raw.get("seeds"), 1) * per_seed, what=what)
+    losses, seeds = _count(raw.get("losses"), 1), _count(raw.get("seeds"), 1)
+    chain = _count(raw.get("chain"), 0)
+    if losses > MAX_LOSSES or seeds > MAX_SEEDS or chain > MAX_CHAIN:
+        return
+    limits.check_job_size(team, settings, pairs * seeds * stages_per_seed(losses, chain), what=what)
 
 
 def resolve_spec(session: Session, *, team: Team, raw: dict[str, Any], settings: Settings) -> ResolvedSpec:

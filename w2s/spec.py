@@ -32,6 +32,7 @@ Preset = Literal["reference"]
 # (or a fuzzer) cannot ask the service for a billion stages or overflow a 32-bit database column.
 MAX_SEED = 2**31 - 1
 MAX_EXAMPLES = 100_000_000
+MAX_CHAIN, MAX_LOSSES, MAX_SEEDS = 6, 50, 100  # list lengths a spec allows
 
 # Defaults that depend on the training mode: a linear probe on frozen features wants a much larger
 # learning rate and more passes than fine-tuning the whole network.
@@ -306,17 +307,20 @@ class JobSpec(_Strict):
     transfer: TransferSpec = Field(default_factory=TransferSpec)
     chain: list[ModelSpec] = Field(
         default_factory=list,
-        max_length=6,
+        max_length=MAX_CHAIN,
         description="bootstrapping: models between weak and strong, smallest first; each is trained on "
         "the previous one's labels (weak -> chain[0] -> ... -> strong), next to the direct weak -> "
         "strong student (none)",
     )
     # Each (seed, loss) is a training stage: the caps keep one request to at most 100 x 50 students.
     losses: list[LossSpec] = Field(
-        default_factory=lambda: [LossSpec(name="xent")], min_length=1, max_length=50, description="1 to 50"
+        default_factory=lambda: [LossSpec(name="xent")],
+        min_length=1,
+        max_length=MAX_LOSSES,
+        description=f"1 to {MAX_LOSSES}",
     )
     seeds: list[int] = Field(
-        default_factory=lambda: [0], min_length=1, max_length=100, description="1 to 100"
+        default_factory=lambda: [0], min_length=1, max_length=MAX_SEEDS, description=f"1 to {MAX_SEEDS}"
     )
 
     @field_validator("chain", mode="before")
