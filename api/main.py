@@ -31,7 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api import web
 from api.deps import Credentials, SettingsDep, require_admin
 from api.routes import admin, datasets, jobs, sweeps, teams
-from api.schemas import error_responses
+from api.schemas import body_location, error_responses
 from api.streams import StreamHub
 from service.db import database_unreachable, get_engine, lost_a_race, session_scope
 from service.errors import LimitExceeded, ServiceError
@@ -236,10 +236,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(SpecError)
     async def _spec_error(_: Request, error: SpecError) -> JSONResponse:
-        def location(dotted: str) -> list[str | int]:
-            return ["body", *(int(part) if part.isdigit() else part for part in dotted.split("."))]
-
-        detail = [{"loc": location(loc), "msg": msg, "type": "spec"} for loc, msg in error.errors]
+        detail = [{"loc": body_location(loc), "msg": msg, "type": "spec"} for loc, msg in error.errors]
         return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
     @app.exception_handler(ServiceError)

@@ -12,6 +12,12 @@ from service.jobs import UPLOAD_PREFIX
 from service.states import has_result
 
 
+def body_location(dotted: str) -> list[str | int]:
+    """A spec error's dotted field ("weak_models.1.mode") as a request body location: list indexes
+    become ints. Only ASCII digits do: "¹" is a digit to str.isdigit and not to int()."""
+    return ["body", *(int(part) if part.isascii() and part.isdigit() else part for part in dotted.split("."))]
+
+
 class ErrorItem(BaseModel):
     """One problem with a request: where (``loc``, e.g. ``["body", "weak", "lr"]``) and what to fix."""
 

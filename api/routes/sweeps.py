@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from sqlalchemy.orm import Session
 
 from api.deps import SessionDep, SettingsDep, SweepDep, TeamDep, TeamIdDep, in_session, team_for_write
-from api.schemas import SweepCreate, SweepPublic, SweepsPublic, SweepSummary, error_responses
+from api.schemas import SweepCreate, SweepPublic, SweepsPublic, SweepSummary, body_location, error_responses
 from service import sweeps as sweep_service
 from w2s.spec import SpecError
 
@@ -22,7 +22,7 @@ def _spec_errors(error: SpecError) -> RequestValidationError:
     return RequestValidationError(
         [
             {
-                "loc": ("body", *(int(part) if part.isdigit() else part for part in loc.split("."))),
+                "loc": tuple(body_location(loc)),
                 "msg": msg,
                 "type": "spec",
             }

@@ -375,3 +375,18 @@ def test_huge_bodies_are_refused_before_they_are_read(client: TestClient, make_t
     assert (
         client.post("/v1/jobs", json={**spec(), "name": "n" * 100}, headers=team.headers).status_code == 201
     )
+
+
+def test_a_unicode_digit_as_a_field_name_is_a_422(client: TestClient, make_team) -> None:  # type: ignore[no-untyped-def]
+    """Found by schemathesis: {"¹": null} made the error's location int("¹") (a digit to
+    str.isdigit, not to int) and the answer a 500."""
+    team = make_team()
+    response = client.post("/v1/jobs", json={"¹": None}, headers=team.headers)
+    assert response.status_code == 422
+    assert ["body", "¹"] in [item["loc"] for item in response.json()["detail"]]
+    sweep = {
+        "dataset": {"name": "sst2"},
+        "weak_models": [{"model": "gpt2", "²": 1}],
+        "strong_models": ["gpt2"],
+    }
+    assert client.post("/v1/sweeps", json=sweep, headers=team.headers).status_code == 422
