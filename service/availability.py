@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from service.settings import Settings
+from w2s.spec import is_local_model_name
 
 HUB_CHECK_TTL_S = 60.0
 _hub: dict[str, tuple[bool, float]] = {}
@@ -78,8 +79,8 @@ def availability_errors(spec: Any, settings: Settings) -> list[tuple[str, str]]:
                 )
             )
     for role, model in spec.named_models():
-        if Path(model.model).expanduser().is_dir():
-            continue
+        if is_local_model_name(model.model):
+            continue  # a directory under the model roots (service/paths.py checked it)
         if not in_local_hub_cache(model.model, model.revision) and not hub_reachable():
             roots = ", ".join(str(root) for root in settings.model_roots)
             errors.append(

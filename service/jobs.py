@@ -22,10 +22,11 @@ from service.errors import Conflict, InvalidInput, NotFound
 from service.lifecycle import log
 from service.models import Dataset, Job, LogLine, Stage, Team, new_id, utcnow
 from service.pagination import decode_cursor, page
+from service.paths import model_reference, resolve_under
 from service.planning import UPLOAD_PREFIX
 from service.settings import Settings, get_settings
 from service.states import STAGE_BACKLOG, STAGE_DONE, STAGE_UNFINISHED, JobStatus, can_retry
-from w2s.spec import CustomDatasetSpec, JobSpec, SpecError, parse_spec
+from w2s.spec import JobSpec, SpecError, parse_spec
 
 __all__ = ["UPLOAD_PREFIX", "NotFound", "log"]
 
@@ -64,14 +65,6 @@ def _raw_models(raw: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return [(field, entry) for field, entry in entries if isinstance(entry, dict)]
 
 
-def _inside(path: Path, roots: list[Path]) -> bool:
-    try:
-        resolved = path.resolve()  # symlinks followed: a link that leads out is outside
-    except (OSError, RuntimeError, ValueError):  # a NUL byte, a loop: not a usable path either
-        return False
-    return any(resolved.is_relative_to(root.resolve()) for root in roots)
-
-
 def _runs_model_code(model: str) -> bool:
     """Whether a local model directory's configs name their own Python classes (``auto_map``),
     which transformers can only load by running that code (``trust_remote_code``)."""
@@ -94,26 +87,18 @@ class ResolvedSpec:
     stored: dict[str, Any]
 
 
-def _looks_like_path(model: str) -> bool:
-    return model.startswith((".", "/", "~")) or model.count("/") > 1
-
-
-def _expand(path: str) -> Path:
-    try:
-        return Path(path).expanduser()
-    except RuntimeError:  # "~nobody": an unknown user's home is no model root
-        return Path("/nonexistent") / path.lstrip("~/")
-
-
-def _model_errors(raw: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
-    """Models are hub ids or directories under the model roots. A path outside them is refused the
-    same way whether or not it exists, so the answer reveals nothing about the server's files."""
-    roots = [_expand(str(root)) for root in settings.model_roots]
+def _resolve_models(raw: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
+    """Rewrite each model of ``raw`` as the policy resolves it (service/paths.py: a hub id, or an
+    absolute directory under the model roots, so that every worker loads the same thing); the
+    refused ones as (field, message), worded the same whether or not the path exists."""
     errors = []
     for role, entry in _raw_models(raw):
         model = entry.get("model")
-        if isinstance(model, str) and _looks_like_path(model) and not _inside(_expand(model), roots):
-            where = ", ".join(str(root.resolve()) for root in roots) or "(none configured)"
+        if not isinstance(model, str):
+            continue  # the spec's own validation names it
+        reference = model_reference(model, settings.model_roots, settings.path_base)
+        if reference is None:
+            where = ", ".join(str(root) for root in settings.model_roots) or "(none configured)"
             errors.append(
                 (
                     f"{role}.model",
@@ -121,6 +106,34 @@ def _model_errors(raw: dict[str, Any], settings: Settings) -> list[tuple[str, st
                     f"the model roots: {where}; ask an admin to add a model there (W2S_MODEL_ROOTS)",
                 )
             )
+        else:
+            entry["model"] = reference.value
+    return errors
+
+
+def _resolve_data_paths(raw: dict[str, Any], roots: list[Path], base: Path) -> list[tuple[str, str]]:
+    """Rewrite a custom dataset's files as absolute paths under ``roots`` (the team's uploads and the
+    data directory); the refused ones as (field, message)."""
+    dataset = raw.get("dataset")
+    name = dataset.get("name") if isinstance(dataset, dict) else None
+    if not isinstance(name, dict):
+        return []
+    errors = []
+    for field in ("path", "test_path"):
+        value = name.get(field)
+        if not isinstance(value, str):
+            continue
+        resolved = resolve_under(value, roots, base)
+        if resolved is None:
+            errors.append(
+                (
+                    f"dataset.name.{field}",
+                    f"{value!r} is outside the allowed data directories; "
+                    "upload the file with POST /v1/datasets and use its id as 'upload:<id>'",
+                )
+            )
+        else:
+            name[field] = str(resolved)
     return errors
 
 
@@ -149,14 +162,9 @@ def resolve_spec(session: Session, *, team: Team, raw: dict[str, Any], settings:
     """Validate a spec for ``team``: models from known places, uploaded datasets by id, file paths
     only inside the data directory, and ``trust_remote_code`` only where an admin allowed it."""
     raw = json.loads(json.dumps(raw))  # a private copy: we rewrite the dataset reference below
-    model_errors = _model_errors(raw, settings)
+    model_errors = _resolve_models(raw, settings)
     if model_errors:
         raise SpecError(model_errors)
-    for _, entry in _raw_models(raw):
-        model = entry.get("model")
-        if isinstance(model, str) and _looks_like_path(model) and not Path(model).is_absolute():
-            # Workers may run elsewhere: a relative path means the same directory for all of them.
-            entry["model"] = str(_expand(model).resolve())
     errors: list[tuple[str, str]] = []
     dataset = raw.get("dataset")
     name = dataset.get("name") if isinstance(dataset, dict) else None
@@ -169,20 +177,10 @@ def resolve_spec(session: Session, *, team: Team, raw: dict[str, Any], settings:
             )
         upload_name = name
         dataset["name"] = {"path": upload.path, "text": upload.text_column, "label": upload.label_column}
+    # The team's own uploads only: another team's files are outside, like any other path.
+    data_roots = [settings.uploads_dir / team.id] + ([settings.data_dir] if settings.data_dir else [])
+    errors += _resolve_data_paths(raw, data_roots, settings.path_base)
     spec = parse_spec(raw)
-    if isinstance(spec.dataset.name, CustomDatasetSpec):
-        # The team's own uploads only: another team's files are outside, like any other path.
-        roots = [settings.uploads_dir / team.id] + ([settings.data_dir] if settings.data_dir else [])
-        for field in ("path", "test_path"):
-            value = getattr(spec.dataset.name, field)
-            if value is not None and not _inside(Path(value), roots):
-                errors.append(
-                    (
-                        f"dataset.name.{field}",
-                        f"{value!r} is outside the allowed data directories; "
-                        "upload the file with POST /v1/datasets and use its id as 'upload:<id>'",
-                    )
-                )
     allowed = settings.allow_trust_remote_code or team.allow_trust_remote_code
     for role, model in spec.named_models():
         if model.trust_remote_code and not allowed:
@@ -192,7 +190,9 @@ def resolve_spec(session: Session, *, team: Team, raw: dict[str, Any], settings:
                     "running model code from the hub is off for your team; ask an admin",
                 )
             )
-        elif not model.trust_remote_code and _runs_model_code(model.model):
+        elif (
+            not model.trust_remote_code and Path(model.model).is_absolute() and _runs_model_code(model.model)
+        ):
             fix = f"set {role}.trust_remote_code to true" if allowed else "ask an admin to allow it"
             errors.append(
                 (

@@ -24,6 +24,7 @@ from service.models import Dataset, Job, Stage, utcnow
 from service.scheduler import ROUTING_FILL, gpu_queues, route_queue
 from service.settings import Settings
 from service.states import JOB_OPEN, StageStatus
+from w2s.spec import is_local_model_name
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def pin_revisions(spec: dict[str, Any]) -> dict[str, Any]:
     (and its stage keys) means the same weights even if the hub moves on while it runs."""
     pinned = json.loads(json.dumps(spec))
     for model in [pinned["weak"], pinned["strong"], *pinned.get("chain", [])]:
-        if model.get("revision") is None and not Path(model["model"]).expanduser().is_dir():
+        if model.get("revision") is None and not is_local_model_name(model["model"]):
             revision = hub_revision(model["model"])
             if revision:
                 model["revision"] = revision

@@ -139,6 +139,12 @@ class Settings(LibrarySettings):
         description="directories whose subdirectories jobs may name as models (JSON list; default: "
         "the checkout's models/, where `w2s models prepare-offline models` puts them)",
     )
+    path_base: Path = Field(
+        default_factory=lambda: project_root() or default_home(),
+        description="relative paths in requests (./models/x) are resolved against this directory, the "
+        "same in every process and on every host, and then against each root; never against a "
+        "process's working directory (default: the checkout, where models/ is)",
+    )
     metrics_public: bool = Field(False, description="serve /metrics without the admin key")
     # Recovery from lost workers and lost broker messages (see worker/tasks.py and service/dispatch.py).
     heartbeat_interval_s: float = Field(10.0, gt=0, description="how often a running stage says it is alive")

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from w2s.spec import ModelSpec, TrainConfig
+from w2s.spec import ModelSpec, TrainConfig, is_local_model_name
 
 logger = logging.getLogger(__name__)
 
@@ -148,12 +148,20 @@ class LoadedModel:
 
 
 def resolve_model_source(spec: ModelSpec) -> str:
-    """A local directory (expanded) or the hub id unchanged; a missing local path is an error."""
-    path = Path(spec.model).expanduser()
-    if path.is_dir():
+    """A local directory when the name has a path's shape (absolute, or starting with ``.`` or ``~``),
+    which must exist; anything else is a hub id. transformers would load a directory that happens to
+    sit under a hub id's name in the working directory in the hub model's place, so a hub id whose
+    name is such a directory is refused: name a local model ``./like/this``."""
+    if is_local_model_name(spec.model):
+        path = Path(spec.model).expanduser()
+        if not path.is_dir():
+            raise ValueError(f"model: local directory {spec.model!r} does not exist")
         return str(path.resolve())
-    if spec.model.startswith((".", "/", "~")):
-        raise ValueError(f"model: local directory {spec.model!r} does not exist")
+    if Path(spec.model).exists():
+        raise ValueError(
+            f"model: {spec.model!r} is read as a hub id, and is never loaded from the disk; for a local "
+            f"directory write './{spec.model}' or an absolute path"
+        )
     return spec.model
 
 
@@ -240,7 +248,7 @@ def model_fingerprint(spec: ModelSpec) -> dict[str, Any]:
     """What identifies a model's weights, for stage keys: a content hash for local directories,
     the hub id and revision otherwise."""
     path = Path(spec.model).expanduser()
-    if path.is_dir():
+    if is_local_model_name(spec.model) and path.is_dir():
         return {"local_sha256": _directory_sha256(str(path.resolve()), _directory_stamp(path))}
     return {"hub": spec.model, "revision": spec.revision or "main"}
 

@@ -184,13 +184,18 @@ class ModelSpec(TrainingOptions):
 
     @field_validator("model")
     def _model_looks_like_a_model(cls, value: str) -> str:
-        looks_like_path = value.startswith((".", "/", "~")) or value.count("/") > 1
-        if looks_like_path and not _is_directory(value):
+        if is_local_model_name(value) and not _is_directory(value):
             raise ValueError(
                 f"local model directory {value!r} does not exist; give an existing directory "
                 "or a Hugging Face hub id such as 'gpt2'"
             )
         return value
+
+
+def is_local_model_name(value: str) -> bool:
+    """Whether a model name is a local directory (absolute, ``./``, ``~``, or more than one ``/``);
+    anything else is a Hugging Face hub id (``name`` or ``org/name``) and never read from the disk."""
+    return value.startswith((".", "/", "~")) or value.count("/") > 1
 
 
 def _is_directory(value: str) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import shutil
 import socket
 import threading
 import time
@@ -98,7 +99,9 @@ def _model_dirs(tmp_path: Path, tiny_bert: Path, tiny_gpt2: Path) -> dict[str, P
     names = {"gpt2": tiny_bert, "gpt2-medium": tiny_bert, "gpt2-large": tiny_gpt2, "gpt2-xl": tiny_gpt2}
     names["llama-3-8b"] = tiny_gpt2
     for name, target in names.items():
-        (folder / name).symlink_to(target, target_is_directory=True)
+        # Copies, not links: the service stores a model's fully resolved path (a link's target), and
+        # the plot labels models by that path's name.
+        shutil.copytree(target, folder / name)
     return {name: folder / name for name in names}
 
 

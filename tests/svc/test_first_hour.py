@@ -54,10 +54,16 @@ def test_a_hub_model_that_cannot_load_offline_is_refused_at_submission(
 def test_a_relative_model_path_means_the_same_directory_for_every_process(
     client: TestClient, make_team, tiny_bert: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
+    """Relative to W2S_PATH_BASE (the checkout by default), which every process shares, and never to
+    a process's working directory, which differs between the API, the workers and their hosts."""
+    from service.db import reset_caches
+
+    monkeypatch.setenv("W2S_PATH_BASE", str(tiny_bert.parent))
+    reset_caches()
     team = make_team()
-    monkeypatch.chdir(tiny_bert.parent)
+    monkeypatch.chdir("/")
     body = tiny_job(tiny_bert, tiny_bert)
-    body["weak"]["model"] = body["strong"]["model"] = "./tiny-bert"
+    body["weak"]["model"] = body["strong"]["model"] = f"./{tiny_bert.name}"
     job = client.post("/v1/jobs", json=body, headers=team.headers).json()
     assert job["spec"]["weak"]["model"] == str(tiny_bert.resolve())
 
