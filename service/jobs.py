@@ -26,7 +26,7 @@ from service.paths import model_reference, resolve_under
 from service.planning import UPLOAD_PREFIX
 from service.settings import Settings, get_settings
 from service.states import STAGE_BACKLOG, STAGE_DONE, STAGE_UNFINISHED, JobStatus, can_retry
-from w2s.spec import JobSpec, SpecError, parse_spec
+from w2s.spec import JobSpec, SpecError, is_local_model_name, parse_spec
 
 __all__ = ["UPLOAD_PREFIX", "NotFound", "log"]
 
@@ -209,6 +209,38 @@ def resolve_spec(session: Session, *, team: Team, raw: dict[str, Any], settings:
     if upload_name is not None:
         stored["dataset"]["name"] = upload_name
     return ResolvedSpec(spec, stored)
+
+
+def attempt_policy_errors(session: Session, job_id: str, settings: Settings) -> list[str]:
+    """Today's rules for a job about to run a stage (checked at every claim, not only at submission):
+    its team is enabled, its models are still under the model roots, and running model code is
+    still allowed where it asks for it. Empty when the stage may run."""
+    row = session.execute(
+        select(Job.spec, Team.disabled_at, Team.allow_trust_remote_code)
+        .join(Team, Team.id == Job.team_id)
+        .where(Job.id == job_id)
+    ).first()
+    if row is None:
+        return ["the job no longer exists"]
+    spec, disabled_at, team_allows_code = row
+    if disabled_at is not None:
+        return ["your team was disabled by an administrator"]
+    errors = []
+    allowed = settings.allow_trust_remote_code or team_allows_code
+    models = [("weak", spec.get("weak")), ("strong", spec.get("strong"))]
+    models += [(f"chain.{i}", entry) for i, entry in enumerate(spec.get("chain") or [])]
+    for role, entry in models:
+        if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
+            continue
+        if entry.get("trust_remote_code") and not allowed:
+            errors.append(f"{role}.trust_remote_code: running model code is no longer allowed for your team")
+        model = entry["model"]
+        if (
+            is_local_model_name(model)
+            and resolve_under(model, settings.model_roots, settings.path_base) is None
+        ):
+            errors.append(f"{role}.model: {model!r} is no longer under the model roots (W2S_MODEL_ROOTS)")
+    return errors
 
 
 def dataset_label(stored: dict[str, Any]) -> str:
@@ -578,6 +610,8 @@ def retry_job(session: Session, *, job: Job, settings: Settings | None = None) -
     count against the team's backlog (max_queued_stages) like a new job's, under the team's lock."""
     settings = settings or get_settings()
     if can_retry(job.status):  # otherwise the lifecycle answers 409 with the job's state
+        # Today's rules, not those of the day it was submitted: models, roots, remote code, data.
+        resolve_spec(session, team=job.team, raw=job.spec, settings=settings)
         reviving = session.scalar(
             select(func.count()).where(Stage.job_id == job.id, Stage.status.in_(REVIVED_BY_RETRY))
         )

@@ -42,6 +42,7 @@ from sqlalchemy.exc import DBAPIError
 
 from service import lifecycle
 from service.db import database_unreachable, insert_ignoring_duplicates, retry_database, session_scope
+from service.jobs import attempt_policy_errors
 from service.lifecycle import Claim
 from service.models import Job, MetricPoint, Stage, utcnow
 from service.settings import Settings, get_settings
@@ -366,6 +367,10 @@ def load_plan(claim: Claim, settings: Settings) -> Any:
 
     if claim.plan is None:
         raise StageError(f"{claim.kind} seed {claim.seed}: the stage has no stored plan; retry the job")
+    with session_scope(read_only=True) as session:
+        refused = attempt_policy_errors(session, claim.job_id, settings)
+    if refused:  # an admin changed a rule since the job was submitted
+        raise StageError("not run under today's rules: " + "; ".join(refused))
     return plan_from_record(claim.plan, process_store(settings.store_uri, settings.stage_cache_mb))
 
 
