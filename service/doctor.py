@@ -192,7 +192,7 @@ def checkup(session: Session, settings: Settings, *, grace_s: float = 60.0) -> C
                 text(due), lease_free
             )
         ).all():
-            since = max(t for t in (created_at, lease_until, activity) if t is not None)
+            since = max(_aware(t) for t in (created_at, lease_until, activity) if t is not None)
             idle = (now - since).total_seconds()
             if idle > settings.control_lease_s + grace_s:
                 found(
@@ -212,7 +212,7 @@ def checkup(session: Session, settings: Settings, *, grace_s: float = 60.0) -> C
         .order_by(Stage.job_id, Stage.id)
     ).all():
         jobs.setdefault(job_id, _job_row(session, job_id))
-        silent = "never beat" if beat is None else f"silent for {(now - beat).total_seconds():.0f} s"
+        silent = "never beat" if beat is None else f"silent for {(now - _aware(beat)).total_seconds():.0f} s"
         found(
             job_id,
             "stage_silent",
@@ -230,13 +230,18 @@ def checkup(session: Session, settings: Settings, *, grace_s: float = 60.0) -> C
         found(
             job_id,
             "stage_unclaimed",
-            f"stage {stage_id} ({kind}) was sent {(now - sent_at).total_seconds():.0f} s ago and no worker "
-            "claimed it; the dispatcher sends such stages again: is it running, and is a worker consuming "
-            "its queue?",
+            f"stage {stage_id} ({kind}) was sent {(now - _aware(sent_at)).total_seconds():.0f} s ago and "
+            "no worker claimed it; the dispatcher sends such stages again: is it running, and is a worker "
+            "consuming its queue?",
             wedged=False,
         )
     findings.sort(key=lambda finding: (not finding.wedged, finding.job_id, finding.problem))
     return Checkup(checked_jobs=len(jobs), findings=findings)
+
+
+def _aware(moment: dt.datetime) -> dt.datetime:
+    """SQLite (the embedded default) gives back naive UTC datetimes; Postgres aware ones."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
 def _job_row(session: Session, job_id: str) -> tuple[str, str]:
