@@ -14,7 +14,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from service.auth import cached_owner, hash_key, is_admin_key, owner_of_key_hash, team_for_key_hash
+from service.auth import (
+    cached_owner,
+    hash_key,
+    is_admin_key,
+    key_of_disabled_team,
+    owner_of_key_hash,
+    team_for_key_hash,
+)
 from service.db import run_transaction, session_scope
 from service.errors import LimitExceeded
 from service.jobs import get_job
@@ -45,6 +52,12 @@ UNAUTHORIZED = HTTPException(
     status.HTTP_401_UNAUTHORIZED,
     "missing or invalid API key: send 'Authorization: Bearer <key>'",
     headers={"WWW-Authenticate": "Bearer"},
+)
+# A valid key of a disabled team: its holder is told why, not that the key is wrong.
+TEAM_DISABLED = HTTPException(
+    status.HTTP_403_FORBIDDEN,
+    "your team is disabled by an administrator: its keys work again once it is enabled; ask your "
+    "administrator",
 )
 
 
@@ -161,6 +174,8 @@ def current_team(
     key_hash = hash_key(credentials.credentials)
     team = team_for_key_hash(session, key_hash)
     if team is None:
+        if key_of_disabled_team(session, key_hash):
+            raise TEAM_DISABLED
         raise unauthorized(request, sources)
     enforce_rate(settings, key_hash, team.requests_per_minute)
     return team
@@ -176,6 +191,8 @@ async def current_team_id(request: Request, credentials: Credentials, settings: 
     key_hash = hash_key(credentials.credentials)
     owner = cached_owner(key_hash) or await in_session(owner_of_key_hash, key_hash, read_only=True)
     if owner is None:
+        if await in_session(key_of_disabled_team, key_hash, read_only=True):
+            raise TEAM_DISABLED
         await run_in_threadpool(record_failure, request, "api_key", sources)
         raise UNAUTHORIZED
     enforce_rate(settings, key_hash, owner.requests_per_minute)
@@ -192,11 +209,11 @@ async def in_session(work: Callable[..., T], /, *args: Any, read_only: bool = Fa
 
 
 def team_for_write(session: Session, team_id: str) -> Team:
-    """The caller's team, loaded in a write endpoint's own transaction; 401 if it was disabled since
+    """The caller's team, loaded in a write endpoint's own transaction; 403 if it was disabled since
     its key was checked."""
     team = session.scalar(select(Team).where(Team.id == team_id, Team.disabled_at.is_(None)))
     if team is None:
-        raise UNAUTHORIZED
+        raise TEAM_DISABLED
     return team
 
 

@@ -3,6 +3,9 @@ error handlers that turn spec errors into field-level 422s and database outages 
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import gc
 import importlib
 import logging
 import re
@@ -19,9 +22,9 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram
 from sqlalchemy import func, select, text
-from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -33,11 +36,13 @@ from api.deps import Credentials, SettingsDep, require_admin
 from api.routes import admin, datasets, jobs, sweeps, teams
 from api.schemas import body_location, error_responses
 from api.streams import StreamHub
+from api.yaml_bodies import YamlBodies
+from service import telemetry, uploads
 from service.db import database_unreachable, get_engine, lost_a_race, session_scope
 from service.errors import LimitExceeded, ServiceError
 from service.limits import FailureThrottle
 from service.models import Job, Stage
-from service.settings import get_settings
+from service.settings import Settings, get_settings
 from service.states import InvalidTransition
 from w2s.spec import SpecError
 
@@ -45,9 +50,8 @@ logger = logging.getLogger(__name__)
 
 REQUESTS = Counter("w2s_http_requests_total", "HTTP requests", ["method", "route", "status"])
 LATENCY = Histogram("w2s_http_request_seconds", "HTTP request latency", ["method", "route"])
-JOBS = Gauge("w2s_jobs", "jobs by status", ["status"])
-STAGES = Gauge("w2s_stages", "stages by status and queue", ["status", "queue"])
-STREAMS = Gauge("w2s_open_streams", "live metric streams open in this API process")
+# Summed over the API's processes in multiprocess mode (service/telemetry.py).
+STREAMS = Gauge("w2s_open_streams", "live metric streams open", multiprocess_mode="livesum")
 
 # A job spec or a sweep is a few kB; uploads (POST /v1/datasets) have their own W2S_MAX_UPLOAD_MB.
 MAX_BODY_BYTES = 1024 * 1024
@@ -65,7 +69,31 @@ async def _lifespan(_: FastAPI) -> AsyncIterator[None]:
             "(or W2S_ENVIRONMENT=development for the published development secret)"
         )
     await run_in_threadpool(importlib.import_module, "w2s.losses")
-    yield
+    # torch and transformers leave millions of long-lived objects; a full garbage collection walked
+    # them all (~130 ms) every few large responses (a curve of thousands of points). Frozen, they are
+    # never scanned again.
+    gc.collect()
+    gc.freeze()
+    sweeper = asyncio.create_task(_sweep_upload_parts(get_settings()))
+    try:
+        yield
+    finally:
+        sweeper.cancel()
+
+
+async def _sweep_upload_parts(settings: Settings) -> None:
+    """Unfinished uploads left by a killed API process: removed at start and then periodically."""
+    every_s = min(settings.upload_part_max_age_s / 3, 300.0)
+    while True:
+        try:
+            removed = await run_in_threadpool(
+                uploads.remove_stale_parts, settings.uploads_dir, settings.upload_part_max_age_s
+            )
+            if removed:
+                logger.info("removed %d unfinished upload file(s) from %s", removed, settings.uploads_dir)
+        except OSError as error:  # a shared folder briefly unreachable: the next sweep tries again
+            logger.warning("could not sweep unfinished uploads in %s: %s", settings.uploads_dir, error)
+        await asyncio.sleep(every_s)
 
 
 def create_app() -> FastAPI:
@@ -81,6 +109,7 @@ def create_app() -> FastAPI:
         v1.include_router(module.router)
     app.include_router(v1)
     settings = get_settings()
+    telemetry.install_store_hook()  # uploads' store retries and outages in /metrics
     # Every live metric stream of this process is served by one hub (api/streams.py).
     app.state.failure_throttle = FailureThrottle(settings.broker_url, settings.broker_key_prefix)
     app.state.stream_hub = StreamHub(
@@ -101,6 +130,7 @@ def create_app() -> FastAPI:
         https_only=settings.environment == "production",
     )
     _install_error_handlers(app)
+    app.add_middleware(YamlBodies)  # inside BodyLimit: it reads only bodies already within the limit
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     app.add_middleware(Observe, api=app)  # added last: the outermost, so it times all the others
     return app
@@ -317,7 +347,7 @@ def healthz() -> dict[str, str]:
 
 @ops.get("/readyz")
 def readyz() -> JSONResponse:
-    """The database and the broker are reachable."""
+    """The database, the broker and the artifact store are reachable."""
     checks: dict[str, str] = {}
     try:
         with get_engine().connect() as connection:
@@ -326,8 +356,31 @@ def readyz() -> JSONResponse:
     except Exception as error:
         checks["database"] = f"unreachable: {str(error).splitlines()[0]}"
     checks["broker"] = _broker_check()
+    checks["store"] = _store_check()
     ready = all(value == "ok" for value in checks.values())
     return JSONResponse(checks, status_code=200 if ready else 503)
+
+
+_store_probe = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-probe")
+
+
+def _store_check(timeout_s: float = 3.0) -> str:
+    """The artifact store answers whether its root exists within ``timeout_s`` (asked once:
+    readiness reports the store as it is now; an empty S3 prefix answers no, which is an answer)."""
+    from w2s.store import ArtifactStore
+
+    def probe() -> None:
+        store = ArtifactStore(get_settings().store_uri, retry_s=0)
+        store.fs.exists(store.root)
+
+    future = _store_probe.submit(probe)
+    try:
+        future.result(timeout=timeout_s)
+        return "ok"
+    except concurrent.futures.TimeoutError:
+        return f"unreachable: no answer within {timeout_s:.0f} s"
+    except Exception as error:
+        return f"unreachable: {type(error).__name__}: {str(error).strip()[:200]}"
 
 
 def _broker_check() -> str:
@@ -359,17 +412,13 @@ def metrics(request: Request, settings: SettingsDep, credentials: Credentials) -
     if not settings.metrics_public:
         require_admin(request, settings, credentials)
     STREAMS.set(request.app.state.stream_hub.open_streams)
-    try:
-        with session_scope() as session:
-            JOBS.clear()
-            for job_status, count in session.execute(select(Job.status, func.count()).group_by(Job.status)):
-                JOBS.labels(job_status).set(count)
-            STAGES.clear()
-            query = select(Stage.status, Stage.gpu_class, func.count()).group_by(
-                Stage.status, Stage.gpu_class
-            )
-            for stage_status, queue, count in session.execute(query):
-                STAGES.labels(stage_status, queue or "unplanned").set(count)
-    except OperationalError:
-        pass  # still serve the process metrics
-    return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    def counts() -> tuple[list[Any], list[Any]]:
+        with session_scope(read_only=True) as session:
+            jobs = session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
+            stages = session.execute(
+                select(Stage.status, Stage.gpu_class, func.count()).group_by(Stage.status, Stage.gpu_class)
+            ).all()
+            return list(jobs), list(stages)
+
+    return PlainTextResponse(telemetry.api_metrics(counts), media_type=CONTENT_TYPE_LATEST)

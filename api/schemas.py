@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from service.jobs import UPLOAD_PREFIX
-from service.states import has_result
+from service.states import JobStatus, has_result
 
 
 def body_location(dotted: str) -> list[str | int]:
@@ -74,9 +74,27 @@ class JobCreate(BaseModel):
 
     name: str = Field("", max_length=200)
     priority: int = Field(0, ge=-100, le=100, description="higher runs first")
+    stage_time_limit_s: int | None = Field(
+        None,
+        ge=1,
+        le=30 * 86_400,
+        description="longest one attempt of a stage may run before it fails (default and maximum: the "
+        "team's limit)",
+    )
 
     def spec(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+
+class StageEventPublic(BaseModel):
+    """A checkpoint written, a preemption or drain asked, a yield, a resume (StageEventKind)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    at: dt.datetime
+    kind: str
+    step: int | None
+    detail: str | None
 
 
 class StagePublic(BaseModel):
@@ -102,6 +120,16 @@ class StagePublic(BaseModel):
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
     duration_s: float | None = None
+    checkpoint_step: int | None = Field(
+        None, description="its last resume checkpoint: a new attempt goes on from it"
+    )
+    preemptions: int = Field(0, description="times it yielded its slot to other work and resumed")
+    yield_requested_at: dt.datetime | None = Field(
+        None, description="set while it is asked to checkpoint and yield (preempted, or its worker drains)"
+    )
+    events: list[StageEventPublic] = Field(
+        default_factory=list, description="checkpoints, preemptions, drains and resumes, oldest first"
+    )
 
 
 class JobPublic(BaseModel):
@@ -111,6 +139,7 @@ class JobPublic(BaseModel):
     name: str
     status: str
     priority: int
+    stage_time_limit_s: int | None = Field(None, description="as asked; the team's limit applies if none")
     error: str | None
     dataset: str
     weak_model: str
@@ -125,10 +154,33 @@ class JobPublic(BaseModel):
     stages: list[StagePublic]
 
 
+class ExportCreate(BaseModel):
+    to: Literal["mlflow", "wandb"] = Field(description="the tracking tool: mlflow or wandb")
+
+
+class ExportPublic(BaseModel):
+    """A job's export to a tracking tool (MLflow or W&B): retried with back-off while the tool is
+    unreachable; the job never waits for it."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    target: str = Field(description="mlflow or wandb")
+    status: str = Field(description="pending (due or waiting to try again), succeeded, or failed")
+    attempts: int = Field(description="tries started")
+    due_at: dt.datetime = Field(description="while pending: when the next try is due")
+    run_id: str | None = Field(description="the run in the tracking tool (MLflow run id, W&B run path)")
+    run_url: str | None = Field(description="a link to the run, where the tool has one")
+    error: str | None = Field(description="why the last try failed")
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    finished_at: dt.datetime | None
+
+
 class JobSummary(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     id: str
+    team_id: str = Field(description="the team that owns it (admin listings span teams)")
     name: str
     status: str
     priority: int
@@ -136,8 +188,18 @@ class JobSummary(BaseModel):
     weak_model: str
     strong_model: str
     created_at: dt.datetime
+    started_at: dt.datetime | None = Field(
+        description="when it first started running: its first stage got a worker slot or a cached result"
+    )
     finished_at: dt.datetime | None
-    progress: float = Field(description="fraction of stages finished")
+    duration_s: float | None = Field(
+        description="run time: started_at to finished_at, or to now while it runs; null before it starts "
+        "(the wait for planning and a first slot is not in it: created_at says when it was submitted)"
+    )
+    progress: float = Field(
+        description="fraction of its work done: a step per stage with a result, and a last one for the "
+        "results document; 1 only once it succeeded"
+    )
 
 
 class JobsPublic(BaseModel):
@@ -153,6 +215,13 @@ class MetricSeries(BaseModel):
     steps: list[int]
     values: list[float]
     reused: bool = Field(False, description="a cached stage's curve: from the run that computed its result")
+    points_seen: int | None = Field(
+        None, description="training steps that reported this metric; steps/values keep at most a few thousand"
+    )
+    min: float | None = Field(None, description="exact minimum over every step, also those not kept")
+    max: float | None = Field(None, description="exact maximum over every step")
+    last_step: int | None = Field(None, description="the latest step that reported it")
+    last: float | None = Field(None, description="its value at last_step")
 
 
 class MetricsPublic(BaseModel):
@@ -205,8 +274,21 @@ class TeamAdminPublic(TeamPublic):
     max_stages_per_job: int | None
     max_stages_per_sweep: int | None
     upload_quota_mb: int | None
+    storage_quota_mb: int | None
+    stage_time_limit_s: int | None
     requests_per_minute: int | None
     max_streams_per_team: int | None
+    mlflow_tracking_uri: str | None = Field(
+        None, description="where its jobs are exported (null: the setting)"
+    )
+    mlflow_token_env: str | None = Field(None, description="the workers' variable holding its MLflow token")
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
+    wandb_key_env: str | None = Field(None, description="the workers' variable holding its W&B API key")
+    storage: StoragePublic | None = Field(None, description="what it holds now (listings)")
+    preemptions_window: int = Field(
+        0, description="times its running stages were preempted for other work, in the fair-share window"
+    )
 
 
 class TeamUpdate(BaseModel):
@@ -222,8 +304,21 @@ class TeamUpdate(BaseModel):
     max_stages_per_job: int | None = Field(None, ge=1, le=1_000_000)
     max_stages_per_sweep: int | None = Field(None, ge=1, le=10_000_000)
     upload_quota_mb: int | None = Field(None, ge=1, le=10_000_000)
+    storage_quota_mb: int | None = Field(
+        None, ge=1, le=1_000_000_000, description="artifact store and uploads together, MB"
+    )
+    stage_time_limit_s: int | None = Field(None, ge=1, le=30 * 86_400, description="longest stage attempt")
     requests_per_minute: int | None = Field(None, ge=1, le=1_000_000)
     max_streams_per_team: int | None = Field(None, ge=1, le=100_000, description="live metric streams open")
+    # Where its succeeded jobs are exported; credentials only as the names of the control workers'
+    # environment variables (service/exports.py), never the secrets themselves.
+    mlflow_tracking_uri: str | None = Field(None, max_length=500, description="an MLflow tracking URI")
+    mlflow_token_env: str | None = Field(
+        None, max_length=100, description="a variable name, e.g. TEAM_A_MLFLOW"
+    )
+    wandb_project: str | None = Field(None, max_length=200)
+    wandb_entity: str | None = Field(None, max_length=200)
+    wandb_key_env: str | None = Field(None, max_length=100, description="a variable name, e.g. TEAM_A_WANDB")
     disabled: bool | None = Field(None, description="true: keys stop working and open jobs are cancelled")
 
 
@@ -280,15 +375,34 @@ class ApiKeyCreated(BaseModel):
     key: str = Field(description="shown once; only its hash is stored")
 
 
+class StoragePublic(BaseModel):
+    """Bytes a team holds: what its stages computed and its uploads, against storage_quota_mb."""
+
+    used_bytes: int
+    quota_bytes: int
+    outputs_bytes: int = Field(description="stage results, test probabilities, soft labels")
+    checkpoints_bytes: int = Field(description="saved weights (save_checkpoint); the last few are kept")
+    uploads_bytes: int
+
+
 class UsagePublic(BaseModel):
     team_id: str
-    gpu_seconds_total: float
+    gpu_seconds_total: float = Field(
+        description="device-seconds of every stage, on GPUs and CPUs alike (device_seconds splits them)"
+    )
+    device_seconds: dict[str, float] = Field(
+        default_factory=dict, description="device-seconds by the kind of device the stages ran on: gpu, cpu"
+    )
     gpu_seconds_window: float
     window_hours: float
     running_stages: int
     queued_stages: int
     pending_stages: int
     gpu_quota: int
+    storage: StoragePublic
+    preemptions_window: int = Field(
+        0, description="times its running stages were preempted for other work, in the window (each resumed)"
+    )
 
 
 class DatasetUploadForm(BaseModel):
@@ -411,14 +525,33 @@ def _seconds(start: dt.datetime | None, end: dt.datetime | None) -> float | None
     return (end - start).total_seconds()
 
 
+def run_seconds(
+    started_at: dt.datetime | None, finished_at: dt.datetime | None, now: dt.datetime | None = None
+) -> float | None:
+    """A job's run time, the one every view shows (JobSummary.duration_s): started to finished, or to
+    ``now`` while it runs; None before it starts."""
+    if started_at is None:
+        return None
+    return _seconds(started_at, finished_at or now or dt.datetime.now(dt.UTC))
+
+
+def job_progress(stages_done: float, n_stages: int, status: str) -> float:
+    """JobSummary.progress: stages with a result (fractions of running ones too, for the dashboard's
+    live bar) out of its stages plus one, the results document made at the end. A job that ended
+    without results (cancelled, failed) never reads as complete, even when every stage finished."""
+    return (stages_done + (status == JobStatus.succeeded)) / (n_stages + 1)
+
+
 # The fields read off an ORM object or a database row, listed once: ``model_fields`` is a slow property,
 # and ``model_validate(from_attributes)`` on a row pays for an exception per field the row lacks.
-_STAGE_COLUMNS = tuple(name for name in StagePublic.model_fields if name not in ("progress", "duration_s"))
+_STAGE_COLUMNS = tuple(
+    name for name in StagePublic.model_fields if name not in ("progress", "duration_s", "events")
+)
 _JOB_COLUMNS = tuple(name for name in JobPublic.model_fields if name != "stages")
-_SUMMARY_COLUMNS = tuple(name for name in JobSummary.model_fields if name != "progress")
+_SUMMARY_COLUMNS = tuple(name for name in JobSummary.model_fields if name not in ("progress", "duration_s"))
 
 
-def stage_public(stage: Any) -> StagePublic:
+def stage_public(stage: Any, events: Sequence[Any] = ()) -> StagePublic:
     progress = min(1.0, stage.step / stage.total_steps) if stage.total_steps else None
     if has_result(stage.status):
         progress = 1.0
@@ -426,23 +559,35 @@ def stage_public(stage: Any) -> StagePublic:
         **{name: getattr(stage, name) for name in _STAGE_COLUMNS},
         progress=progress,
         duration_s=_seconds(stage.started_at, stage.finished_at),
+        events=[StageEventPublic.model_validate(event) for event in events],
     )
 
 
-def job_public(job: Any, stages: Sequence[Any] | None = None) -> JobPublic:
-    """From an ORM job, or from a row of its columns and its ``stages`` (service.jobs.job_detail)."""
+def job_public(
+    job: Any, stages: Sequence[Any] | None = None, events: dict[str, list[Any]] | None = None
+) -> JobPublic:
+    """From an ORM job, or from a row of its columns and its ``stages`` (service.jobs.job_detail);
+    ``events``: each stage's timeline events (service.jobs.stage_events)."""
     data = {name: getattr(job, name) for name in _JOB_COLUMNS}
     stages = job.stages if stages is None else stages
-    return JobPublic(**data, stages=[stage_public(stage) for stage in stages])
+    events = events or {}
+    return JobPublic(**data, stages=[stage_public(stage, events.get(stage.id, ())) for stage in stages])
 
 
-def job_summary(job: Any) -> JobSummary:
+def job_summary(job: Any, now: dt.datetime | None = None) -> JobSummary:
     done = sum(has_result(stage.status) for stage in job.stages)
-    data = {name: getattr(job, name) for name in _SUMMARY_COLUMNS}
-    return JobSummary(**data, progress=done / len(job.stages) if job.stages else 0.0)
+    return _summary(job, done, len(job.stages), now)
 
 
 def summary_public(row: Any) -> JobSummary:
     """job_summary from a row of service.jobs.list_job_summaries (stage counts, not stages)."""
-    data = {name: getattr(row, name) for name in _SUMMARY_COLUMNS}
-    return JobSummary(**data, progress=row.n_done / row.n_stages if row.n_stages else 0.0)
+    return _summary(row, row.n_done, row.n_stages)
+
+
+def _summary(job: Any, stages_done: int, n_stages: int, now: dt.datetime | None = None) -> JobSummary:
+    data = {name: getattr(job, name) for name in _SUMMARY_COLUMNS}
+    return JobSummary(
+        **data,
+        duration_s=run_seconds(job.started_at, job.finished_at, now),
+        progress=job_progress(stages_done, n_stages, job.status),
+    )

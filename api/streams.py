@@ -113,8 +113,15 @@ class StreamSlots:
         if redis_url and redis_url.startswith(("redis://", "rediss://")):
             import redis.asyncio
 
-            self._redis = redis.asyncio.Redis.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1)
+            # A few connections that requests wait for: 500 streams opened at once each opened its own
+            # connection, some timed out, and those were counted only in this process (over the cap).
+            pool = redis.asyncio.BlockingConnectionPool.from_url(
+                redis_url, max_connections=8, timeout=5, socket_timeout=2, socket_connect_timeout=2
+            )
+            self._redis = redis.asyncio.Redis(connection_pool=pool)
         self._prefix = prefix
+        # Every slot this process holds, whichever way it was counted: with Redis unreachable, this
+        # process alone still keeps the cap.
         self._local: dict[str, set[str]] = {}
 
     def _name(self, team_id: str) -> str:
@@ -136,7 +143,10 @@ class StreamSlots:
                     token,
                     int(SLOT_TTL_S * 2),
                 )
-                return token if taken else None
+                if not taken:
+                    return None
+                self._local.setdefault(team_id, set()).add(token)
+                return token
             except Exception as error:  # Redis down: count in this process rather than refuse everyone
                 logger.warning("stream slots: Redis unreachable (%s); counting in this process", error)
         open_here = self._local.setdefault(team_id, set())

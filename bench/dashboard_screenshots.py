@@ -5,7 +5,10 @@ Redis, a Celery worker and the dispatcher): sst2, weak all-MiniLM-L6-v2, strong 
 and all-mpnet-base-v2, all in probe mode, losses xent and logconf, seeds 0 and 1. Once every job
 has finished it signs in to the dashboard in Chromium (Playwright, /usr/bin/chromium) with the
 team's key and saves docs/screenshots/job.png (the MiniLM-L6 -> MPNet job page) and
-docs/screenshots/sweep.png (the sweep page). Every figure on them is real.
+docs/screenshots/sweep.png (the sweep page). Probes train briefly, so their curves are short: a
+second job fine-tunes all-MiniLM-L6-v2 end to end (weak and strong, three losses, two seeds, an
+evaluation every 10 steps) for docs/screenshots/curves.png (its curves, every stage kind side by
+side) and docs/screenshots/curves-one-kind.png (one kind, less smoothing). Every figure is real.
 
     python bench/dashboard_screenshots.py [--n-train 2000] [--n-test 1000] [--out docs/screenshots]
 
@@ -56,6 +59,32 @@ def sweep_body(n_train: int, n_test: int) -> dict[str, Any]:
     }
 
 
+def curves_body(n_test: int) -> dict[str, Any]:
+    full = {"model": WEAK, "mode": "full", "max_length": 64, "epochs": 2, "batch_size": 16, "eval_every": 10}
+    return {
+        "name": "sst2 MiniLM fine-tuned (curves)",
+        "dataset": {"name": "sst2", "n_train": 800, "n_test": min(n_test, 400), "seed": 0},
+        "weak": full,
+        "strong": full,
+        "losses": ["xent", "logconf", "product"],
+        "seeds": [0, 1],
+    }
+
+
+def run_job(stack: RealStack, body: dict[str, Any], timeout_s: float) -> str:
+    response = stack.api.post("/v1/jobs", json=body)
+    if response.status_code != 201:
+        raise SystemExit(f"POST /v1/jobs answered {response.status_code}: {response.text}")
+    job_id = response.json()["id"]
+    print(f"job {job_id}: {len(response.json()['stages'])} stages", flush=True)
+    started = time.monotonic()
+    job = stack.wait_job(job_id, timeout_s)
+    print(f"job {job['status']} after {time.monotonic() - started:.0f} s", flush=True)
+    if job["status"] != "succeeded":
+        raise SystemExit(f"job {job['status']}: {job.get('error')}\n{stack.logs()}")
+    return job_id
+
+
 def run_sweep(stack: RealStack, body: dict[str, Any], timeout_s: float) -> tuple[str, str]:
     """Submit the sweep, wait for it; returns (sweep id, id of the MiniLM -> MPNet job)."""
     response = stack.api.post("/v1/sweeps", json=body)
@@ -81,7 +110,9 @@ def run_sweep(stack: RealStack, body: dict[str, Any], timeout_s: float) -> tuple
     return sweep_id, target["job_id"]
 
 
-def take_screenshots(base_url: str, key: str, job_id: str, sweep_id: str, out: Path) -> list[Path]:
+def take_screenshots(
+    base_url: str, key: str, job_id: str, sweep_id: str, curves_job_id: str, out: Path
+) -> list[Path]:
     from playwright.sync_api import sync_playwright
 
     out.mkdir(parents=True, exist_ok=True)
@@ -109,11 +140,24 @@ def take_screenshots(base_url: str, key: str, job_id: str, sweep_id: str, out: P
             page.wait_for_timeout(500)
             sweep_png = out / "sweep.png"
             page.screenshot(path=str(sweep_png), full_page=True)
+
+            # The curves section alone: every stage kind side by side, then one kind, less smoothed.
+            shots = []
+            for name, query in (
+                ("curves.png", ""),
+                ("curves-one-kind.png", "?kind=student:logconf&smoothing=0.5"),
+            ):
+                page.goto(f"{base_url}/jobs/{curves_job_id}{query}")
+                for chart in ("#chart-loss", "#chart-accuracy"):
+                    page.wait_for_function(IMAGE_LOADED, arg=chart, timeout=30_000)
+                page.wait_for_timeout(500)
+                shots.append(out / name)
+                page.locator("section:has(#curve-controls)").screenshot(path=str(shots[-1]))
         finally:
             browser.close()
     if problems:
         raise SystemExit(f"the dashboard logged errors: {problems}")
-    return [job_png, sweep_png]
+    return [job_png, sweep_png, *shots]
 
 
 def main() -> None:
@@ -136,7 +180,8 @@ def main() -> None:
     out = args.out.resolve()
     with RealStack(data_dir=data_dir) as stack:
         sweep_id, job_id = run_sweep(stack, sweep_body(args.n_train, args.n_test), args.timeout)
-        for path in take_screenshots(stack.base_url, stack.key, job_id, sweep_id, out):
+        curves_job_id = run_job(stack, curves_body(args.n_test), args.timeout)
+        for path in take_screenshots(stack.base_url, stack.key, job_id, sweep_id, curves_job_id, out):
             print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
 
 

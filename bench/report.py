@@ -955,6 +955,221 @@ def race_storm_checks(figures: Figures) -> list[Check]:
     ]
 
 
+def _latency(figures: Figures) -> str:
+    return f"{num(figures['p50_ms'])} / {num(figures['p99_ms'])} / {num(figures['max_ms'])} ms"
+
+
+def render_abuse(figures: Figures) -> list[str]:
+    streams, capped = figures["streams"], figures["streams_capped"]
+    sweep, metrics, keys = figures["oversized_sweep"], figures["metrics"], figures["guessed_keys"]
+    opened = ", ".join(f"{code}: {n}" for code, n in sorted(streams["stream_statuses"].items()))
+    refused = ", ".join(f"{code}: {n}" for code, n in sorted(capped["statuses"].items()))
+    rows = [
+        [
+            f"{streams['streams_asked']} streams under the default cap ({capped['cap']})",
+            refused,
+        ],
+        [
+            f"{streams['streams_asked']} streams with the cap raised",
+            f"{opened} ({streams['stream_events']} events)",
+        ],
+        [
+            "reader team's reads under them: p50 / p99 / max",
+            f"{_latency(streams['reader_all'])} ({streams['reader_all']['n']} reads, "
+            f"{streams['failures']} failed)",
+        ],
+        [
+            "`/healthz` under them: p50 / p99 / max",
+            f"{_latency(streams['healthz'])} ({streams['healthz']['n']} reads)",
+        ],
+        [
+            "database connections busy (active or in a transaction)",
+            f"{streams['db_busy_before']} before, at most {streams['db_busy_max']} with the streams "
+            f"(mean {streams['db_busy_mean']}, {streams['db_samples']} samples); "
+            f"{streams['db_connections_max']} open in all",
+        ],
+        [
+            f"oversized sweep ({sweep['body_bytes']:,} bytes): refusal p50 / p99 / max",
+            f"{_latency(sweep['refusal'])} ({', '.join(f'{c}: {n}' for c, n in sweep['statuses'].items())})",
+        ],
+        [
+            f"a {metrics['steps']:,}-step stage: rows stored / points returned",
+            f"{metrics['rows_stored']:,} / {metrics['points_returned']:,} ({metrics['curves']} curves, "
+            f"{metrics['response_bytes']:,} bytes; the one-step spike kept: {num(metrics['spike_kept'])})",
+        ],
+        ["its `GET /metrics`: p50 / p99 / max", f"{_latency(metrics['get'])} ({metrics['get']['n']} reads)"],
+        [
+            "made-up keys from one address: first 429 at",
+            f"request {num(keys['first_429_at'])} of {keys['attempts']:,} ({keys['refused_429']:,} refused "
+            f"with 429, {keys['answered_401']} answered 401)",
+        ],
+    ]
+    return table(["figure", "value"], rows)
+
+
+def abuse_checks(figures: Figures) -> list[Check]:
+    streams, keys = figures["streams"], figures["guessed_keys"]
+    sweep, metrics = figures["oversized_sweep"], figures["metrics"]
+    busy = (streams["db_busy_max"] or 0) - streams["db_busy_before"]
+    n = streams["streams_asked"]
+    return [
+        Check(
+            f"{n} streams: other team's read p99 < 200 ms",
+            f"{streams['reader_all']['p99_ms']} ms",
+            streams["reader_all"]["p99_ms"] < 200,
+        ),
+        Check(
+            f"{n} streams: /healthz p99 < 100 ms",
+            f"{streams['healthz']['p99_ms']} ms",
+            streams["healthz"]["p99_ms"] < 100,
+        ),
+        Check(f"{n} streams: database connections used ≤ 2", str(busy), busy <= 2),
+        Check(
+            "2,000 made-up keys: 429 within the first 100",
+            f"at request {keys['first_429_at']}",
+            keys["first_429_at"] is not None and keys["first_429_at"] <= 100,
+        ),
+        Check(
+            "oversized sweep refused < 50 ms",
+            f"p99 {sweep['refusal']['p99_ms']} ms",
+            sweep["refusal"]["p99_ms"] < 50 and set(sweep["statuses"]) == {"422"},
+        ),
+        Check(
+            f"metric GET of a {metrics['steps']:,}-step stage < 100 ms",
+            f"p99 {metrics['get']['p99_ms']} ms",
+            metrics["get"]["p99_ms"] < 100,
+        ),
+    ]
+
+
+# -- Per-stage pace on the embedded default ---------------------------------------------------------
+
+
+def _stage_overhead_cycle() -> dict[str, Any] | None:
+    """The Postgres + Redis figure the embedded one sits beside: stage_overhead's cycle per stage."""
+    path = RESULTS / "stage_overhead.json"
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    return ((record.get("figures") or {}).get("per_stage") or {}).get("cycle_s")
+
+
+def render_embedded_pace(figures: Figures) -> list[str]:
+    if figures.get("per_stage_median_s") is None:
+        return generic_section(figures)
+    rows = [
+        [
+            "embedded default: SQLite, filesystem broker (`w2s-service dev`)",
+            f"{num(figures['per_stage_median_s'], 3)} / {num(figures['per_stage_mean_s'], 3)} s",
+            f"{figures['stages']} stages of one job in {num(figures['wall_s'])} s",
+        ]
+    ]
+    cycle = _stage_overhead_cycle()
+    if cycle:
+        rows.append(
+            [
+                "Postgres + Redis (§7, `bench/stage_overhead.py`)",
+                f"{num(cycle.get('p50'), 3)} / {num(cycle.get('mean'), 3)} s",
+                "probe stages one after another on one slot",
+            ]
+        )
+    lines = table(["deployment", "time between stage finishes, median / mean", "run"], rows)
+    load = figures.get("load_average")
+    if load:  # the pace is the machine's too: a busy machine shows here
+        lines += [f"Load average (1, 5, 15 min) at the end: {', '.join(num(x, 2) for x in load)}.", ""]
+    return lines
+
+
+def embedded_pace_checks(figures: Figures) -> list[Check]:
+    median = figures.get("per_stage_median_s")
+    return [
+        Check(
+            "embedded default: < 0.3 s per probe stage (median time between finishes)",
+            "not in the results" if median is None else f"{median:.3f} s",
+            None if median is None else median < 0.3 and figures.get("status") == "succeeded",
+        )
+    ]
+
+
+def render_checkpoint_overhead(figures: Figures) -> list[str]:
+    if figures.get("checkpoint_write_s_median") is None:
+        return generic_section(figures)
+    rows = [
+        ["model, mode", f"{figures['model']}, full fine-tuning (the sst2 example's strong ceiling)"],
+        ["training steps, median step time", f"{figures['steps']}, {num(figures['step_s'], 3)} s"],
+        [
+            "checkpoint size, median write time",
+            f"{num(figures['checkpoint_mb'])} MB, {num(figures['checkpoint_write_s_median'], 3)} s",
+        ],
+        [
+            f"training time without / with a checkpoint every {figures['checkpoint_every_steps']} steps",
+            f"{num(figures['train_s_without'])} s / {num(figures['train_s_with'])} s "
+            f"({figures['checkpoints']} checkpoints: {num(figures['overhead_measured_pct'])}% measured, "
+            f"{num(figures['overhead_by_write_time_pct'])}% by write time)",
+        ],
+        ["overhead at the default (one every 600 s)", f"{num(figures['overhead_at_default_600s_pct'], 3)}%"],
+        ["fewest steps between checkpoints for < 5%", str(figures["steps_between_checkpoints_for_5pct"])],
+        [
+            "same weights and accuracy with checkpoints",
+            f"{figures['same_weights']}, {figures['same_accuracy']}",
+        ],
+    ]
+    return table(["", "measured"], rows)
+
+
+def checkpoint_overhead_checks(figures: Figures) -> list[Check]:
+    default = figures.get("overhead_at_default_600s_pct")
+    return [
+        Check(
+            "checkpoints at the default policy cost < 5% of training time",
+            "not in the results" if default is None else f"{default:.3f}%",
+            None if default is None else default < 5 and bool(figures.get("same_weights")),
+        )
+    ]
+
+
+def render_preemption_latency(figures: Figures) -> list[str]:
+    trials = figures.get("trials")
+    if not trials:
+        return generic_section(figures)
+    rows = [
+        [
+            str(i + 1),
+            f"{num(t['asked_s'], 2)} s",
+            f"{num(t['yielded_s'], 2)} s",
+            f"{num(t['first_stage_started_s'], 2)} s",
+            f"{num(t['submit_to_running_s'], 2)} s",
+        ]
+        for i, t in enumerate(trials)
+    ]
+    lines = table(
+        [
+            "trial",
+            "victim asked",
+            "victim yielded (checkpoint written)",
+            "first stage started",
+            "seen running by the client",
+        ],
+        rows,
+    )
+    note = (
+        f"Times from the submit. Grace period {num(figures['grace_s'], 0)} s; the long stage was preempted "
+        f"{figures['long_stage_preemptions']} times and resumed each time."
+    )
+    return [*lines, note, ""]
+
+
+def preemption_latency_checks(figures: Figures) -> list[Check]:
+    worst, goal = figures.get("submit_to_running_s_max"), figures.get("goal_s")
+    return [
+        Check(
+            "high-priority submit → first stage running < grace + 5 s, every slot busy",
+            "not in the results" if worst is None else f"max {worst:.1f} s (goal {goal:.0f} s)",
+            None if worst is None or goal is None else worst < goal,
+        )
+    ]
+
+
 # -- the benchmarks --------------------------------------------------------------------------------
 
 BENCHMARKS = [
@@ -1071,7 +1286,9 @@ BENCHMARKS = [
             "the next one's, less its head training: dispatch, broker hand-over, and the worker's own time. "
             "Then a 5 × 2 probe sweep of 1,000 stages (the weak side lists both models with weight decay "
             "0, 0.01 and 0.1, 10 seeds, 8 losses) on the cached features, POST to last job finished. "
-            "The figures before the long-lived worker process are in docs/benchmarks_manual.md."
+            "The figures before the long-lived worker process are in docs/benchmarks_manual.md; the "
+            "embedded default's pace per stage, beside this one, is in the section \"Per-stage pace on the "
+            'embedded default".'
         ),
         render=render_stage_overhead,
         timeout_s=2 * 3600,
@@ -1164,7 +1381,87 @@ BENCHMARKS.append(
         quick_note="2 minutes of storm instead of 10",
     )
 )
+BENCHMARKS.append(
+    Benchmark(
+        name="abuse",
+        script="abuse.py",
+        title="A hostile tenant: streams, guessed keys, giant requests, million-step curves",
+        about=(
+            "`bench/abuse.py` on the production configuration (a fresh Postgres database, Redis, the API in "
+            "a uvicorn process of its own, one API process; no workers, so the jobs stay queued and their "
+            "streams stay open). One team opens 500 live metric streams (SSE) on its job, first under the "
+            "default per-team cap, then with the cap raised so that all 500 are open, while another team "
+            "reads its job and its job list and a probe reads `/healthz`, each ten times a second for 20 s; "
+            "Postgres' `pg_stat_activity` is sampled every 0.1 s. Then a sweep of 20 × 20 models, 50 "
+            "losses and 20 seeds is sent 20 times; the worker's progress writer is fed a million training "
+            "steps of a stage as training feeds it and the stage's curves are read 50 times; last, 2,000 "
+            "requests with made-up keys come from one address. All clients run on the same 2-core machine "
+            "as the API."
+        ),
+        render=render_abuse,
+        timeout_s=1800,
+        quick_note="100 streams, 100,000 steps, 8 s of reads",
+    )
+)
+BENCHMARKS.append(
+    Benchmark(
+        name="embedded_pace",
+        script="embedded_pace.py",
+        title="Per-stage pace on the embedded default, beside Postgres",
+        about=(
+            "`bench/embedded_pace.py`: what the README's main command runs, `w2s-service dev` with no "
+            "settings (SQLite, the filesystem broker, one stage slot), given one probe job of tiny "
+            "random-initialised BERTs on generated sst2-like rows, 5 losses × 40 seeds (280 stages), each "
+            "a fraction of a second of head training. The figure is the time between one stage's finish "
+            "and the next one's, head training included; the Postgres + Redis row is §7's cycle on the "
+            "same kind of stage. SQLite has no NOTIFY: commits touch a wake file the dispatcher watches, "
+            "and workers list the queue folder every 50 ms (docs/benchmarks_manual.md has the before)."
+        ),
+        render=render_embedded_pace,
+        timeout_s=1800,
+    )
+)
+BENCHMARKS.append(
+    Benchmark(
+        name="checkpoint_overhead",
+        script="checkpoint_overhead.py",
+        title="Resume checkpoints: what they cost a full fine-tuning stage",
+        about=(
+            "`bench/checkpoint_overhead.py`: the strong ceiling of the sst2 example "
+            "(`examples/sst2_minilm_to_mpnet.json`) in `mode: full` on real sst2 rows, trained once without "
+            "resume checkpoints and once with one every few steps, into a local artifact store. A checkpoint "
+            "holds the trainable weights, AdamW's two moments, the schedule, the random generators and the "
+            "early-stopping state (w2s/resume.py). The overhead at the default policy is one write per "
+            "`W2S_CHECKPOINT_EVERY_S` (600 s) of training."
+        ),
+        render=render_checkpoint_overhead,
+        timeout_s=3600,
+    )
+)
+BENCHMARKS.append(
+    Benchmark(
+        name="preemption_latency",
+        script="preemption_latency.py",
+        title="Preemption: a fair-share team's first stage while every slot is busy",
+        about=(
+            "`bench/preemption_latency.py` on a real stack (Postgres, Redis, one Celery worker with one "
+            "slot, the dispatcher, the API): team `bench` (weight 1) trains the sst2 example's weak stage "
+            "in `mode: full` (MiniLM, 1,000 rows, 10 epochs); team `urgent` (weight 3: its fair share is "
+            "3/4 of the slot) submits the sst2 example in probe mode, three times in turn. Each time the "
+            "long stage is asked to yield, writes a checkpoint at its next step, goes back to wait, and the "
+            "urgent job's first stage runs in its slot; the long stage resumes after it. Production "
+            "defaults, except `W2S_PREEMPT_MIN_RUN_S=5` and `W2S_PREEMPT_WINDOW_S=0` so that one long stage "
+            "serves every trial."
+        ),
+        render=render_preemption_latency,
+        timeout_s=3600,
+    )
+)
 CHECKS: dict[str, Callable[[Figures], list[Check]]] = {
+    "checkpoint_overhead": checkpoint_overhead_checks,
+    "preemption_latency": preemption_latency_checks,
+    "embedded_pace": embedded_pace_checks,
+    "abuse": abuse_checks,
     "race_storm": race_storm_checks,
     "activation_memory": activation_memory_checks,
     "stage_overhead": stage_overhead_checks,
@@ -1176,6 +1473,14 @@ CHECKS: dict[str, Callable[[Figures], list[Check]]] = {
 }
 # Targets the issue sets, shown as "not measured" when their benchmark has not run.
 UNMEASURED_TARGETS = {
+    "abuse": [
+        "500 streams: other team's read p99 < 200 ms",
+        "500 streams: /healthz p99 < 100 ms",
+        "500 streams: database connections used ≤ 2",
+        "2,000 made-up keys: 429 within the first 100",
+        "oversized sweep refused < 50 ms",
+        "metric GET of a 1,000,000-step stage < 100 ms",
+    ],
     "race_storm": [
         "stuck jobs = 0",
         "stages run twice concurrently = 0",

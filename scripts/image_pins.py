@@ -51,10 +51,15 @@ HEADER = """\
 """
 
 
+# The service, object storage, and the trackers a control worker exports finished jobs to.
+IMAGE_EXTRAS = ("service", "s3", "mlflow", "wandb")
+
+
 def requirements() -> list[str]:
-    """pyproject's library dependencies and the service extra: what the images install."""
+    """pyproject's library dependencies and the extras the images install (IMAGE_EXTRAS)."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return [*project["dependencies"], *project["optional-dependencies"]["service"]]
+    extras = project["optional-dependencies"]
+    return [*project["dependencies"], *(item for name in IMAGE_EXTRAS for item in extras[name])]
 
 
 def pip(*args: str) -> subprocess.CompletedProcess[str]:

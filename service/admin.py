@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from service import lifecycle
 from service.auth import KEY_CACHE, create_api_key, create_team, revoke_api_key
 from service.errors import InvalidInput, NotFound
+from service.exports import EXPORT_FIELDS, check_export_fields
 from service.models import ApiKey, AuditEntry, Job, Team, utcnow
 from service.states import JobStatus
 
@@ -25,8 +26,11 @@ TEAM_FIELDS = (
     "max_stages_per_job",
     "max_stages_per_sweep",
     "upload_quota_mb",
+    "storage_quota_mb",
+    "stage_time_limit_s",
     "requests_per_minute",
     "max_streams_per_team",
+    *EXPORT_FIELDS,
 )
 ADMIN = "admin"
 
@@ -73,6 +77,7 @@ def update_team(session: Session, *, team: Team, changes: dict[str, Any], actor:
     unknown = set(changes) - set(TEAM_FIELDS)
     if unknown:
         raise InvalidInput(f"cannot change {', '.join(sorted(unknown))}; allowed: {', '.join(TEAM_FIELDS)}")
+    check_export_fields(changes)
     for name, value in changes.items():
         setattr(team, name, value)
     audit(session, actor=actor, action="update_team", target=team.id, details=changes)
@@ -126,3 +131,12 @@ def cancel_any_job(session: Session, *, job_id: str, actor: str = ADMIN) -> None
 
 def audit_entries(session: Session, *, limit: int = 100) -> list[AuditEntry]:
     return list(session.scalars(select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)))
+
+
+def drain_worker(session: Session, *, name: str, actor: str = ADMIN) -> list[str]:
+    """`w2s-service drain`: mark the worker draining (service.workers.drain_worker); audited."""
+    from service.workers import drain_worker as drain
+
+    asked = drain(session, name, ask_stages=False)  # the worker asks them once it stopped taking work
+    audit(session, actor=actor, action="drain_worker", target=name)
+    return asked

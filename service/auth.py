@@ -119,6 +119,19 @@ def team_for_key_hash(session: Session, key_hash: str) -> Team | None:
     )
 
 
+def key_of_disabled_team(session: Session, key_hash: str) -> bool:
+    """Whether an unrevoked key belongs to a team an administrator disabled (asked only after a key
+    was refused, to say why)."""
+    return (
+        session.scalar(
+            select(ApiKey.id)
+            .join(Team, Team.id == ApiKey.team_id)
+            .where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None), Team.disabled_at.is_not(None))
+        )
+        is not None
+    )
+
+
 def cached_owner(key_hash: str) -> KeyOwner | None:
     """The owner of a key checked in the last few seconds; None means: ask the database."""
     return KEY_CACHE.get(key_hash)

@@ -56,13 +56,24 @@ def in_local_hub_cache(model: str, revision: str | None) -> bool:
 
 
 def availability_errors(spec: Any, settings: Settings) -> list[tuple[str, str]]:
-    """(field, message) for each dataset or model of ``spec`` that cannot be loaded here."""
+    """(field, message) for each dataset or model of ``spec`` that cannot be loaded here (a model
+    pushed into the artifact store: that its manifest is there)."""
+    from service.data_files import missing_splits
     from w2s.datasets import offline_split_file
+    from w2s.model_store import is_store_model, model_manifest
+    from w2s.store import ArtifactStore, StoreUnavailable
 
     errors: list[tuple[str, str]] = []
     name = spec.dataset.name
     if isinstance(name, str):  # a registry dataset (files are checked where they are resolved)
-        if settings.data_dir is not None:
+        if settings.data_url:
+            try:
+                problem = missing_splits(name, settings)
+            except StoreUnavailable as error:
+                problem = f"W2S_DATA_URL cannot be read now ({error}); try again shortly"
+            if problem:
+                errors.append(("dataset.name", problem))
+        elif settings.data_dir is not None:
             for split in ("train", "test"):
                 try:
                     offline_split_file(name, split, Path(settings.data_dir))
@@ -81,6 +92,12 @@ def availability_errors(spec: Any, settings: Settings) -> list[tuple[str, str]]:
     for role, model in spec.named_models():
         if is_local_model_name(model.model):
             continue  # a directory under the model roots (service/paths.py checked it)
+        if is_store_model(model.model):  # its manifest in the store; no weights are read here
+            try:
+                model_manifest(model.model, ArtifactStore(settings.store_uri))
+            except ValueError as error:
+                errors.append((f"{role}.model", str(error).removeprefix("model: ")))
+            continue
         if not in_local_hub_cache(model.model, model.revision) and not hub_reachable():
             roots = ", ".join(str(root) for root in settings.model_roots)
             errors.append(

@@ -3,7 +3,9 @@ dispatcher and a worker can share one file."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -14,6 +16,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Engine, Insert, Table, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from tenacity import (
@@ -84,6 +87,19 @@ def get_sessionmaker(read_only: bool = False) -> sessionmaker[Session]:
     )
 
 
+def _forget_engine_in_child() -> None:
+    """A forked child (a Celery pool process) builds its own engine. The parent's registration
+    thread may be inside the pool (holding its lock, or mid-query on a connection) at the instant
+    of the fork: a child using that pool can wait forever on a lock no thread of its own holds, or
+    interleave its queries with the parent's on one socket. The parent's objects are only dropped,
+    never closed: psycopg finishes a connection only in the process that opened it."""
+    get_engine.cache_clear()
+    get_sessionmaker.cache_clear()
+
+
+os.register_at_fork(after_in_child=_forget_engine_in_child)
+
+
 @contextmanager
 def session_scope(*, read_only: bool = False) -> Iterator[Session]:
     """A session that commits on success and rolls back on error. ``read_only``: it only reads
@@ -131,10 +147,49 @@ def run_transaction(work: Callable[..., T], /, *args: Any, read_only: bool = Fal
     raise AssertionError("unreachable")
 
 
+def wake_file(url: Any) -> Path | None:
+    """For a SQLite database file (the embedded default, one host): the file whose modification time
+    wakes the dispatcher, Postgres's NOTIFY's stand-in. None for other databases."""
+    url = make_url(str(url)) if not hasattr(url, "get_backend_name") else url
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    return Path(f"{url.database}.wake")
+
+
+def _touch_wake_file(session: Session) -> None:
+    if session.info.pop("wake_dispatcher", False):
+        path = wake_file(session.get_bind().url)
+        if path is not None:
+            with contextlib.suppress(OSError):  # a missed wake-up costs one interval, nothing more
+                path.touch()
+
+
+def _forget_wake(session: Session, *_: Any) -> None:
+    session.info.pop("wake_dispatcher", None)
+
+
+event.listen(Session, "after_commit", _touch_wake_file)
+event.listen(Session, "after_rollback", _forget_wake)
+
+
 def insert_ignoring_duplicates(session: Session, table: Table) -> Insert:
     """INSERT ... ON CONFLICT DO NOTHING, for rows a retried or redelivered write may repeat."""
     dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
     return dialect.insert(table).on_conflict_do_nothing()
+
+
+def upsert(session: Session, table: Table, keys: tuple[str, ...]) -> Insert:
+    """INSERT ... ON CONFLICT (keys) DO UPDATE every other column to the inserted row's values."""
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(table)
+    return statement.on_conflict_do_update(
+        index_elements=list(keys),
+        set_={
+            column.name: statement.excluded[column.name]
+            for column in table.columns
+            if column.name not in keys
+        },
+    )
 
 
 def database_unreachable(error: BaseException) -> bool:

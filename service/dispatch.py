@@ -18,19 +18,33 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
+from service.exports import lease_due_exports
 from service.lifecycle import (
     admit_stages,
+    ask_to_yield,
     complete_cached,
     fail_job,
+    finish_stage,
+    force_yield,
     lease_control,
     lock_jobs,
     log,
     requeue_lost,
 )
-from service.models import Job, Stage, Team, TeamUsage, utcnow
-from service.scheduler import Candidate, TeamShare, admit
+from service.limits import STAGE_LIMIT_GRACE_S, stage_time_limit
+from service.models import Job, Stage, Team, TeamUsage, Worker, utcnow
+from service.scheduler import Candidate, PreemptionRules, RunningStage, TeamShare, admit, preemptions
 from service.settings import Settings
-from service.states import JOB_FINISH_DUE, JOB_PLAN_DUE, STAGE_ACTIVE, STAGE_DONE, STAGE_READY, StageStatus
+from service.states import (
+    JOB_FINISH_DUE,
+    JOB_PLAN_DUE,
+    STAGE_ACTIVE,
+    STAGE_DONE,
+    STAGE_READY,
+    StageStatus,
+    YieldReason,
+)
+from service.workers import DRAIN_BACKSTOP_S, drain_message, live_runtimes, why_no_worker
 
 logger = logging.getLogger(__name__)
 
@@ -48,19 +62,39 @@ class RoundReport:
     resent: list[tuple[str, str]] = field(default_factory=list)  # (stage id, queue): lost, sent again
     plan: list[tuple[str, int]] = field(default_factory=list)  # (job id, lease token): planning to send
     finish: list[tuple[str, int]] = field(default_factory=list)  # (job id, lease token): finishing to send
+    exports: list[tuple[str, str]] = field(default_factory=list)  # (export id, token): exports to send
+    preempted: list[str] = field(default_factory=list)  # stage ids asked to yield their slot
     failed: int = 0  # jobs failed because their control task was lost too often
     cached: int = 0  # stages completed from a result another stage computed
+    time_limits: dict[str, int] = field(default_factory=dict)  # stage id -> its limit in s, to send
+    waits: list[tuple[str, float]] = field(default_factory=list)  # (queue, s from job creation) admitted
 
     def __bool__(self) -> bool:
-        return bool(self.admitted or self.resent or self.plan or self.finish or self.failed or self.cached)
+        return bool(
+            self.admitted
+            or self.preempted
+            or self.resent
+            or self.plan
+            or self.finish
+            or self.exports
+            or self.failed
+            or self.cached
+        )
 
 
 def dispatch_round(session: Session, settings: Settings) -> RoundReport:
     """One pass. The caller commits, then sends what the report lists."""
     report = RoundReport()
     recover_lost_stages(session, settings, report)
+    stop_stages_that_did_not_yield(session, settings)
+    ask_draining_workers_stages_to_yield(session)
     due_control_tasks(session, settings, report)
+    report.exports = lease_due_exports(session, settings, settings.dispatch_batch)
     admit_ready_stages(session, settings, report)
+    if settings.preemption:
+        preempt_for_waiting_stages(session, settings, report)
+    sent = [stage_id for stage_id, _ in [*report.admitted, *report.resent]]
+    report.time_limits = send_time_limits(session, sent, settings)
     return report
 
 
@@ -74,6 +108,7 @@ def recover_lost_stages(session: Session, settings: Settings, report: RoundRepor
     ``redeliver_after_s``. A duplicate message is harmless: the claim drops it.
     """
     now = utcnow()
+    fail_overdue_stages(session, settings, now)
     silent_since = now - dt.timedelta(seconds=settings.heartbeat_timeout_s)
     lost = session.execute(
         select(Stage.id, Stage.fence, Stage.worker, Stage.gpu_class)
@@ -118,6 +153,155 @@ def recover_lost_stages(session: Session, settings: Settings, report: RoundRepor
         message = f"{kind}/{seed}: no worker claimed it; sent again"
         log(session, job_id=job_id, stage_id=stage_id, message=message, level="warning")
         report.resent.append((stage_id, queue or "cpu"))
+
+
+def fail_overdue_stages(session: Session, settings: Settings, now: dt.datetime) -> None:
+    """A stage still running well past its deadline (its worker stops it at the deadline; Celery's
+    limits kill it soon after) lost its worker or is stuck: it fails, naming its limit, instead of
+    being sent again to run as long once more."""
+    overdue_since = now - dt.timedelta(seconds=3 * STAGE_LIMIT_GRACE_S)
+    overdue = session.execute(
+        select(Stage.id, Stage.fence, Stage.time_limit_s, Stage.worker)
+        .where(Stage.status == StageStatus.running, Stage.deadline_at < overdue_since)
+        .order_by(Stage.id)
+    ).all()
+    for stage_id, fence, limit_s, worker in overdue:
+        message = (
+            f"stopped: the stage ran past its time limit of {limit_s} s and {worker} did not end it within "
+            f"{3 * STAGE_LIMIT_GRACE_S} s (lost or stuck); give it more time with stage_time_limit_s (up to "
+            "your team's limit) or make it shorter"
+        )
+        finish_stage(
+            session, stage_id, StageStatus.failed, fence=fence, store_uri=settings.store_uri, error=message
+        )
+
+
+def stop_stages_that_did_not_yield(session: Session, settings: Settings) -> None:
+    """A stage asked to yield (preempted, drained) that has not within the grace period is stopped and
+    waits again; it resumes from its last periodic checkpoint."""
+    since = utcnow() - dt.timedelta(seconds=settings.preempt_grace_s)
+    for stage_id, fence in session.execute(
+        select(Stage.id, Stage.fence)
+        .where(Stage.status == StageStatus.running, Stage.yield_requested_at < since)
+        .order_by(Stage.id)
+    ).all():
+        force_yield(session, stage_id, fence, settings.preempt_grace_s)
+
+
+def ask_draining_workers_stages_to_yield(session: Session) -> None:
+    """Stages still running on a worker drained a while ago (``w2s-service drain``) are asked to
+    checkpoint and yield: the worker itself asks them within seconds, once it stopped taking work
+    (worker/registration.py); this is for a worker that did not."""
+    since = utcnow() - dt.timedelta(seconds=DRAIN_BACKSTOP_S)
+    for stage_id, fence, worker in session.execute(
+        select(Stage.id, Stage.fence, Stage.worker)
+        .join(Worker, Worker.name == Stage.worker)
+        .where(
+            Stage.status == StageStatus.running,
+            Stage.yield_requested_at.is_(None),
+            Worker.draining_since < since,
+        )
+        .order_by(Stage.id)
+    ).all():
+        ask_to_yield(session, stage_id, fence, YieldReason.drain, drain_message(worker))
+
+
+def preempt_for_waiting_stages(session: Session, settings: Settings, report: RoundReport) -> None:
+    """Where every slot of a queue is taken and ready stages wait, the scheduler's preemption rules
+    (service/scheduler.py) pick running stages to yield; each is asked to, and the stage it yields to
+    is admitted now (over the slot count until the victim leaves: the slot goes to it, not to whoever
+    the next round would pick). Reads a few rows per team and queue, like the admission, and stops
+    after one indexed query while no running stage has run long enough to be preempted."""
+    in_flight = dict(
+        session.execute(
+            select(Stage.gpu_class, func.count()).where(Stage.status.in_(ACTIVE)).group_by(Stage.gpu_class)
+        ).all()
+    )
+    full = [q for q, slots in settings.queue_slots.items() if slots > 0 and in_flight.get(q, 0) >= slots]
+    if not full:
+        return
+    now = utcnow()
+    rows = session.execute(
+        select(
+            Stage.id,
+            Stage.fence,
+            Stage.team_id,
+            Stage.priority,
+            Stage.gpu_class,
+            Stage.started_at,
+            Stage.last_preempted_at,
+        ).where(
+            Stage.status == StageStatus.running,
+            Stage.gpu_class.in_(full),
+            Stage.yield_requested_at.is_(None),
+            Stage.started_at.is_not(None),
+        )
+    ).all()
+    oldest_start = now - dt.timedelta(seconds=settings.preempt_min_run_s)
+    if not any(_utc(row.started_at) <= oldest_start for row in rows):
+        return  # nothing may be preempted yet
+    fences = {row.id: row.fence for row in rows}
+    running = [
+        RunningStage(
+            row.id,
+            row.team_id,
+            row.priority,
+            row.gpu_class,
+            _utc(row.started_at),
+            _utc(row.last_preempted_at),
+        )
+        for row in rows
+    ]
+    teams = team_shares(session, settings)
+    waiting = [
+        Candidate(stage_id, job_id, team_id, priority, created, order, queue, key)
+        for queue in full
+        for stage_id, job_id, team_id, priority, created, order, key in _next_ready(
+            session, queue, {team_id: 2 for team_id in teams}
+        )
+    ]
+    if not waiting:
+        return
+    keys = [c.stage_key for c in waiting if c.stage_key]
+    taken = set(
+        session.scalars(
+            select(Stage.stage_key).where(
+                Stage.stage_key.in_(keys), Stage.status.in_([*ACTIVE, *(str(s) for s in STAGE_DONE)])
+            )
+        )
+    )
+    waiting = _runnable_somewhere(session, [c for c in waiting if c.stage_key not in taken])
+    rules = PreemptionRules(settings.preempt_min_run_s, settings.preempt_window_s)
+    for chosen in preemptions(waiting, running, teams, settings.queue_slots, now, rules):
+        victim = chosen.victim
+        if ask_to_yield(
+            session, victim.stage_id, fences[victim.stage_id], YieldReason.preempt, chosen.reason
+        ):
+            report.preempted.append(victim.stage_id)
+            report.admitted += admit_stages(session, [(chosen.for_stage.stage_id, chosen.for_stage.queue)])
+
+
+def _utc(moment: dt.datetime | None) -> Any:
+    if moment is None:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+
+
+def send_time_limits(session: Session, stage_ids: list[str], settings: Settings) -> dict[str, int]:
+    """Each stage's time limit as its task is sent (Celery's soft and hard limits follow from it):
+    the job's, capped by its team's, as the claim will compute it."""
+    if not stage_ids:
+        return {}
+    rows = session.execute(
+        select(Stage.id, Job.stage_time_limit_s, Team.stage_time_limit_s)
+        .join(Job, Job.id == Stage.job_id)
+        .join(Team, Team.id == Job.team_id)
+        .where(Stage.id.in_(stage_ids))
+    ).all()
+    return {
+        stage_id: stage_time_limit(job_limit, team_limit, settings.stage_time_limit_s).seconds
+        for stage_id, job_limit, team_limit in rows
+    }
 
 
 def due_control_tasks(session: Session, settings: Settings, report: RoundReport) -> None:
@@ -233,11 +417,56 @@ def admit_ready_stages(session: Session, settings: Settings, report: RoundReport
     for candidate in [c for c in candidates if c.stage_key in computed]:
         report.cached += complete_cached(session, candidate.stage_id, computed[candidate.stage_key])
     candidates = [c for c in candidates if c.stage_key not in computed]
+    candidates = _runnable_somewhere(session, candidates)
     busy = set(
         session.scalars(select(Stage.stage_key).where(Stage.status.in_(ACTIVE), Stage.stage_key.in_(keys)))
     )
     chosen = admit(candidates, teams, free, busy)
-    report.admitted += admit_stages(session, [(c.stage_id, c.queue) for c in chosen])
+    admitted = admit_stages(session, [(c.stage_id, c.queue) for c in chosen])
+    report.admitted += admitted
+    created = {c.stage_id: c.created_at for c in chosen}
+    now = utcnow()
+    for stage_id, queue in admitted:
+        at = created[stage_id] if created[stage_id].tzinfo else created[stage_id].replace(tzinfo=dt.UTC)
+        report.waits.append((queue, (now - at).total_seconds()))
+
+
+def _runnable_somewhere(session: Session, candidates: list[Candidate]) -> list[Candidate]:
+    """The candidates some live worker on their queue can run: one whose runtime (library versions
+    and code, which stage keys hash) is the planner's. A queue with no registered worker is trusted.
+    A stage left out says why on its row (once), and waits for such a worker."""
+    workers = live_runtimes(session, {c.queue for c in candidates})
+    if not workers:
+        return candidates
+    runtimes = dict(
+        session.execute(select(Job.id, Job.runtime).where(Job.id.in_({c.job_id for c in candidates}))).all()
+    )
+    runnable, blocked = [], []
+    for candidate in candidates:
+        known = workers.get(candidate.queue)
+        runtime = runtimes.get(candidate.job_id)
+        if known is None or runtime is None or runtime in known:
+            runnable.append(candidate)
+        else:
+            blocked.append(candidate)
+    for candidate in blocked:
+        summary = session.scalar(select(Job.data_summary).where(Job.id == candidate.job_id)) or {}
+        message = why_no_worker(candidate.queue, summary.get("runtime"), workers[candidate.queue])
+        said = session.execute(
+            update(Stage)
+            .where(Stage.id == candidate.stage_id, or_(Stage.error.is_(None), Stage.error != message))
+            .values(error=message)
+            .returning(Stage.job_id, Stage.kind, Stage.seed)
+        ).first()
+        if said is not None:
+            log(
+                session,
+                job_id=said[0],
+                stage_id=candidate.stage_id,
+                message=f"{said[1]}/{said[2]}: {message}",
+                level="warning",
+            )
+    return runnable
 
 
 # Per team, its next ready stages in a queue: one index seek each, in one statement (LATERAL).
@@ -279,3 +508,13 @@ def _next_ready(session: Session, queue: str, wanted: dict[str, int]) -> list[tu
             .limit(limit)
         ).all()
     return rows
+
+
+def ready_per_queue(session: Session) -> dict[str, int]:
+    """Stages ready and waiting for a slot, per queue (the partial index on ready stages)."""
+    return {
+        queue or "unplanned": count
+        for queue, count in session.execute(
+            select(Stage.gpu_class, func.count()).where(READY).group_by(Stage.gpu_class)
+        )
+    }

@@ -20,12 +20,14 @@ from service import lifecycle, limits
 from service.availability import availability_errors
 from service.errors import Conflict, InvalidInput, NotFound
 from service.lifecycle import log
-from service.models import Dataset, Job, LogLine, Stage, Team, new_id, utcnow
+from service.models import Dataset, Job, LogLine, Stage, StageEvent, Team, new_id, utcnow
 from service.pagination import decode_cursor, page
 from service.paths import model_reference, resolve_under
 from service.planning import UPLOAD_PREFIX
 from service.settings import Settings, get_settings
 from service.states import STAGE_BACKLOG, STAGE_DONE, STAGE_UNFINISHED, JobStatus, can_retry
+from service.storage import check_storage
+from w2s.model_store import is_store_model, store_digest
 from w2s.spec import JobSpec, SpecError, is_local_model_name, parse_spec
 
 __all__ = ["UPLOAD_PREFIX", "NotFound", "log"]
@@ -96,14 +98,22 @@ def _resolve_models(raw: dict[str, Any], settings: Settings) -> list[tuple[str, 
         model = entry.get("model")
         if not isinstance(model, str):
             continue  # the spec's own validation names it
+        if is_store_model(model):
+            try:
+                store_digest(model)
+            except ValueError as error:
+                errors.append((f"{role}.model", str(error).removeprefix("model: ")))
+            continue  # the same bytes wherever it is fetched; availability checks its manifest
         reference = model_reference(model, settings.model_roots, settings.path_base)
         if reference is None:
             where = ", ".join(str(root) for root in settings.model_roots) or "(none configured)"
             errors.append(
                 (
                     f"{role}.model",
-                    f"a model is a Hugging Face hub id (such as 'gpt2' or 'org/name') or a directory under "
-                    f"the model roots: {where}; ask an admin to add a model there (W2S_MODEL_ROOTS)",
+                    f"a model is a Hugging Face hub id (such as 'gpt2' or 'org/name'), a model pushed "
+                    "into the artifact store ('store:<hash>', from `w2s-service models push DIR`) or a "
+                    f"directory under the model roots: {where}; ask an admin to add a model there "
+                    "(W2S_MODEL_ROOTS)",
                 )
             )
         else:
@@ -176,10 +186,18 @@ def resolve_spec(session: Session, *, team: Team, raw: dict[str, Any], settings:
                 [("dataset.name", f"no uploaded dataset {name!r}; list yours with GET /v1/datasets")]
             )
         upload_name = name
-        dataset["name"] = {"path": upload.path, "text": upload.text_column, "label": upload.label_column}
-    # The team's own uploads only: another team's files are outside, like any other path.
-    data_roots = [settings.uploads_dir / team.id] + ([settings.data_dir] if settings.data_dir else [])
-    errors += _resolve_data_paths(raw, data_roots, settings.path_base)
+        # Its bytes are in the artifact store (service/upload_files.py): nothing on this host to check.
+        dataset["name"] = {
+            "path": name,
+            "text": upload.text_column,
+            "label": upload.label_column,
+            "format": upload.format,
+        }
+    else:
+        # Other files only under the data directory (and a team's own uploads kept on disk before
+        # uploads were stored): another team's files are outside, like any other path.
+        data_roots = [settings.uploads_dir / team.id] + ([settings.data_dir] if settings.data_dir else [])
+        errors += _resolve_data_paths(raw, data_roots, settings.path_base)
     spec = parse_spec(raw)
     allowed = settings.allow_trust_remote_code or team.allow_trust_remote_code
     for role, model in spec.named_models():
@@ -261,6 +279,7 @@ def create_job(
     settings: Settings,
     name: str = "",
     priority: int = 0,
+    stage_time_limit_s: int | None = None,
     idempotency_key: str | None = None,
     body_hash: str | None = None,
     sweep_id: str | None = None,
@@ -278,10 +297,12 @@ def create_job(
     spec = resolved.spec
     templates = expand_stages(spec)
     limits.check_priority(team, settings, priority)
+    limits.check_stage_time_limit(team, settings, stage_time_limit_s)
     if sweep_id is None:
         limits.check_job_size(team, settings, len(templates))
-    if check_backlog:
+    if check_backlog:  # a sweep checks these once for all its jobs
         limits.check_backlog(session, team, settings, len(templates))
+        check_storage(session, team, settings, what="a new job")
     job = Job(
         id=new_id(),
         team_id=team.id,
@@ -290,6 +311,7 @@ def create_job(
         sweep_strong_index=sweep_position[1] if sweep_position else None,
         name=name,
         priority=priority,
+        stage_time_limit_s=stage_time_limit_s,
         spec=resolved.stored,
         dataset=dataset_label(resolved.stored),
         weak_model=spec.weak.model,
@@ -381,6 +403,7 @@ _JOB_DETAIL = select(
     Job.name,
     Job.status,
     Job.priority,
+    Job.stage_time_limit_s,
     Job.error,
     Job.dataset,
     Job.weak_model,
@@ -413,6 +436,9 @@ _STAGE_DETAIL = (
         Stage.queued_at,
         Stage.started_at,
         Stage.finished_at,
+        Stage.checkpoint_step,
+        Stage.preemptions,
+        Stage.yield_requested_at,
     )
     .where(Stage.job_id == bindparam("job_id"))
     .order_by(Stage.order)
@@ -427,6 +453,7 @@ _N_DONE = (
 )
 _JOB_SUMMARIES = select(
     Job.id,
+    Job.team_id,
     Job.name,
     Job.status,
     Job.priority,
@@ -434,6 +461,7 @@ _JOB_SUMMARIES = select(
     Job.weak_model,
     Job.strong_model,
     Job.created_at,
+    Job.started_at,
     Job.finished_at,
     _N_STAGES.label("n_stages"),
     _N_DONE.label("n_done"),
@@ -446,6 +474,7 @@ class JobDetail:
 
     job: Row[Any]
     stages: Sequence[Row[Any]]
+    events: dict[str, list[Row[Any]]]
 
 
 def job_detail(session: Session, *, team_id: str, job_id: str) -> JobDetail:
@@ -454,7 +483,27 @@ def job_detail(session: Session, *, team_id: str, job_id: str) -> JobDetail:
     job = connection.execute(_JOB_DETAIL, {"job_id": job_id, "team_id": team_id}).first()
     if job is None:
         raise NotFound(f"job {job_id} not found")
-    return JobDetail(job=job, stages=connection.execute(_STAGE_DETAIL, {"job_id": job_id}).all())
+    stages = connection.execute(_STAGE_DETAIL, {"job_id": job_id}).all()
+    return JobDetail(job=job, stages=stages, events=stage_events(session, [stage.id for stage in stages]))
+
+
+# A stage's timeline keeps its latest events (a day-long stage writes a checkpoint every 10 minutes).
+EVENTS_SHOWN = 100
+
+
+def stage_events(session: Session, stage_ids: Sequence[str]) -> dict[str, list[Row[Any]]]:
+    """Each stage's timeline events (checkpoints, preemptions, drains, resumes), oldest first: its
+    latest EVENTS_SHOWN."""
+    if not stage_ids:
+        return {}
+    events: dict[str, list[Row[Any]]] = {}
+    for row in session.execute(
+        select(StageEvent.stage_id, StageEvent.at, StageEvent.kind, StageEvent.step, StageEvent.detail)
+        .where(StageEvent.stage_id.in_(list(stage_ids)))
+        .order_by(StageEvent.id)
+    ):
+        events.setdefault(row.stage_id, []).append(row)
+    return {stage_id: rows[-EVENTS_SHOWN:] for stage_id, rows in events.items()}
 
 
 def get_job(session: Session, *, team_id: str, job_id: str) -> Job:
@@ -616,6 +665,7 @@ def retry_job(session: Session, *, job: Job, settings: Settings | None = None) -
             select(func.count()).where(Stage.job_id == job.id, Stage.status.in_(REVIVED_BY_RETRY))
         )
         limits.check_backlog(session, job.team, settings, int(reviving or 0))
+        check_storage(session, job.team, settings, what="retrying this job")
     lifecycle.retry_job(session, job.id)
     session.expire_all()  # the lifecycle wrote with conditional statements
     return job

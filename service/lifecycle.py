@@ -35,8 +35,20 @@ from typing import Any
 from sqlalchemy import and_, case, delete, exists, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from service.db import insert_ignoring_duplicates
-from service.models import Artifact, Job, LogLine, MetricPoint, Stage, TeamUsage, utcnow
+from service.db import insert_ignoring_duplicates, upsert
+from service.limits import StageTimeLimit, stage_time_limit
+from service.models import (
+    Artifact,
+    Job,
+    LogLine,
+    MetricPoint,
+    MetricSeries,
+    Stage,
+    StageEvent,
+    Team,
+    TeamUsage,
+    utcnow,
+)
 from service.states import (
     JOB_OPEN,
     JOB_TRANSITIONS,
@@ -46,8 +58,11 @@ from service.states import (
     STAGE_WAITING,
     InvalidTransition,
     JobStatus,
+    StageEventKind,
     StageStatus,
+    YieldReason,
 )
+from service.storage import RESUME
 
 logger = logging.getLogger(__name__)
 
@@ -65,10 +80,13 @@ def log(
 
 def wake_dispatcher(session: Session) -> None:
     """Ask for a dispatch round once this transaction commits: a Postgres NOTIFY is delivered at
-    commit, not at all on rollback, and equal ones of one transaction are folded into one. Elsewhere
-    (SQLite, the embedded default) the dispatcher's interval is its only clock."""
+    commit, not at all on rollback, and equal ones of one transaction are folded into one. On SQLite
+    (the embedded default, one host) the commit touches a wake file the dispatcher watches
+    (service.db.wake_file), so stages follow each other without waiting for its interval."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": DISPATCH_CHANNEL})
+    else:
+        session.info["wake_dispatcher"] = True
 
 
 def _sources(transitions: dict[Any, frozenset[Any]], to: Any, only_from: Iterable[Any] | None) -> list[str]:
@@ -183,6 +201,7 @@ class MovedStage:
     job_id: str
     kind: str
     seed: int
+    team_id: str
 
     @property
     def name(self) -> str:
@@ -212,6 +231,8 @@ def move_stage(
         stamps["finished_at"] = now
     elif to == StageStatus.pending:
         stamps["finished_at"] = None
+    if to != StageStatus.running:  # a yield asked of an attempt ends with it
+        stamps |= {"yield_requested_at": None, "yield_reason": None}
     conditions = [Stage.id == stage_id, Stage.status.in_(_sources(STAGE_TRANSITIONS, to, only_from))]
     if if_fence is not None:
         conditions.append(Stage.fence == if_fence)
@@ -219,7 +240,7 @@ def move_stage(
         update(Stage)
         .where(*conditions)
         .values(status=to, **(stamps | values))
-        .returning(Stage.id, Stage.job_id, Stage.kind, Stage.seed)
+        .returning(Stage.id, Stage.job_id, Stage.kind, Stage.seed, Stage.team_id)
         .execution_options(synchronize_session=False)
     ).first()
     if row is None:
@@ -384,6 +405,26 @@ def control_current(session: Session, job_id: str, task: str, token: int) -> boo
         )
         is not None
     )
+
+
+def defer_control(session: Session, job_id: str, task: str, token: int, why: str, retry_in_s: float) -> bool:
+    """A control task could not reach the artifact store: the job waits for storage. Its attempt is
+    given back and the task is sent again after ``retry_in_s`` (its lease lapses then), so an
+    outage never fails the job. False if the token is no longer current."""
+    lock_jobs(session, [job_id])
+    held = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.control_task == task, Job.control_token == token)
+        .values(
+            control_attempts=case((Job.control_attempts > 0, Job.control_attempts - 1), else_=0),
+            control_lease_until=utcnow() + dt.timedelta(seconds=retry_in_s),
+        )
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if held is not None:
+        log(session, job_id=job_id, message=f"{task}: waiting for storage: {why}", level="warning")
+    return held is not None
 
 
 def fail_control(session: Session, job_id: str, task: str, token: int | None, error: str) -> bool:
@@ -575,13 +616,23 @@ class Claim:
     attempt: int  # the attempt's number, towards the limit
     fence: int  # the attempt's token: its writes count only while it is current
     plan: dict[str, Any] | None  # the planner's stored plan (w2s.stages.plan_record)
+    time_limit: StageTimeLimit  # how long this attempt may run (deadline_at on the row)
+    queue: str = "cpu"  # the queue it was admitted to
 
 
 def claim_stage(
-    session: Session, stage_id: str, worker: str, *, max_attempts: int, heartbeat_timeout_s: float
+    session: Session,
+    stage_id: str,
+    worker: str,
+    *,
+    max_attempts: int,
+    heartbeat_timeout_s: float,
+    default_time_limit_s: int = 6 * 3600,
 ) -> Claim | None:
     """Mark the stage running as a new attempt and return what the run needs, or None if this
-    delivery must not run (a duplicate, a finished or cancelled stage, or attempts used up)."""
+    delivery must not run (a duplicate, a finished or cancelled stage, or attempts used up). The
+    attempt's time limit is today's (the job's, capped by its team's; ``default_time_limit_s`` is
+    W2S_STAGE_TIME_LIMIT_S) and its deadline is written on the row."""
     job_id = job_of_stage(session, stage_id)
     if job_id is None:
         return None
@@ -597,11 +648,16 @@ def claim_stage(
             Stage.kind,
             Stage.seed,
             Stage.plan,
+            Stage.gpu_class,
+            Stage.checkpoint_step,
             Job.cancel_requested,
             Job.status.label("job_status"),
             Job.spec,
+            Job.stage_time_limit_s.label("job_time_limit_s"),
+            Team.stage_time_limit_s.label("team_time_limit_s"),
         )
         .join(Job, Job.id == Stage.job_id)
+        .join(Team, Team.id == Job.team_id)
         .where(Stage.id == stage_id)
     ).first()
     if row is None or row.status in STAGE_DONE:
@@ -645,6 +701,7 @@ def claim_stage(
             level="warning",
         )
     attempt, fence = row.attempts + 1, row.fence + 1
+    time_limit = stage_time_limit(row.job_time_limit_s, row.team_time_limit_s, default_time_limit_s)
     moved = move_stage(
         session,
         stage_id,
@@ -655,14 +712,33 @@ def claim_stage(
         fence=fence,
         worker=worker,
         step=0,
+        time_limit_s=time_limit.seconds,
+        deadline_at=utcnow() + dt.timedelta(seconds=time_limit.seconds),
         message=f"attempt {attempt} on {worker}",
     )
     if moved is None:
         return None  # another delivery claimed it first
     if row.attempts or row.fence:
-        # The curves show the attempt that produces the result, not a lost one's partial run.
-        session.execute(delete(MetricPoint).where(MetricPoint.stage_id == stage_id))
-    return Claim(stage_id, job_id, row.spec, row.kind, row.seed, attempt, fence, row.plan)
+        # The curves show the attempt that produces the result, not a lost one's partial run: up to
+        # the checkpoint this attempt resumes from, the steps it goes on from, and nothing after.
+        resumes_at = row.checkpoint_step or 0
+        session.execute(
+            delete(MetricPoint).where(MetricPoint.stage_id == stage_id, MetricPoint.step > resumes_at)
+        )
+        if not resumes_at:
+            session.execute(delete(MetricSeries).where(MetricSeries.stage_id == stage_id))
+    return Claim(
+        stage_id,
+        job_id,
+        row.spec,
+        row.kind,
+        row.seed,
+        attempt,
+        fence,
+        row.plan,
+        time_limit,
+        row.gpu_class or "cpu",
+    )
 
 
 def _alive(heartbeat_at: dt.datetime | None, timeout_s: float) -> bool:
@@ -725,9 +801,12 @@ def finish_stage(
     store_uri: str,
     error: str | None = None,
     record: dict[str, Any] | None = None,
+    stored_bytes: dict[str, int] | None = None,
 ) -> bool:
     """Write an attempt's outcome, if that attempt is still current (False: it was requeued, retried
-    or cancelled meanwhile, and its outcome is discarded)."""
+    or cancelled meanwhile, and its outcome is discarded). ``stored_bytes``: the size of each output
+    the attempt wrote to the store (result, test_probs, soft_labels, checkpoint), charged to its
+    team; None for a result found already stored."""
     job_id = job_of_stage(session, stage_id)
     if job_id is None:
         return False
@@ -756,14 +835,23 @@ def finish_stage(
         return False
     record_usage(session, stage_id, started_at)
     if record is not None:
-        _remember_artifacts(session, record, store_uri)
+        _remember_artifacts(session, record, store_uri, moved.team_id if stored_bytes else None, stored_bytes)
+        # Its result is stored: the library removed the resume checkpoint, so nobody is charged for it.
+        session.execute(delete(Artifact).where(Artifact.stage_key == record["key"], Artifact.name == RESUME))
     refresh_job(session, job_id)
     wake_dispatcher(session)  # its slot is free, and its dependents or its job's finishing may be due
     return True
 
 
-def _remember_artifacts(session: Session, record: dict[str, Any], store_uri: str) -> None:
-    """Where a stage key's outputs are: waiting stages with the same key complete as cached from it."""
+def _remember_artifacts(
+    session: Session,
+    record: dict[str, Any],
+    store_uri: str,
+    team_id: str | None,
+    stored_bytes: dict[str, int] | None,
+) -> None:
+    """Where a stage key's outputs are (waiting stages with the same key complete as cached from it),
+    who computed them and their size (the team's storage, service/storage.py)."""
     rows = [{"stage_key": record["key"], "name": "result", "uri": f"{store_uri}#stages/{record['key']}"}]
     rows += [
         {"stage_key": record["key"], "name": name, "uri": f"{store_uri}#blobs/{record[name]}"}
@@ -771,8 +859,13 @@ def _remember_artifacts(session: Session, record: dict[str, Any], store_uri: str
         if record.get(name)
     ]
     now = utcnow()
+    sizes = stored_bytes or {}
     session.execute(
-        insert_ignoring_duplicates(session, Artifact.__table__), [r | {"created_at": now} for r in rows]
+        insert_ignoring_duplicates(session, Artifact.__table__),
+        [
+            row | {"created_at": now, "team_id": team_id, "size_bytes": sizes.get(row["name"], 0)}
+            for row in rows
+        ],
     )
 
 
@@ -801,15 +894,28 @@ def _cancel_if_job_ended(
     return moved
 
 
-def requeue_after_error(session: Session, stage_id: str, fence: int, error: str, due_at: dt.datetime) -> None:
+def requeue_after_error(
+    session: Session,
+    stage_id: str,
+    fence: int,
+    error: str,
+    due_at: dt.datetime,
+    *,
+    spend_attempt: bool = True,
+) -> None:
     """A transient failure: the stage goes back to queued (its slot kept) for Celery's retry; only
-    if the failed attempt is still the current one, and only while its job is open."""
+    if the failed attempt is still the current one, and only while its job is open. Without
+    ``spend_attempt`` (the artifact store was down: the stage waits for storage) the attempt is
+    given back, so an outage never uses up a stage's attempts."""
     job_id = job_of_stage(session, stage_id)
     if job_id is None:
         return
     lock_jobs(session, [job_id])
     if _job_status(session, job_id) not in JOB_OPEN:
         _cancel_if_job_ended(session, job_id, stage_id, fence, error)
+        return
+    if _leaving(session, stage_id, fence):
+        _back_to_waiting(session, job_id, stage_id, fence, why=f"ended with an error ({error})")
         return
     started_at = _current_start(session, stage_id, fence)
     moved = move_stage(
@@ -823,7 +929,10 @@ def requeue_after_error(session: Session, stage_id: str, fence: int, error: str,
     if moved is None:
         return
     # Due back after the backoff: the round does not send it again before then.
-    session.execute(update(Stage).where(Stage.id == stage_id).values(sent_at=due_at))
+    due: dict[str, Any] = {"sent_at": due_at}
+    if not spend_attempt:
+        due["attempts"] = case((Stage.attempts > 0, Stage.attempts - 1), else_=0)
+    session.execute(update(Stage).where(Stage.id == stage_id).values(**due))
     record_usage(session, stage_id, started_at)
     wait = (due_at - utcnow()).total_seconds()
     log(
@@ -880,6 +989,9 @@ def requeue_lost(session: Session, stage_id: str, fence: int, message: str) -> b
     lock_jobs(session, [job_id])
     if _job_status(session, job_id) not in JOB_OPEN:
         return _cancel_if_job_ended(session, job_id, stage_id, fence, message) is not None
+    if _leaving(session, stage_id, fence):
+        _back_to_waiting(session, job_id, stage_id, fence, why=message)
+        return False  # waiting again, not sent
     return (
         move_stage(
             session,
@@ -892,3 +1004,184 @@ def requeue_lost(session: Session, stage_id: str, fence: int, message: str) -> b
         )
         is not None
     )
+
+
+# ------------------------------------------------------------------------------------------------------
+# Preemption and drain: a running attempt asked to checkpoint and yield its slot
+# ------------------------------------------------------------------------------------------------------
+
+
+def record_event(
+    session: Session,
+    stage_id: str,
+    kind: StageEventKind,
+    *,
+    step: int | None = None,
+    detail: str | None = None,
+    team_id: str | None = None,
+) -> None:
+    """A line on the stage's timeline (service/models.py StageEvent)."""
+    team_id = team_id or session.scalar(select(Stage.team_id).where(Stage.id == stage_id))
+    if team_id is not None:
+        session.add(StageEvent(stage_id=stage_id, team_id=team_id, kind=kind, step=step, detail=detail))
+
+
+def ask_to_yield(session: Session, stage_id: str, fence: int, reason: YieldReason, detail: str) -> bool:
+    """Ask the running attempt ``fence`` to write a checkpoint and give its slot back (its worker sees
+    the flag at its next progress write or heartbeat, and stops at its next step). A flag, not a status
+    change: the attempt stays running until it yields (:func:`yield_stage`) or the grace period ends
+    (:func:`force_yield`). False if it is not running that attempt, or was asked already."""
+    moved = session.execute(
+        update(Stage)
+        .where(
+            Stage.id == stage_id,
+            Stage.status == StageStatus.running,
+            Stage.fence == fence,
+            Stage.yield_requested_at.is_(None),
+        )
+        .values(yield_requested_at=utcnow(), yield_reason=reason)
+        .returning(Stage.job_id, Stage.kind, Stage.seed, Stage.team_id, Stage.step)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if moved is None:
+        return False
+    job_id, kind, seed, team_id, step = moved
+    event = StageEventKind.preempt_asked if reason == YieldReason.preempt else StageEventKind.drain_asked
+    record_event(session, stage_id, event, step=step, detail=detail, team_id=team_id)
+    log(session, job_id=job_id, stage_id=stage_id, message=f"{kind}/{seed}: {detail}", level="warning")
+    return True
+
+
+def yield_stage(session: Session, stage_id: str, fence: int, step: int) -> bool:
+    """The attempt wrote its checkpoint at ``step`` (0: none; it starts over) and stopped as asked: the
+    stage waits again (pending, its slot free), its attempt given back, to resume from the checkpoint
+    when a slot is its turn. Its time so far is charged. False if the attempt is no longer current."""
+    job_id = job_of_stage(session, stage_id)
+    if job_id is None:
+        return False
+    lock_jobs(session, [job_id])
+    if _job_status(session, job_id) not in JOB_OPEN:
+        return _cancel_if_job_ended(session, job_id, stage_id, fence, "yielded") is not None
+    return _back_to_waiting(session, job_id, stage_id, fence, step=step)
+
+
+def force_yield(session: Session, stage_id: str, fence: int, grace_s: float) -> bool:
+    """An attempt asked to yield that has not within ``grace_s``: it is stopped (fenced out; its worker
+    sees that at its next heartbeat and ends it) and the stage waits again, to resume from its last
+    periodic checkpoint. False if the attempt is no longer current."""
+    job_id = job_of_stage(session, stage_id)
+    if job_id is None:
+        return False
+    lock_jobs(session, [job_id])
+    why = f"did not yield within {grace_s:.0f} s"
+    if _job_status(session, job_id) not in JOB_OPEN:
+        return _cancel_if_job_ended(session, job_id, stage_id, fence, why) is not None
+    return _back_to_waiting(session, job_id, stage_id, fence, why=why)
+
+
+def _leaving(session: Session, stage_id: str, fence: int) -> bool:
+    """Whether the running attempt ``fence`` was asked to yield: the stage preempting it already has
+    its slot, so however this attempt ends short of a result, the stage gives the slot up."""
+    return (
+        session.scalar(
+            select(Stage.yield_requested_at).where(
+                Stage.id == stage_id, Stage.fence == fence, Stage.status == StageStatus.running
+            )
+        )
+        is not None
+    )
+
+
+def _back_to_waiting(
+    session: Session, job_id: str, stage_id: str, fence: int, *, step: int | None = None, why: str = ""
+) -> bool:
+    """The attempt asked to yield ends: the stage waits again (pending, its slot free), its attempt
+    given back, to resume from ``step`` (its checkpoint; None: its last periodic one, as the row
+    says). ``why``: it did not yield itself (the grace ran out, it failed, its worker was lost)."""
+    row = session.execute(
+        select(Stage.yield_reason, Stage.checkpoint_step).where(Stage.id == stage_id, Stage.fence == fence)
+    ).first()
+    if row is None:
+        return False
+    reason, step = row.yield_reason, (row.checkpoint_step or 0) if step is None else step
+    forced = bool(why)
+    started_at = _current_start(session, stage_id, fence)
+    preempted = reason == YieldReason.preempt
+    where = f"from its checkpoint at step {step}" if step else "from step 0 (no checkpoint yet)"
+    verb = f"stopped ({why})" if forced else "drained" if reason == YieldReason.drain else "preempted"
+    values: dict[str, Any] = {
+        # Not the stage's fault: the attempt is given back.
+        "attempts": case((Stage.attempts > 0, Stage.attempts - 1), else_=0),
+        "checkpoint_step": step or None,
+        "fence": Stage.fence + 1,  # whatever the old attempt still writes changes nothing
+    }
+    if preempted:
+        values |= {"preemptions": Stage.preemptions + 1, "last_preempted_at": utcnow()}
+    moved = move_stage(
+        session,
+        stage_id,
+        StageStatus.pending,
+        only_from=(StageStatus.running,),
+        if_fence=fence,
+        message=f"{verb}; waits to resume {where}",
+        level="warning",
+        **values,
+    )
+    if moved is None:
+        return False
+    record_usage(session, stage_id, started_at)  # the time it ran is charged, the wait is not
+    record_event(
+        session,
+        stage_id,
+        StageEventKind.forced if forced else StageEventKind.yielded,
+        step=step,
+        detail=f"{verb}; resumes {where}",
+        team_id=moved.team_id,
+    )
+    refresh_job(session, job_id)
+    wake_dispatcher(session)  # its slot is free
+    return True
+
+
+def record_checkpoint(
+    session: Session, stage_id: str, fence: int, step: int, detail: str, *, size_bytes: int, store_uri: str
+) -> None:
+    """The current attempt wrote a resume checkpoint at ``step``: the next attempt resumes there, and
+    its bytes count towards the team's storage until the stage's result is stored."""
+    moved = session.execute(
+        update(Stage)
+        .where(Stage.id == stage_id, Stage.fence == fence, Stage.status == StageStatus.running)
+        .values(checkpoint_step=step)
+        .returning(Stage.team_id, Stage.stage_key)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if moved is None:
+        return
+    team_id, key = moved
+    record_event(session, stage_id, StageEventKind.checkpoint, step=step, detail=detail, team_id=team_id)
+    if key is not None:
+        session.execute(
+            upsert(session, Artifact.__table__, ("stage_key", "name")),
+            [
+                {
+                    "stage_key": key,
+                    "name": RESUME,
+                    "uri": f"{store_uri}#files/resume/{key}.pt",
+                    "created_at": utcnow(),
+                    "team_id": team_id,
+                    "size_bytes": size_bytes,
+                }
+            ],
+        )
+
+
+def record_resumed(session: Session, stage_id: str, fence: int, step: int) -> None:
+    moved = session.execute(
+        select(Stage.team_id, Stage.job_id, Stage.kind, Stage.seed).where(
+            Stage.id == stage_id, Stage.fence == fence, Stage.status == StageStatus.running
+        )
+    ).first()
+    if moved is not None:
+        team_id, job_id, kind, seed = moved
+        record_event(session, stage_id, StageEventKind.resumed, step=step, team_id=team_id)
+        log(session, job_id=job_id, stage_id=stage_id, message=f"{kind}/{seed}: resumed from step {step}")

@@ -28,6 +28,47 @@ def limit_of(team: Team, settings: Settings, name: str) -> int:
     return int(own) if own is not None else int(getattr(settings, name))
 
 
+# Past its time limit a stage is asked to stop at its next step; Celery's soft limit fires this much
+# later (it reaches code between steps), its hard limit (killing the process) twice as late, and the
+# dispatcher fails a stage still marked running three graces after its deadline (a lost worker).
+STAGE_LIMIT_GRACE_S = 30
+
+
+@dataclass(frozen=True)
+class StageTimeLimit:
+    seconds: int
+    source: str  # where it comes from, as the error message names it
+
+
+def stage_time_limit(job_limit_s: int | None, team_limit_s: int | None, default_s: int) -> StageTimeLimit:
+    """The longest one attempt of a job's stages may run: what the job asked for, at most its team's
+    limit (an admin's value ``team_limit_s``, else W2S_STAGE_TIME_LIMIT_S, ``default_s``)."""
+    team_limit = team_limit_s if team_limit_s is not None else default_s
+    team_source = "your team's stage time limit" if team_limit_s is not None else "W2S_STAGE_TIME_LIMIT_S"
+    if job_limit_s is not None and job_limit_s <= team_limit:
+        return StageTimeLimit(job_limit_s, "the job's stage_time_limit_s")
+    return StageTimeLimit(team_limit, team_source)
+
+
+def check_stage_time_limit(team: Team, settings: Settings, job_limit_s: int | None) -> None:
+    team_limit = limit_of(team, settings, "stage_time_limit_s")
+    if job_limit_s is not None and job_limit_s > team_limit:
+        raise LimitExceeded(
+            f"stage_time_limit_s: {job_limit_s} s is above your team's limit of {team_limit} s; ask for at "
+            "most that (or leave it out to get it), or ask an administrator for a longer limit",
+            limit="stage_time_limit_s",
+            value=team_limit,
+        )
+
+
+def over_time_message(limit: StageTimeLimit) -> str:
+    return (
+        f"stopped: the stage ran past its time limit of {limit.seconds} s ({limit.source}); give it more "
+        "time with stage_time_limit_s (up to your team's limit) or make it shorter (fewer epochs or "
+        "examples, mode: lora or probe)"
+    )
+
+
 def check_priority(team: Team, settings: Settings, priority: int) -> None:
     ceiling = limit_of(team, settings, "max_priority")
     if priority > ceiling:

@@ -22,6 +22,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
 
 from service.states import JOB_FINISH_DUE, JOB_PLAN_DUE, STAGE_READY, JobStatus, StageStatus
 
@@ -38,10 +39,23 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """A timestamp that comes back aware, in UTC, from every database: SQLite keeps no zone and
+    returned naive values, which the API then showed without the 'Z' Postgres's carry."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)
+        return value
+
+
 class Base(DeclarativeBase):
     type_annotation_map: ClassVar[dict[Any, Any]] = {
         dict[str, Any]: JSONType,
-        dt.datetime: DateTime(timezone=True),
+        dt.datetime: UTCDateTime(),
     }
 
 
@@ -63,7 +77,16 @@ class Team(Base):
     max_stages_per_sweep: Mapped[int | None] = mapped_column(Integer)
     upload_quota_mb: Mapped[int | None] = mapped_column(Integer)
     max_streams_per_team: Mapped[int | None] = mapped_column(Integer)
+    storage_quota_mb: Mapped[int | None] = mapped_column(Integer)  # artifacts and uploads it may hold
+    stage_time_limit_s: Mapped[int | None] = mapped_column(Integer)  # longest run of one stage attempt
     requests_per_minute: Mapped[int | None] = mapped_column(Integer)
+    # Where the team's finished jobs are exported (service/exports.py); None = the setting. The
+    # credentials are the names of environment variables on the control workers, never the secrets.
+    mlflow_tracking_uri: Mapped[str | None] = mapped_column(String(500))
+    mlflow_token_env: Mapped[str | None] = mapped_column(String(100))
+    wandb_project: Mapped[str | None] = mapped_column(String(200))
+    wandb_entity: Mapped[str | None] = mapped_column(String(200))
+    wandb_key_env: Mapped[str | None] = mapped_column(String(100))
 
 
 class ApiKey(Base):
@@ -137,6 +160,9 @@ class Job(Base):
     # is refused instead of answered with this job.
     request_hash: Mapped[str | None] = mapped_column(String(64))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The planner's runtime (w2s.stages.runtime_id): workers that can compute its stage keys have it.
+    runtime: Mapped[str | None] = mapped_column(String(16))
+    stage_time_limit_s: Mapped[int | None] = mapped_column(Integer)  # asked for; the team's limit caps it
     planned: Mapped[bool] = mapped_column(Boolean, default=False)  # stage plans and keys stored
     # Stages without a result, recomputed from the stage rows (under this row's lock) by every change
     # of them (service/lifecycle.py refresh_job): finishing is due when it is 0.
@@ -231,8 +257,40 @@ class Stage(Base):
     started_at: Mapped[dt.datetime | None]
     finished_at: Mapped[dt.datetime | None]
     heartbeat_at: Mapped[dt.datetime | None]
+    # Hard time limit of one attempt (the job's or the team's, set at planning, tightened at each
+    # claim) and the current attempt's end: past it (and a grace) the stage fails, wherever it runs.
+    time_limit_s: Mapped[int | None] = mapped_column(Integer)
+    deadline_at: Mapped[dt.datetime | None]
+    # Preemption and drain (service/preemption.py): the running attempt is asked to write a checkpoint
+    # and yield its slot; past the grace period it is stopped. How often it was preempted, and when
+    # last (a stage is not preempted twice within W2S_PREEMPT_WINDOW_S).
+    yield_requested_at: Mapped[dt.datetime | None]
+    yield_reason: Mapped[str | None] = mapped_column(Text)
+    preemptions: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_preempted_at: Mapped[dt.datetime | None]
+    # The step of the stage key's last resume checkpoint (w2s.resume): the next attempt goes on from it.
+    checkpoint_step: Mapped[int | None] = mapped_column(Integer)
 
     job: Mapped[Job] = relationship(back_populates="stages", foreign_keys=[job_id])
+
+
+class StageEvent(Base):
+    """What happened to a stage between its status changes, for its timeline and the admin's counts:
+    checkpoints written, preemptions asked and done, resumes, drains."""
+
+    __tablename__ = "stage_events"
+    __table_args__ = (
+        Index("ix_stage_events_stage_id", "stage_id", "id"),
+        Index("ix_stage_events_team_kind_at", "team_id", "kind", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    stage_id: Mapped[str] = mapped_column(ForeignKey("stages.id", ondelete="CASCADE"))
+    team_id: Mapped[str] = mapped_column(String(32))
+    at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    kind: Mapped[str] = mapped_column(String(32))  # service/states.py StageEventKind
+    step: Mapped[int | None] = mapped_column(Integer)
+    detail: Mapped[str | None] = mapped_column(Text)
 
 
 class MetricPoint(Base):
@@ -247,15 +305,76 @@ class MetricPoint(Base):
     value: Mapped[float] = mapped_column(Float)
 
 
+class MetricSeries(Base):
+    """Exact figures of one curve of a stage, whose points are downsampled as written (w2s/curves.py)."""
+
+    __tablename__ = "metric_series"
+
+    stage_id: Mapped[str] = mapped_column(ForeignKey("stages.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    points_seen: Mapped[int] = mapped_column(BigInteger)  # training steps that reported it
+    min_value: Mapped[float] = mapped_column(Float)
+    max_value: Mapped[float] = mapped_column(Float)
+    last_step: Mapped[int] = mapped_column(Integer)
+    last_value: Mapped[float] = mapped_column(Float)
+
+
+class Worker(Base):
+    """A worker process as it last reported itself: what it consumes and what it computes with."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    queues: Mapped[list[str]] = mapped_column(JSONType)
+    runtime: Mapped[str] = mapped_column(String(16))  # w2s.stages.runtime_id()
+    versions: Mapped[dict[str, Any]]  # w2s.stages.runtime_fingerprint(), for messages
+    started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    seen_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # `w2s-service drain`: the worker hands its stages back (checkpointed) and stops taking new ones.
+    draining_since: Mapped[dt.datetime | None]
+
+
+class JobExport(Base):
+    """A succeeded job's export to one tracking tool (service/exports.py): due while pending and its
+    due time has come and no attempt holds its lease; ``token`` fences a stale attempt out."""
+
+    __tablename__ = "job_exports"
+    __table_args__ = (
+        UniqueConstraint("job_id", "target", name="uq_job_exports_job_target"),
+        Index("ix_job_exports_due", "status", "due_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), index=True)
+    target: Mapped[str] = mapped_column(String(16))  # mlflow | wandb
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | succeeded | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # tries started
+    due_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    lease_until: Mapped[dt.datetime | None]
+    token: Mapped[str | None] = mapped_column(String(32))
+    run_id: Mapped[str | None] = mapped_column(String(200))
+    run_url: Mapped[str | None] = mapped_column(String(1000))
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[dt.datetime | None]
+
+
 class Artifact(Base):
-    """Where a stage key's outputs live in the artifact store."""
+    """Where a stage key's outputs live in the artifact store, who produced them and their size
+    (a team's storage, service/storage.py)."""
 
     __tablename__ = "artifacts"
+    __table_args__ = (Index("ix_artifacts_team_name", "team_id", "name", "created_at"),)
 
     stage_key: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(64), primary_key=True)  # result | test_probs | soft_labels | ...
     uri: Mapped[str] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # The team whose stage computed it; NULL: found already stored (computed outside the service).
+    team_id: Mapped[str | None] = mapped_column(String(32))
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class LogLine(Base):

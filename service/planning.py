@@ -19,11 +19,14 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.data_files import data_dir_for
+from service.exports import schedule_exports
 from service.lifecycle import PlannedStage, job_succeeded, mark_planned
 from service.models import Dataset, Job, Stage, utcnow
 from service.scheduler import ROUTING_FILL, gpu_queues, route_queue
 from service.settings import Settings
 from service.states import JOB_OPEN, StageStatus
+from service.upload_files import local_copy
 from w2s.spec import is_local_model_name
 
 logger = logging.getLogger(__name__)
@@ -35,8 +38,18 @@ class PlanningError(ValueError):
     """A job that cannot be planned as asked; the message is shown on the job."""
 
 
-def library_spec(session: Session, *, spec: dict[str, Any], team_id: str) -> Any:
-    """The job spec as the library reads it: an ``upload:<id>`` dataset becomes the team's file."""
+def library_spec(
+    session: Session,
+    *,
+    spec: dict[str, Any],
+    team_id: str,
+    settings: Settings,
+    store: Any = None,
+    read_data: bool = True,
+) -> Any:
+    """The job spec as the library reads it: an ``upload:<id>`` dataset becomes the team's file, in
+    this host's cache of the artifact store (service/upload_files.py); without ``read_data`` (work
+    that reads no rows, like finishing) it is not fetched and the path stays ``upload:<id>``."""
     from w2s.spec import JobSpec
 
     raw = json.loads(json.dumps(spec))
@@ -46,7 +59,13 @@ def library_spec(session: Session, *, spec: dict[str, Any], team_id: str) -> Any
         upload = session.get(Dataset, name.removeprefix(UPLOAD_PREFIX))
         if upload is None or upload.team_id != team_id:
             raise PlanningError(f"dataset.name: the uploaded dataset {name!r} no longer exists")
-        dataset["name"] = {"path": upload.path, "text": upload.text_column, "label": upload.label_column}
+        path = local_copy(upload, settings, store) if read_data else name
+        dataset["name"] = {
+            "path": str(path),
+            "text": upload.text_column,
+            "label": upload.label_column,
+            "format": upload.format,
+        }
     return JobSpec.model_validate(raw)
 
 
@@ -62,7 +81,8 @@ def _seed_data(spec_json: str, seed: int, data_dir: str | None) -> Any:
 def experiment_data(spec: Any, settings: Settings, seeds: list[int] | None = None) -> dict[int, Any]:
     """Each seed's clean data (w2s.splits), cached in this process: planning and finishing read it."""
     spec_json = json.dumps(spec.model_dump(mode="json"), sort_keys=True)
-    data_dir = str(settings.data_dir) if settings.data_dir else None
+    where = data_dir_for(spec.dataset.name, settings)  # W2S_DATA_DIR, or this host's copy of W2S_DATA_URL's
+    data_dir = str(where) if where else None
     return {seed: _seed_data(spec_json, seed, data_dir) for seed in (seeds or spec.seeds)}
 
 
@@ -120,7 +140,7 @@ def plan_job(session: Session, job_id: str, settings: Settings, store: Any, toke
     if job is None or job.planned or job.status not in JOB_OPEN:
         return False
     pinned = pin_revisions(job.spec)
-    spec = library_spec(session, spec=pinned, team_id=job.team_id)
+    spec = library_spec(session, spec=pinned, team_id=job.team_id, settings=settings, store=store)
     data = experiment_data(spec, settings)
     plans = stage_plans(spec, settings)
     stages = session.execute(
@@ -151,6 +171,11 @@ def plan_job(session: Session, job_id: str, settings: Settings, store: Any, toke
     if pinned != job.spec:
         job.spec = pinned  # the stored plans name the pinned revision; the spec says so too
     job.data_summary = summary
+    from w2s.stages import runtime_fingerprint, runtime_id
+
+    summary["runtime"] = runtime_fingerprint()  # named when no worker runs the same (service/workers.py)
+    job.data_summary = summary
+    job.runtime = runtime_id()  # workers that compute these keys have the same (service/workers.py)
     session.flush()
     return mark_planned(session, job_id, planned, cached, token=token)
 
@@ -194,7 +219,7 @@ def finish_job(
     job = session.get(Job, job_id)
     if job is None or job.status not in JOB_OPEN or not job.planned or job.stages_left:
         return False
-    spec = library_spec(session, spec=job.spec, team_id=job.team_id)
+    spec = library_spec(session, spec=job.spec, team_id=job.team_id, settings=settings, read_data=False)
     summary = job.data_summary or {}
     stages = session.scalars(select(Stage).where(Stage.job_id == job_id).order_by(Stage.order)).all()
     results_of = {(stage.kind, stage.seed): stage.result or {} for stage in stages}
@@ -225,4 +250,9 @@ def finish_job(
             entry["name"] = name
             entry["sources"] = {"train": name, "test": name}
     session.expunge_all()  # the lifecycle writes with conditional statements, not these objects
-    return job_succeeded(session, job_id, token=token, results=results, manifest=manifest)
+    if not job_succeeded(session, job_id, token=token, results=results, manifest=manifest):
+        return False
+    finished = session.get(Job, job_id)
+    assert finished is not None
+    schedule_exports(session, finished, settings)  # in the same transaction as the success
+    return True

@@ -12,6 +12,7 @@ it twice.
 from __future__ import annotations
 
 import datetime as dt
+import math
 from dataclasses import dataclass
 
 # What one in-flight stage counts for in fair share before its real GPU-seconds are known.
@@ -78,6 +79,135 @@ def admit(
         if chosen.stage_key is not None:
             busy.add(chosen.stage_key)
     return admitted
+
+
+# -- preemption -----------------------------------------------------------------------------------
+#
+# When every slot of a queue is taken, a waiting stage may take one from a running stage, which writes
+# a checkpoint, yields, and resumes later (w2s/resume.py). The rules, as Kueue's fair sharing and
+# priority preemption have them:
+#
+# - Across teams, by share of the queue's slots: a team's fair share of a queue is its weight's part of
+#   the slots, among the teams that run or wait there. A team below its fair share may preempt a stage
+#   of a team that is *borrowing*: running more than the whole slots of its share (its guaranteed part,
+#   never preempted). And only if the swap leaves the preemptor's share, counted per weight, below the
+#   victim team's: so the victim's team could never preempt the slot straight back (no ping-pong).
+# - Within a team, by priority: a stage of a higher-priority job may preempt the team's own stage of a
+#   lower-priority job. Priority never crosses teams.
+# - A stage is preempted only after it has run ``min_run_s`` in its current attempt (it made progress
+#   worth a checkpoint), and not again within ``window_s`` of its last preemption (no thrashing).
+#
+# The waiting stage is admitted at once, over the slot count, and runs as soon as the victim's worker
+# is free: the slot is given to it, not to whoever the next round would pick.
+
+
+@dataclass(frozen=True)
+class RunningStage:
+    stage_id: str
+    team_id: str
+    priority: int
+    queue: str
+    started_at: dt.datetime  # its current attempt's start
+    last_preempted_at: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class PreemptionRules:
+    min_run_s: float
+    window_s: float
+
+
+@dataclass(frozen=True)
+class Preemption:
+    victim: RunningStage
+    for_stage: Candidate
+    reason: str  # why, in words, for the victim's log and timeline
+
+
+def fair_slots(queue_slots: int, weights: dict[str, float]) -> dict[str, float]:
+    """Each team's fair share of a queue's slots: its weight's part, among the teams in ``weights``."""
+    total = sum(max(w, 1e-9) for w in weights.values())
+    return {team: queue_slots * max(w, 1e-9) / total for team, w in weights.items()}
+
+
+def preemptions(
+    waiting: list[Candidate],
+    running: list[RunningStage],
+    teams: dict[str, TeamShare],
+    queue_slots: dict[str, int],
+    now: dt.datetime,
+    rules: PreemptionRules,
+) -> list[Preemption]:
+    """Which running stages to preempt, and for which waiting ones (see the rules above). ``waiting``:
+    ready stages that found no free slot (in admission order, as :func:`admit` sorts them); ``running``:
+    the stages running on the same queues that are not already yielding. Mutates nothing it was given."""
+    teams = {tid: TeamShare(**vars(share)) for tid, share in teams.items()}
+    alive = list(running)
+    on_queue: dict[tuple[str, str], int] = {}
+    for stage in running:
+        on_queue[stage.queue, stage.team_id] = on_queue.get((stage.queue, stage.team_id), 0) + 1
+
+    def eligible(stage: RunningStage) -> bool:
+        ran = (now - stage.started_at).total_seconds() >= rules.min_run_s
+        rested = stage.last_preempted_at is None or (
+            (now - stage.last_preempted_at).total_seconds() >= rules.window_s
+        )
+        return ran and rested
+
+    def weight(team_id: str) -> float:
+        return max(teams[team_id].weight if team_id in teams else 1.0, 1e-9)
+
+    chosen: list[Preemption] = []
+    ordered = sorted(
+        waiting,
+        key=lambda c: (teams[c.team_id].share(), c.team_id, -c.priority, c.created_at, c.job_id, c.order),
+    )
+    for candidate in ordered:
+        queue, team = candidate.queue, teams[candidate.team_id]
+        mine = on_queue.get((queue, candidate.team_id), 0)
+        here = [stage for stage in alive if stage.queue == queue and eligible(stage)]
+        victim, reason = None, ""
+        if team.active < team.quota:
+            demanding = {t for (q, t), n in on_queue.items() if q == queue and n > 0} | {candidate.team_id}
+            fair = fair_slots(queue_slots.get(queue, 0), {t: weight(t) for t in demanding})
+            below = mine < fair[candidate.team_id]
+            over = [
+                stage
+                for stage in here
+                if stage.team_id != candidate.team_id
+                and on_queue[queue, stage.team_id] > math.floor(fair[stage.team_id] + 1e-9)
+                and (mine + 1) / weight(candidate.team_id)
+                < on_queue[queue, stage.team_id] / weight(stage.team_id)
+            ]
+            if below and over:
+                victim = max(
+                    over,
+                    key=lambda s: (on_queue[queue, s.team_id] / weight(s.team_id), -s.priority, s.started_at),
+                )
+                reason = (
+                    f"preempted for another team's stage: that team runs {mine} of {queue}'s "
+                    f"{queue_slots.get(queue, 0)} slots, below its fair share of "
+                    f"{fair[candidate.team_id]:.1f}; this team runs {on_queue[queue, victim.team_id]}, "
+                    f"over its share of {fair[victim.team_id]:.1f}"
+                )
+        if victim is None:
+            own = [s for s in here if s.team_id == candidate.team_id and s.priority < candidate.priority]
+            if own:
+                victim = max(own, key=lambda s: (-s.priority, s.started_at))
+                reason = (
+                    f"preempted for a job of its own team with priority {candidate.priority} "
+                    f"(this job's is {victim.priority})"
+                )
+        if victim is None:
+            continue
+        chosen.append(Preemption(victim, candidate, reason))
+        alive.remove(victim)
+        on_queue[queue, victim.team_id] -= 1
+        on_queue[queue, candidate.team_id] = on_queue.get((queue, candidate.team_id), 0) + 1
+        if victim.team_id in teams:
+            teams[victim.team_id].active -= 1
+        team.active += 1
+    return chosen
 
 
 # The share of a GPU class's memory a stage's estimate may fill: the rest is headroom for what the

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -50,14 +51,56 @@ class Settings(LibrarySettings):
     gpu_classes: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_GPU_CLASSES))
     default_gpu_quota: int = Field(4, ge=0, description="concurrent GPU stages per team unless set")
     max_stage_attempts: int = Field(3, ge=1, description="a stage that fails this often stops")
-    stage_timeout_s: int = Field(6 * 3600, description="longest stage; the broker redelivers after it")
+    stage_timeout_s: int = Field(
+        6 * 3600,
+        description="Redis redelivers a stage task not acknowledged after this (plus 10 min); keep it above "
+        "the longest stage time limit any team has",
+    )
     fair_share_window_h: float = Field(24.0, description="GPU-seconds this recent count for fair share")
+    # Preemption (service/scheduler.py has the rules): a running stage writes a checkpoint and yields
+    # its slot to a team below its fair share, or to a higher-priority job of its own team.
+    preemption: bool = Field(
+        True, description="preempt over-share and lower-priority stages for waiting work"
+    )
+    preempt_grace_s: float = Field(
+        60.0,
+        gt=0,
+        description="how long a stage asked to yield (preempted, drained) has to write its checkpoint and "
+        "stop; then it is stopped and requeued, resuming from its last periodic checkpoint",
+    )
+    preempt_min_run_s: float = Field(
+        120.0, ge=0, description="a stage's attempt runs at least this long before it may be preempted"
+    )
+    preempt_window_s: float = Field(
+        900.0, ge=0, description="a stage is not preempted again within this long of its last preemption"
+    )
     dispatch_interval_s: float = Field(0.5, gt=0)
     max_upload_mb: int = Field(50, ge=1)
+    data_url: str = Field(
+        "",
+        description="registry datasets from object storage (s3://bucket/data, as <name>/<split>.jsonl): "
+        "every host reads the same files, fetching what a job needs into its own cache; empty = "
+        "W2S_DATA_DIR (a directory, or a read-only mount shared by every host)",
+    )
     uploads_dir: Path = Field(
-        Path(""), description="where uploaded datasets are kept; empty = state_dir/uploads"
+        Path(""),
+        description="where an upload is spooled while it is checked (its bytes are then kept in the "
+        "artifact store, which every host reads); empty = state_dir/uploads",
     )
     progress_flush_s: float = Field(2.0, description="how often workers write progress to the database")
+    metric_points_per_series: int = Field(
+        2_000,
+        ge=10,
+        le=100_000,
+        description="points kept of each training curve of a stage, downsampled as written (LTTB); "
+        "exact minimum, maximum and last value are kept beside them",
+    )
+    upload_part_max_age_s: float = Field(
+        900.0,
+        gt=0,
+        description="an unfinished upload file (.part) untouched this long is removed, at API start "
+        "and then every few minutes",
+    )
     # The stage worker's long-lived process (worker/tasks.py, worker/isolation.py): probe stages run
     # in it and reuse what it has loaded; full and LoRA stages each get a fresh process of their own.
     worker_max_stages_per_process: int = Field(
@@ -113,6 +156,21 @@ class Settings(LibrarySettings):
     max_stages_per_job: int = Field(2_000, ge=1, description="stages one job may have")
     max_stages_per_sweep: int = Field(25_000, ge=1, description="stages one sweep may have")
     upload_quota_mb: int = Field(2_048, ge=1, description="uploaded data a team may keep")
+    storage_quota_mb: int = Field(
+        51_200,
+        ge=1,
+        description="bytes a team may hold in the artifact store and uploads together (stage outputs, "
+        "checkpoints, uploaded datasets); a job or upload that would go over it is refused",
+    )
+    checkpoints_kept: int = Field(
+        5, ge=1, description="saved checkpoints (save_checkpoint: true) a team keeps; older ones are deleted"
+    )
+    stage_time_limit_s: int = Field(
+        6 * 3600,
+        ge=1,
+        description="longest one attempt of a stage may run (a team's own limit overrides it; a job may "
+        "ask for less); past it the stage fails saying so",
+    )
     requests_per_minute: int = Field(1_200, ge=1, description="API requests per key per minute")
     auth_failures_per_minute: int = Field(
         30,
@@ -145,6 +203,18 @@ class Settings(LibrarySettings):
         "same in every process and on every host, and then against each root; never against a "
         "process's working directory (default: the checkout, where models/ is)",
     )
+    log_format: str = Field(
+        "text",
+        pattern="^(text|json)$",
+        description="text, or json: one JSON object per line with job and stage ids",
+    )
+    metrics_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="the dispatcher and each worker serve Prometheus metrics on this port (0: none); "
+        "the API serves them at /metrics",
+    )
     metrics_public: bool = Field(False, description="serve /metrics without the admin key")
     # Recovery from lost workers and lost broker messages (see worker/tasks.py and service/dispatch.py).
     heartbeat_interval_s: float = Field(10.0, gt=0, description="how often a running stage says it is alive")
@@ -161,6 +231,40 @@ class Settings(LibrarySettings):
     )
     db_retry_s: float = Field(
         600.0, ge=0, description="how long a worker keeps retrying a database write before giving up"
+    )
+    # Exports of finished jobs to the tracking tools researchers use (service/exports.py). A team's own
+    # settings (w2s-service team-set) override these; credentials are only ever environment variables.
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        description="export every succeeded job to this MLflow tracking server (http(s)://, file:, "
+        "databricks); a team's own URI overrides it",
+    )
+    export_experiment: Literal["team", "sweep"] = Field(
+        "team",
+        description="MLflow experiment of an exported job: w2s/<team> for every job, or (sweep) "
+        "w2s/<team>/<sweep name> for a sweep's jobs",
+    )
+    wandb_project: str | None = Field(
+        None,
+        description="export every succeeded job to this Weights & Biases project (a team's overrides it)",
+    )
+    wandb_entity: str | None = Field(None, description="the W&B entity (user or team) of the project")
+    wandb_mode: Literal["online", "offline"] = Field(
+        "online",
+        description="offline: write run files under wandb_dir for `wandb sync` instead of uploading",
+    )
+    wandb_dir: Path = Field(
+        Path(""),
+        description="where W&B run files are written (offline runs stay there); empty = state_dir/wandb",
+    )
+    export_max_attempts: int = Field(
+        8, ge=1, description="tries of one export before it is marked failed (a tracking server down)"
+    )
+    export_retry_s: float = Field(
+        30.0, gt=0, description="first wait before an export is tried again; doubles, up to 30 min"
+    )
+    export_lease_s: float = Field(
+        900.0, ge=120, description="an export task not done within this long (its worker lost) is sent again"
     )
     # `w2s-service api`: a process uses one core (about 900 reads/s); run one per core it may use.
     api_workers: int = Field(1, ge=1, description="API server processes (uvicorn workers)")
@@ -182,6 +286,8 @@ class Settings(LibrarySettings):
             self.broker_url = "filesystem://"
         if self.uploads_dir == Path(""):
             self.uploads_dir = self.state_dir / "uploads"
+        if self.wandb_dir == Path(""):
+            self.wandb_dir = self.state_dir / "wandb"
         return self
 
     @model_validator(mode="after")

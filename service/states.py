@@ -5,7 +5,8 @@ Stage: pending -> queued -> running -> succeeded | failed | cancelled, or cached
        already has a result; failed or cancelled -> pending (retry). A running stage may start
        running again (the broker redelivered it after its worker died), go back to queued (a
        transient error; the task retries with backoff, keeping its slot), or to pending (it ran
-       out of GPU memory and waits for a slot in the next larger GPU class).
+       out of GPU memory and waits for a slot in the next larger GPU class, or it yielded its slot to
+       a preemption or a drain and waits to resume from its checkpoint).
 """
 
 from __future__ import annotations
@@ -30,6 +31,33 @@ class StageStatus(StrEnum):
     failed = "failed"
     cancelled = "cancelled"
     cached = "cached"
+
+
+class StageEventKind(StrEnum):
+    """What the stage_events table records (service/lifecycle.py writes them)."""
+
+    checkpoint = "checkpoint"  # a resume checkpoint was written at a step
+    resumed = "resumed"  # an attempt went on from a checkpoint
+    preempt_asked = "preempt_asked"  # the dispatcher asked the attempt to yield its slot to other work
+    drain_asked = "drain_asked"  # its worker is draining: asked to checkpoint and hand the stage back
+    yielded = "yielded"  # it wrote its checkpoint and gave its slot back; it waits to resume
+    forced = "forced"  # it did not yield within the grace period: stopped and requeued
+
+
+class YieldReason(StrEnum):
+    """Why a running attempt is asked to yield (stages.yield_reason)."""
+
+    preempt = "preempt"
+    drain = "drain"
+
+
+class ExportStatus(StrEnum):
+    """A succeeded job's export to a tracking tool (service/exports.py): pending until a try lands
+    (succeeded) or the tries are spent (failed); asked again, it is pending once more."""
+
+    pending = "pending"
+    succeeded = "succeeded"
+    failed = "failed"
 
 
 JOB_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
@@ -57,7 +85,7 @@ STAGE_TRANSITIONS: dict[StageStatus, frozenset[StageStatus]] = {
     ),
     StageStatus.running: frozenset(
         {
-            StageStatus.pending,  # out of memory: it waits for a slot of the next larger GPU class
+            StageStatus.pending,  # out of memory (a larger GPU class), or yielded (preempted, drained)
             StageStatus.running,
             StageStatus.queued,
             StageStatus.succeeded,

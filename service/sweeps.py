@@ -28,6 +28,7 @@ from service.models import Job, Sweep, Team, new_id
 from service.pagination import newest_first, page
 from service.settings import Settings
 from service.states import JOB_TERMINAL, JobStatus
+from service.storage import check_storage
 from w2s.plots import model_labels, short_model
 from w2s.spec import LossSpec, SpecError
 
@@ -113,6 +114,7 @@ def create_sweep(
     limits.check_priority(team, settings, priority)
     limits.check_job_size(team, settings, n_stages, what="sweep")
     limits.check_backlog(session, team, settings, n_stages)
+    check_storage(session, team, settings, what="a new sweep")
     sweep = Sweep(id=new_id(), team_id=team.id, name=name, grid=grid)
     session.add(sweep)
     session.flush()  # the jobs' foreign key needs the row

@@ -7,17 +7,19 @@ rules below mirror its reader, so a job never fails late on a row that the uploa
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Literal
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from service.errors import Conflict, InvalidInput, NotFound
@@ -27,8 +29,11 @@ from service.pagination import newest_first, page
 from service.planning import UPLOAD_PREFIX
 from service.settings import Settings
 from service.states import JobStatus
+from service.storage import check_storage
+from service.upload_files import STORED, stored_path
 from w2s.datasets import infer_format as library_infer_format
 from w2s.datasets import parse_label
+from w2s.store import ArtifactStore
 
 Format = Literal["jsonl", "csv"]
 
@@ -250,10 +255,12 @@ def create_dataset(
     label_column: str = "label",
     format: str | None = None,
 ) -> Dataset:
-    """Validate and store an uploaded file as ``uploads_dir/<team>/<id>.<ext>`` and record it.
+    """Validate an uploaded file, store it in the artifact store (a blob named by its sha256, which
+    every host reads: service/upload_files.py) and record it.
 
     Raises :class:`UploadTooLarge`, :class:`InvalidUpload` (line-numbered errors) or ``ValueError``.
-    The file appears under its final name only once it is complete and valid (write, then rename).
+    The bytes are spooled to a local temporary file (``uploads_dir/<team>/.<id>.*.part``) while they
+    are checked; nothing is stored unless the whole file is valid and within the quotas.
     """
     fmt = infer_format(filename, format)
     if text_column == label_column:
@@ -261,7 +268,6 @@ def create_dataset(
     dataset_id = new_id()
     folder = settings.uploads_dir / team.id
     folder.mkdir(parents=True, exist_ok=True)
-    final = (folder / f"{dataset_id}.{fmt}").resolve()
     handle, temp_name = tempfile.mkstemp(dir=folder, prefix=f".{dataset_id}.", suffix=".part")
     temp = Path(temp_name)
     try:
@@ -273,15 +279,17 @@ def create_dataset(
         if scan.errors:
             raise InvalidUpload(scan.errors)
         check_upload_quota(session, team, settings, copied.size)
-        os.replace(temp, final)
+        check_storage(session, team, settings, adding_bytes=copied.size, what="this upload")
+        lock_blob(session, copied.sha256)  # a delete of the same bytes waits for this upload's commit
+        ArtifactStore(settings.store_uri).put_file(str(temp), copied.sha256)
     finally:
         temp.unlink(missing_ok=True)
     dataset = Dataset(
         id=dataset_id,
         team_id=team.id,
-        name=name or Path(filename).name or dataset_id,
+        name=display_name(name, filename, dataset_id),
         format=fmt,
-        path=str(final),
+        path=stored_path(copied.sha256),
         text_column=text_column,
         label_column=label_column,
         n_rows=scan.n_rows,
@@ -294,12 +302,50 @@ def create_dataset(
         sha256=copied.sha256,
     )
     session.add(dataset)
-    try:
-        session.flush()
-    except BaseException:
-        final.unlink(missing_ok=True)  # no row points at it
-        raise
+    session.flush()
     return dataset
+
+
+NAME_MAX = 200  # datasets.name
+
+
+def display_name(name: str, filename: str, fallback: str) -> str:
+    """What listings call an upload: the given name as given (the form checks it), else the file's
+    own name without folders, control characters or runs of spaces, shortened in the middle (its
+    suffix kept) to fit."""
+    if name:
+        return name
+    chosen = PurePosixPath(filename.replace("\\", "/")).name
+    chosen = " ".join("".join(c if c.isprintable() else " " for c in chosen).split())
+    if len(chosen) > NAME_MAX:
+        suffix = PurePosixPath(chosen).suffix[:20]
+        chosen = chosen[: NAME_MAX - len(suffix) - 1] + "…" + suffix
+    return chosen or fallback
+
+
+def remove_stale_parts(uploads_dir: Path, max_age_s: float) -> int:
+    """Delete unfinished upload files (``.part``) untouched for ``max_age_s``: what an API process
+    killed mid-upload left behind. A live upload writes its file as bytes arrive, so it stays fresh;
+    other API processes sharing the folder are not disturbed. Returns how many were removed."""
+    if not uploads_dir.is_dir():
+        return 0
+    cutoff = time.time() - max_age_s
+    removed = 0
+    for part in uploads_dir.glob("*/.*.part"):
+        with contextlib.suppress(FileNotFoundError):  # another process removed or finished it
+            if part.stat().st_mtime < cutoff:
+                part.unlink()
+                removed += 1
+    return removed
+
+
+def lock_blob(session: Session, sha256: str) -> None:
+    """Serialise the uploads and deletes of one blob until the transaction ends (Postgres; SQLite's
+    single writer serialises them already)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"upload-blob:{sha256}"}
+        )
 
 
 def get_dataset(session: Session, *, team_id: str, dataset_id: str) -> Dataset:
@@ -319,8 +365,8 @@ def list_datasets(
     return page(session.scalars(query).all(), limit)
 
 
-def delete_dataset(session: Session, *, dataset: Dataset) -> None:
-    """Delete an upload and its file; refused while a job that is waiting or running uses it."""
+def delete_dataset(session: Session, *, dataset: Dataset, settings: Settings) -> None:
+    """Delete an upload and its stored bytes; refused while a job that is waiting or running uses it."""
     user = session.scalar(
         select(Job.id).where(
             Job.dataset == f"{UPLOAD_PREFIX}{dataset.id}",
@@ -329,7 +375,16 @@ def delete_dataset(session: Session, *, dataset: Dataset) -> None:
     )
     if user is not None:
         raise Conflict(f"job {user} uses this dataset and has not ended; cancel it or let it finish first")
-    path = Path(dataset.path)
+    path, sha256 = dataset.path, dataset.sha256
     session.delete(dataset)
     session.flush()
-    path.unlink(missing_ok=True)
+    if not path.startswith(STORED):  # an upload from before uploads were stored
+        Path(path).unlink(missing_ok=True)
+        return
+    # Content-addressed: another upload of the same bytes (any team's) shares the blob. Under the
+    # blob's lock, an upload of the same bytes either committed before (and is seen here) or writes
+    # the blob again after this delete.
+    lock_blob(session, sha256)
+    shared = session.scalar(select(Dataset.id).where(Dataset.sha256 == sha256, Dataset.path == path).limit(1))
+    if shared is None:
+        ArtifactStore(settings.store_uri).delete_blob(sha256)

@@ -10,8 +10,13 @@ import contextlib
 import json
 import os
 import random
+import socket
+import threading
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 POSITIVE = ["good", "great", "lovely", "superb", "fine", "happy"]
 NEGATIVE = ["bad", "awful", "dull", "poor", "sad", "boring"]
@@ -62,7 +67,8 @@ def build_tiny_gpt2(path: Path) -> Path:
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    GPT2Model(config).save_pretrained(path)
+    with seeded_init():
+        GPT2Model(config).save_pretrained(path)
     return path
 
 
@@ -89,8 +95,21 @@ def build_tiny_llama_bf16(path: Path) -> Path:
         eos_token_id=tokenizer.eos_token_id,
         dtype="bfloat16",
     )
-    LlamaModel(config).to(torch.bfloat16).save_pretrained(path)
+    with seeded_init():
+        LlamaModel(config).to(torch.bfloat16).save_pretrained(path)
     return path
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int = 0) -> Iterator[None]:
+    """Random initialisation from a fixed seed, without touching the caller's RNG: a tiny model's
+    weights were whatever the global RNG held when its fixture first ran, so they changed with the
+    order of the tests, and with them any result a test reads from the model."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def build_tiny_bert(path: Path) -> Path:
@@ -116,7 +135,8 @@ def build_tiny_bert(path: Path) -> Path:
         intermediate_size=128,
         max_position_embeddings=128,
     )
-    BertModel(config).save_pretrained(path)
+    with seeded_init():
+        BertModel(config).save_pretrained(path)
     return path
 
 
@@ -151,3 +171,86 @@ def registered_losses(**classes: type) -> Iterator[None]:
     finally:
         for name in classes:
             _REGISTRY.pop(name, None)
+
+
+class OutageProxy:
+    """A TCP proxy in front of a server (the test S3 server) that can be taken down and brought back:
+    while down, connections are refused at once (the listening socket is closed), as when a store's
+    endpoint goes away; open connections are cut."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self._connections: list[Any] = []
+        self._listener: Any = None
+        self._lock = threading.Lock()
+        self.up()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def up(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def down(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            connections, self._connections = self._connections, []
+        if listener is not None:
+            listener.close()
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.close()
+
+    def _accept(self, listener: Any) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # closed: down
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._connections += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: Any, sink: Any) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                with contextlib.suppress(OSError):
+                    end.close()
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint_url: str
+
+    @property
+    def port(self) -> int:
+        return int(self.endpoint_url.rsplit(":", 1)[1])
+
+    def new_bucket(self) -> str:
+        """A fresh bucket on the server; returns its s3:// URI with a prefix, as a store would use it."""
+        import boto3
+
+        name = f"w2s-{uuid.uuid4().hex[:12]}"
+        boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1").create_bucket(Bucket=name)
+        return f"s3://{name}/store"

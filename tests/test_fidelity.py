@@ -170,7 +170,9 @@ def test_student_results_do_not_depend_on_minibatch_size(
         )
         student = next(s for s in experiment.stages if s.kind.startswith("student"))
         probs[minibatch] = ArtifactStore(str(tmp_path / f"s{minibatch}")).get_array(student.test_probs)
-    assert np.abs(probs[8] - 0.5).max() > 0.01  # it learned something
+    # The predictions differ from row to row by far more than the tolerance, so the comparison below
+    # could tell two students apart (a margin from 0.5 depended on the tiny model's random weights).
+    assert np.ptp(probs[8]) > 20 * 2e-4
     np.testing.assert_allclose(probs[1], probs[8], atol=2e-4)
 
 
@@ -584,6 +586,30 @@ def test_keys_hash_the_resolved_precision_and_device_kind(tiny_bert: Path, sst2_
     assert plan_weak(parse_spec(explicit), 0, data, device_kind="cpu").key == cpu.key  # the same computation
 
 
+@pytest.mark.parametrize(("build", "changes_keys"), [("2.13.0+cu128", False), ("2.12.1+cpu", True)])
+def test_a_local_build_label_does_not_change_keys_a_version_does(
+    build: str, changes_keys: bool, tiny_bert: Path, sst2_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hosts of one cluster run torch 2.13.0+cpu and 2.13.0+cu128: before, their keys differed and a
+    student on one host found no soft labels of a weak stage computed on the other."""
+    from importlib import metadata
+
+    spec = parse_spec(tiny_spec(tiny_bert, tiny_bert))
+    data = prepare_seed_data(spec, 0, sst2_dir)
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "2.13.0+cpu" if name == "torch" else real(name))
+    stages.library_versions.cache_clear()
+    try:
+        cpu_build = plan_weak(spec, 0, data, device_kind="cpu").key
+        monkeypatch.setattr(metadata, "version", lambda name: build if name == "torch" else real(name))
+        stages.library_versions.cache_clear()
+        other_build = plan_weak(spec, 0, data, device_kind="cpu").key
+    finally:
+        monkeypatch.undo()
+        stages.library_versions.cache_clear()
+    assert (cpu_build != other_build) == changes_keys
+
+
 def test_a_change_to_library_code_changes_every_key(
     tiny_bert: Path, sst2_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -706,3 +732,22 @@ def test_reference_preset_sets_the_reference_defaults_and_explicit_fields_win(
         "bucketed",
         0.05,
     )
+
+
+@pytest.mark.parametrize(("half", "rows_of"), [(None, "train_b"), ("b", "train_b"), ("a", "train_a")])
+def test_the_ceiling_learns_on_the_half_the_spec_names(
+    half: str | None, rows_of: str, tiny_bert: Path, sst2_dir: Path
+) -> None:
+    """train_weak_to_strong.py trains the ceiling on half B (the default, and the preset's);
+    train_simple.py/sweep.py on half A: ``ceiling_half`` offers both. The others never move."""
+    spec = parse_spec(tiny_spec(tiny_bert, tiny_bert) | ({"ceiling_half": half} if half else {}))
+    data = prepare_seed_data(spec, 0, sst2_dir)
+    plans = {plan.kind: plan for plan in plan_seed(spec, data, device_kind="cpu")}
+    assert plans["ceiling"].train.content_hash() == getattr(data, rows_of).content_hash()
+    assert plans["weak"].train.content_hash() == data.train_a.content_hash()
+    assert plans["student:xent"].train.content_hash() == data.train_b.content_hash()
+
+
+def test_an_unknown_ceiling_half_is_refused_naming_the_field(tiny_bert: Path) -> None:
+    with pytest.raises(SpecError, match="ceiling_half"):
+        parse_spec(tiny_spec(tiny_bert, tiny_bert) | {"ceiling_half": "c"})

@@ -3,6 +3,7 @@ SVG it draws, a job's curves, and importing the module without matplotlib."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import subprocess
 import sys
@@ -159,6 +160,16 @@ def test_sweep_figure_draws_the_data() -> None:
     assert lines["gpt2 → student (xent)"].get_linestyle() == "-" and logconf.get_linestyle() != "-"
 
 
+def test_the_sweep_figure_scales_to_its_data() -> None:
+    close = [
+        row("gpt2", "gpt2-medium", 0.78, 0.86, {"xent": 0.81, LOGCONF: 0.83}),
+        row("gpt2", "gpt2-large", 0.79, 0.85, {"xent": 0.82, LOGCONF: 0.84}),
+    ]
+    low, high = plots.sweep_figure(plots.sweep_figure_data(GRID, close)).axes[0].get_ylim()
+    assert 0.7 < low < 0.78 and 0.86 < high < 0.95  # 0.78-0.86 fills the axes
+    assert plots.sweep_figure(plots.sweep_figure_data(GRID, [])).axes[0].get_ylim() == (0.0, 1.0)
+
+
 def test_sweep_svg_is_small_deterministic_and_labelled() -> None:
     data = plots.sweep_figure_data(GRID, TABLE, name="family")
     svg = plots.render_sweep_svg(data)
@@ -196,15 +207,19 @@ SERIES = [
 
 def test_curves_figure_data() -> None:
     data = plots.curves_figure_data(SERIES, order=["s1", "s2", "s3"])
-    assert [(c.stage, c.metric) for c in data.loss] == [("weak · seed 0", "loss"), ("xent · seed 0", "loss")]
+    assert [(c.stage, c.metric) for c in data.loss] == [
+        ("weak · seed 0", "loss"),
+        ("xent student · seed 0", "loss"),
+    ]
     xent_loss = data.loss[1]
     assert xent_loss.steps == (1, 2) and xent_loss.values == (0.6, 0.5)
-    # Colours by run order, as the stage timeline: s2 (no points yet) keeps its colour.
-    assert data.loss[0].color == plots.PALETTE[0] and xent_loss.color == plots.PALETTE[2]
-    assert [(c.stage, c.metric, c.dash == ()) for c in data.accuracy] == [
-        ("weak · seed 0", "train_accuracy", True),
-        ("weak · seed 0", "eval_accuracy", False),  # evaluation dashed
-        ("xent · seed 0", "train_accuracy", True),
+    assert data.kinds == ("weak", "student:xent")  # the panels, in run order; "lr" is not drawn
+    # A colour per seed, the same in every panel.
+    assert data.loss[0].color == xent_loss.color == plots.PALETTE[0]
+    assert [(c.stage, c.metric) for c in data.accuracy] == [
+        ("weak · seed 0", "train_accuracy"),
+        ("weak · seed 0", "eval_accuracy"),
+        ("xent student · seed 0", "train_accuracy"),
     ]
     # Without the run order: per seed, weak, ceiling, then the students.
     unordered = plots.curves_figure_data(
@@ -213,9 +228,80 @@ def test_curves_figure_data() -> None:
     assert [c.stage for c in unordered.loss] == [
         "weak · seed 0",
         "ceiling · seed 0",
-        "xent · seed 0",
+        "xent student · seed 0",
         "weak · seed 1",
     ]
+    assert unordered.kinds == ("weak", "ceiling", "student:xent")
+    assert unordered.loss[3].color == plots.PALETTE[1]
+
+
+def test_ema_is_tensorboards_debiased_smoothing() -> None:
+    assert plots.ema([1.0, 2.0, 3.0], 0.0) == (1.0, 2.0, 3.0)
+    smoothed = plots.ema([2.0, 2.0, 2.0, 2.0], 0.9)
+    assert smoothed == pytest.approx((2.0, 2.0, 2.0, 2.0))  # debiased: a constant stays itself
+    # By hand: last = 0.5 * last + 0.5 * value, divided by 1 - 0.5 ** count.
+    assert plots.ema([0.0, 1.0], 0.5) == pytest.approx((0.0, 0.5 / 0.75))
+    step = plots.ema([0.0] * 5 + [1.0] * 5, 0.6)
+    assert all(a <= b for a, b in itertools.pairwise(step)) and 0.0 < step[5] < 1.0
+    with_gap = plots.ema([1.0, math.nan, 1.0], 0.5)
+    assert with_gap[0] == 1.0 and math.isnan(with_gap[1]) and with_gap[2] == pytest.approx(1.0)
+
+
+def noisy_job() -> list[dict[str, Any]]:
+    """Two seeds of weak, ceiling and two students: noisy batch curves, an evaluation every 10 steps."""
+    series = []
+    for seed in (0, 1):
+        for index, kind in enumerate(["weak", "ceiling", "student:xent", "student:logconf"]):
+            stage = f"{kind}-{seed}"
+            steps = range(1, 61)
+            noise = [((step * 7919 + seed * 31 + index) % 13 - 6) / 60 for step in steps]
+            loss = {step: 0.3 + 0.4 * 0.95**step + n for step, n in zip(steps, noise, strict=True)}
+            accuracy = {step: 0.8 - 0.2 * 0.95**step + n / 2 for step, n in zip(steps, noise, strict=True)}
+            evaluation = {step: 0.78 - 0.2 * 0.97**step for step in range(10, 61, 10)}
+            series += [
+                metric(stage, kind, seed, "loss", loss),
+                metric(stage, kind, seed, "train_accuracy", accuracy),
+                metric(stage, kind, seed, "eval_accuracy", evaluation),
+            ]
+    return series
+
+
+def test_curves_are_a_panel_per_stage_kind_smoothed_over_faint_raw_points() -> None:
+    data = plots.curves_figure_data(noisy_job())
+    figure = plots.curves_figure(data, "loss", smoothing=0.8)
+    panels = [axes for axes in figure.axes if axes.get_visible()]
+    assert [axes.get_title() for axes in panels] == ["weak", "ceiling", "logconf student", "xent student"]
+    for axes in panels:
+        lines = axes.get_lines()
+        assert len(lines) == 4  # two seeds, each raw (faint) and smoothed
+        raw, smooth = lines[0], lines[1]
+        assert raw.get_alpha() == plots.RAW_ALPHA and smooth.get_alpha() is None
+        assert raw.get_color() == smooth.get_color() == plots.PALETTE[0]
+        assert lines[2].get_color() == plots.PALETTE[1]
+        # The smoothed line is the raw one's EMA, and calmer than it.
+        assert tuple(smooth.get_ydata()) == pytest.approx(plots.ema(list(raw.get_ydata()), 0.8))
+        assert _roughness(smooth.get_ydata()) < _roughness(raw.get_ydata()) / 2
+    legend = [text.get_text() for text in figure.legends[0].get_texts()]
+    assert legend == ["seed 0", "seed 1", "smoothed (EMA 0.80)", "raw"]
+    # One y scale for every panel, fitted to the data; no smoothing: one raw line per seed.
+    assert len({axes.get_ylim() for axes in panels}) == 1
+    assert [len(axes.get_lines()) for axes in plots.curves_figure(data, "loss", smoothing=0).axes[:1]] == [2]
+
+    accuracy = plots.curves_figure(data, "accuracy")
+    first = accuracy.axes[0]
+    evaluation = [line for line in first.get_lines() if line.get_marker() == "o"]
+    assert len(evaluation) == 2 and list(evaluation[0].get_xdata()) == [10, 20, 30, 40, 50, 60]
+    assert list(evaluation[0].get_ydata()) == [p for p in noisy_job()[2]["values"]]  # never smoothed
+    low, high = first.get_ylim()
+    assert 0.4 < low < 0.6 and 0.85 < high <= 1.0  # the data's range, not 0-1
+    assert "evaluation" in [text.get_text() for text in accuracy.legends[0].get_texts()]
+
+    only = plots.curves_figure(data, "accuracy", kind="student:xent")
+    assert [axes.get_title() for axes in only.axes] == ["xent student"]
+
+
+def _roughness(values: Any) -> float:
+    return sum(abs(b - a) for a, b in itertools.pairwise(values))
 
 
 def test_curves_svgs() -> None:
@@ -223,11 +309,11 @@ def test_curves_svgs() -> None:
     loss = plots.render_curves_svg(data, "loss")
     accuracy = plots.render_curves_svg(data, "accuracy")
     assert ">Training loss</text>" in loss and ">training step</text>" in loss and ">loss</text>" in loss
-    assert ">weak · seed 0</text>" in loss and ">xent · seed 0</text>" in loss
-    assert ">Accuracy</text>" in accuracy and ">evaluation</text>" in accuracy
-    assert ">training batches</text>" in accuracy and ">weak · seed 0</text>" in accuracy
-    assert plots.curves_figure(data, "accuracy").axes[0].get_ylim() == (0.0, 1.0)
+    assert ">weak</text>" in loss and ">xent student</text>" in loss and ">raw</text>" in loss
+    assert ">evaluation</text>" in accuracy and ">weak</text>" in accuracy
+    assert "seed 0" not in loss  # one seed: colours need no legend
     assert plots.render_curves_svg(data, "loss") == loss
+    assert plots.render_curves_svg(data, "loss", smoothing=0.3) != loss
     empty = plots.render_curves_svg(plots.curves_figure_data([]), "loss")
     assert "Waiting for the first training steps" in empty
 

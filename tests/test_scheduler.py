@@ -10,10 +10,13 @@ import pytest
 from service.scheduler import (
     IN_FLIGHT_COST_S,
     Candidate,
+    PreemptionRules,
+    RunningStage,
     TeamShare,
     admit,
     classes_tried,
     next_larger_queue,
+    preemptions,
     route_queue,
 )
 from service.states import InvalidTransition, check_job_transition, check_stage_transition
@@ -149,3 +152,101 @@ def test_state_machines() -> None:
         check_job_transition("succeeded", "running")
     with pytest.raises(InvalidTransition, match="it may go to: cached, cancelled, failed, queued"):
         check_stage_transition("pending", "succeeded")
+
+
+# -- preemption ------------------------------------------------------------------------------------
+
+NOW = T0 + dt.timedelta(hours=1)
+RULES = PreemptionRules(min_run_s=120, window_s=900)
+
+
+def running(
+    name: str, team: str, *, priority: int = 0, ran_s: float = 600, preempted_s_ago: float | None = None
+) -> RunningStage:
+    return RunningStage(
+        name,
+        team,
+        priority,
+        "gpu-80g",
+        NOW - dt.timedelta(seconds=ran_s),
+        None if preempted_s_ago is None else NOW - dt.timedelta(seconds=preempted_s_ago),
+    )
+
+
+def active_teams(active: dict[str, int], weights: dict[str, float] | None = None) -> dict[str, TeamShare]:
+    return {
+        team: TeamShare(team, weight=(weights or {}).get(team, 1.0), quota=10, active=count)
+        for team, count in active.items()
+    }
+
+
+def victims(waiting, stages, shares, slots: int, rules: PreemptionRules = RULES):  # type: ignore[no-untyped-def]
+    return [
+        (p.victim.stage_id, p.for_stage.stage_id)
+        for p in preemptions(waiting, stages, shares, {"gpu-80g": slots}, NOW, rules)
+    ]
+
+
+def test_a_team_below_its_share_preempts_a_borrowing_team() -> None:
+    # b holds both slots; a (same weight) runs nothing: a's fair share is one slot, b borrows one.
+    stages = [running("b1", "b", ran_s=900), running("b2", "b", ran_s=300)]
+    chosen = victims([candidate("a1", "a")], stages, active_teams({"a": 0, "b": 2}), slots=2)
+    assert chosen == [("b2", "a1")]  # the most recently started of the borrower's stages
+    # Once each runs one, nobody is preempted: b's one slot is its guaranteed share.
+    assert (
+        victims(
+            [candidate("b3", "b")],
+            [running("a1", "a"), running("b1", "b")],
+            active_teams({"a": 1, "b": 1}),
+            2,
+        )
+        == []
+    )
+
+
+def test_guaranteed_share_is_never_preempted_and_no_swap_that_would_ping_pong() -> None:
+    # One slot, equal weights: neither team's share is a whole slot; taking it would only invert the
+    # situation, and the other team would take it straight back. Nobody is preempted.
+    assert victims([candidate("a1", "a")], [running("b1", "b")], active_teams({"a": 0, "b": 1}), 1) == []
+    # Weight 3 against 1: a's share is 0.75 of the slot, b's 0.25, so b's stage borrows it.
+    shares = active_teams({"a": 0, "b": 1}, weights={"a": 3.0, "b": 1.0})
+    assert victims([candidate("a1", "a")], [running("b1", "b")], shares, 1) == [("b1", "a1")]
+    # ... and never the other way round.
+    shares = active_teams({"a": 1, "b": 0}, weights={"a": 3.0, "b": 1.0})
+    assert victims([candidate("b1", "b")], [running("a1", "a")], shares, 1) == []
+    # Four slots, equal weights, b runs 3: b's guaranteed share is 2, so one of its stages can go.
+    stages = [running(f"b{i}", "b") for i in range(3)] + [running("a1", "a")]
+    chosen = victims([candidate("a2", "a"), candidate("a3", "a")], stages, active_teams({"a": 1, "b": 3}), 4)
+    assert len(chosen) == 1 and chosen[0][1] == "a2"
+
+
+def test_priority_preempts_within_a_team_only() -> None:
+    stages = [running("a-low", "a", priority=0), running("b-low", "b", priority=0)]
+    shares = active_teams({"a": 1, "b": 1})
+    assert victims([candidate("a-high", "a", priority=5)], stages, shares, 2) == [("a-low", "a-high")]
+    # Equal priority preempts nothing; and a priority never reaches across teams.
+    assert victims([candidate("a-same", "a", priority=0)], stages, shares, 2) == []
+    only_b = [running("b-low", "b", priority=0)]
+    assert victims([candidate("a-high", "a", priority=99)], only_b, active_teams({"a": 0, "b": 1}), 1) == []
+
+
+def test_a_stage_is_preempted_only_after_its_minimum_run_and_not_twice_within_the_window() -> None:
+    shares = active_teams({"a": 0, "b": 2})
+    waiting = [candidate("a1", "a")]
+    young = [running("b1", "b", ran_s=60), running("b2", "b", ran_s=60)]
+    assert victims(waiting, young, shares, 2) == []  # under min_run_s: it keeps its slot for now
+    rested = [running("b1", "b", preempted_s_ago=600), running("b2", "b", preempted_s_ago=1200)]
+    assert victims(waiting, rested, shares, 2) == [("b2", "a1")]  # b1 was preempted 10 min ago
+    tired = [running("b1", "b", preempted_s_ago=600), running("b2", "b", preempted_s_ago=60)]
+    assert victims(waiting, tired, shares, 2) == []
+
+
+def test_one_victim_per_waiting_stage_and_inputs_unchanged() -> None:
+    shares = active_teams({"a": 0, "b": 4})
+    stages = [running(f"b{i}", "b", ran_s=600 + i) for i in range(4)]
+    waiting = [candidate(f"a{i}", "a", order=i) for i in range(3)]
+    chosen = victims(waiting, stages, shares, 4)
+    # a's share is 2 of 4: two stages are preempted for a's first two, the third waits.
+    assert [for_stage for _, for_stage in chosen] == ["a0", "a1"]
+    assert len({victim for victim, _ in chosen}) == 2
+    assert shares["b"].active == 4 and shares["a"].active == 0

@@ -377,6 +377,13 @@ def _entry(name: str) -> _Entry:
         raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(dataset_names())}") from None
 
 
+def offline_layout(name: str) -> tuple[str, dict[str, tuple[str, ...]]]:
+    """Where registry dataset ``name``'s files sit under a data directory: its folder, and per split
+    ("train", "test") the file stems tried in order (``<folder>/<stem>.jsonl``)."""
+    entry = _entry(name)
+    return entry.name, dict(entry.offline_splits)
+
+
 def _available_splits(data_dir: Path, name: str) -> tuple[str, ...]:
     directory = data_dir / name
     if not directory.is_dir():

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from w2s.model_store import is_store_model
 from w2s.spec import ModelSpec, TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -159,7 +160,12 @@ def _model_shape(model: str, revision: str | None, trust_remote_code: bool) -> M
         import torch
         from transformers import AutoConfig, AutoModel
 
-        config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+        source = model
+        if is_store_model(model):  # its config from this host's copy, fetched without weights
+            from w2s.models import stored_model_dir
+
+            source = str(stored_model_dir(model, weights=False))
+        config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
             backbone = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
         return shape_of(backbone.config, backbone)

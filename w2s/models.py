@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from w2s.model_store import is_store_model, store_digest
 from w2s.spec import ModelSpec, TrainConfig, is_local_model_name
 
 logger = logging.getLogger(__name__)
@@ -147,11 +148,32 @@ class LoadedModel:
     pooling: str
 
 
-def resolve_model_source(spec: ModelSpec) -> str:
+def stored_model_dir(name: str, *, weights: bool = True) -> Path:
+    """This host's copy of a model pushed into the artifact store (w2s/model_store.py), fetched
+    the first time (without weight files unless ``weights``)."""
+    from w2s.model_store import fetch_model
+    from w2s.settings import LibrarySettings
+    from w2s.store import ArtifactStore
+
+    settings = LibrarySettings()
+    return fetch_model(
+        name,
+        ArtifactStore(settings.artifact_store),
+        settings.model_cache_dir,
+        weights=weights,
+        cache_bytes=int(settings.model_cache_gb * 2**30),
+    )
+
+
+def resolve_model_source(spec: ModelSpec, *, weights: bool = True) -> str:
     """A local directory when the name has a path's shape (absolute, or starting with ``.`` or ``~``),
-    which must exist; anything else is a hub id. transformers would load a directory that happens to
-    sit under a hub id's name in the working directory in the hub model's place, so a hub id whose
-    name is such a directory is refused: name a local model ``./like/this``."""
+    which must exist; ``store:<hash>``: this host's copy of a model pushed into the artifact store
+    (``weights=False``: config and tokenizer only); anything else is a hub id. transformers would
+    load a directory that happens to sit under a hub id's name in the working directory in the hub
+    model's place, so a hub id whose name is such a directory is refused: name a local model
+    ``./like/this``."""
+    if is_store_model(spec.model):
+        return str(stored_model_dir(spec.model, weights=weights))
     if is_local_model_name(spec.model):
         path = Path(spec.model).expanduser()
         if not path.is_dir():
@@ -168,7 +190,7 @@ def resolve_model_source(spec: ModelSpec) -> str:
 def load_tokenizer(spec: ModelSpec) -> Any:
     from transformers import AutoTokenizer
 
-    source = resolve_model_source(spec)
+    source = resolve_model_source(spec, weights=False)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
@@ -247,6 +269,8 @@ def load_classifier(spec: ModelSpec, config: TrainConfig) -> LoadedModel:
 def model_fingerprint(spec: ModelSpec) -> dict[str, Any]:
     """What identifies a model's weights, for stage keys: a content hash for local directories,
     the hub id and revision otherwise."""
+    if is_store_model(spec.model):  # the manifest's hash names every byte of it
+        return {"store": store_digest(spec.model)}
     path = Path(spec.model).expanduser()
     if is_local_model_name(spec.model) and path.is_dir():
         return {"local_sha256": _directory_sha256(str(path.resolve()), _directory_stamp(path))}

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -37,8 +38,8 @@ if TYPE_CHECKING:  # matplotlib is optional: types only
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-# Categorical colours, readable on white and told apart by most colour-blind readers (Tableau 10).
-# The dashboard's stage timeline uses the same list, so a stage has one colour on the job page.
+# Categorical colours, readable on white and told apart by most colour-blind readers (Tableau 10):
+# weak models in the sweep figure, seeds in a job's curves, stages on the dashboard's timeline.
 PALETTE = [
     "#4e79a7",
     "#f28e2b",
@@ -278,7 +279,7 @@ def _sweep_figure(data: SweepFigureData) -> Figure:
         )
     axes.set_xticks(x, data.x_labels, rotation=15 if len(x) > 3 else 0)
     axes.set_xlim(-0.3, max(len(x) - 1, 0) + 0.3)
-    axes.set_ylim(0.0, 1.0)
+    axes.set_ylim(*_padded_range((v for s in data.series for v in s.values if v is not None), 0.0, 1.0))
     axes.set_xlabel("strong model")
     axes.set_ylabel("test accuracy")
     axes.set_title(data.title)
@@ -337,30 +338,68 @@ def render_sweep_png(data: SweepFigureData, dpi: int = 150) -> bytes:
 
 # ---------------------------------------------------------------------------------------------
 # A job's training curves
+#
+# Drawn as TensorBoard and W&B readers expect: one panel per stage kind (weak, ceiling, one per
+# student loss), so no panel holds more lines than the job has seeds; each seed one colour, the same
+# in every panel; the raw points faint under their exponential moving average (the smoothing a
+# reader sets); evaluations as marked points, never smoothed (each is a full pass over held-out rows).
 
 ROLE_ORDER = {"weak": 0, "ceiling": 1}  # then the students, per seed: the order stages run in
-ACCURACY_METRICS = {"train_accuracy": SOLID, "eval_accuracy": EVAL_DASH}
+ACCURACY_METRICS = ("train_accuracy", "eval_accuracy")
 Panel = Literal["loss", "accuracy"]
+DEFAULT_SMOOTHING = 0.8  # batch accuracy is noisy: TensorBoard's 0.6 leaves the trend hard to see
+RAW_ALPHA = 0.25
 
 
 def stage_label(kind: str, seed: int) -> str:
-    return f"{kind.removeprefix('student:')} · seed {seed}"
+    return f"{kind_label(kind)} · seed {seed}"
+
+
+def kind_label(kind: str) -> str:
+    """A stage kind as a reader says it: "weak", "ceiling", "xent student"."""
+    return f"{kind.removeprefix('student:')} student" if kind.startswith("student:") else kind
+
+
+def ema(values: Sequence[float], weight: float) -> tuple[float, ...]:
+    """TensorBoard's smoothing: an exponential moving average with weight ``weight`` (0: none),
+    debiased so that the first points are not pulled towards zero. NaNs pass through unsmoothed."""
+    if weight <= 0:
+        return tuple(values)
+    smoothed: list[float] = []
+    last, count = 0.0, 0
+    for value in values:
+        if not math.isfinite(value):
+            smoothed.append(value)
+            continue
+        last = last * weight + (1 - weight) * value
+        count += 1
+        smoothed.append(last / (1 - weight**count))
+    return tuple(smoothed)
 
 
 @dataclass(frozen=True)
 class Curve:
-    stage: str  # the stage's label, e.g. "xent · seed 0": one colour and one legend entry per stage
+    kind: str  # the stage's kind ("weak", "ceiling", "student:xent"): its panel
+    seed: int  # its colour
     metric: str  # loss | train_accuracy | eval_accuracy
     steps: tuple[int, ...]
     values: tuple[float, ...]
-    color: str
-    dash: tuple[float, ...] = SOLID
+    reused: bool = False  # the stage's result (and these points) came from an earlier job
+
+    @property
+    def stage(self) -> str:
+        return stage_label(self.kind, self.seed) + (" (reused)" if self.reused else "")
+
+    @property
+    def color(self) -> str:
+        return PALETTE[self.seed % len(PALETTE)]
 
 
 @dataclass(frozen=True)
 class CurvesFigureData:
     loss: tuple[Curve, ...]
-    accuracy: tuple[Curve, ...]  # training batches solid, evaluation dashed
+    accuracy: tuple[Curve, ...]  # per stage: training batches, then evaluations
+    kinds: tuple[str, ...] = ()  # every stage kind that has points, in run order: the panels
 
     def panel(self, name: Panel) -> tuple[Curve, ...]:
         return self.loss if name == "loss" else self.accuracy
@@ -373,8 +412,8 @@ def _field(series: Any, name: str) -> Any:
 def curves_figure_data(series: Iterable[Any], order: Sequence[str] = ()) -> CurvesFigureData:
     """A job's curves from its metric series (GET /v1/jobs/{id}/metrics: stage_id, kind, seed, name,
     steps, values; dicts or objects with those attributes). ``order`` is the job's stage ids in run
-    order: a stage's colour is PALETTE[its index there], as on the dashboard's stage timeline.
-    Without it, stages go per seed: weak, ceiling, then the students by loss name."""
+    order: the panels follow it. Without it, stages go per seed: weak, ceiling, then the students by
+    loss name."""
     series = list(series)  # read twice
     stages: dict[str, tuple[str, int]] = {}
     for s in series:
@@ -390,87 +429,172 @@ def curves_figure_data(series: Iterable[Any], order: Sequence[str] = ()) -> Curv
     )
     position = {stage_id: i for i, stage_id in enumerate([*known, *rest])}
 
-    def curve(s: Any, dash: tuple[float, ...]) -> Curve:
-        stage_id = _field(s, "stage_id")
+    def curve(s: Any) -> Curve:
+        kind, seed = stages[_field(s, "stage_id")]
         points = sorted(zip(_field(s, "steps"), _field(s, "values"), strict=True))
         reused = bool(s.get("reused") if isinstance(s, Mapping) else getattr(s, "reused", False))
         return Curve(
-            stage=stage_label(*stages[stage_id]) + (" (reused)" if reused else ""),
+            kind=kind,
+            seed=seed,
             metric=_field(s, "name"),
             steps=tuple(int(step) for step, _ in points),
             values=tuple(float(value) for _, value in points),
-            color=PALETTE[position[stage_id] % len(PALETTE)],
-            dash=dash,
+            reused=reused,
         )
 
-    def by_stage(curves: list[tuple[int, int, Curve]]) -> tuple[Curve, ...]:
-        return tuple(c for _, _, c in sorted(curves, key=lambda item: item[:2]))
-
-    loss: list[tuple[int, int, Curve]] = []
-    accuracy: list[tuple[int, int, Curve]] = []
-    metrics = list(ACCURACY_METRICS)
-    for s in series:
-        name, stage = _field(s, "name"), position[_field(s, "stage_id")]
-        if name == "loss":
-            loss.append((stage, 0, curve(s, SOLID)))
-        elif name in ACCURACY_METRICS:
-            accuracy.append((stage, metrics.index(name), curve(s, ACCURACY_METRICS[name])))
-    return CurvesFigureData(loss=by_stage(loss), accuracy=by_stage(accuracy))
+    drawn = [s for s in series if _field(s, "name") == "loss" or _field(s, "name") in ACCURACY_METRICS]
+    drawn.sort(key=lambda s: (position[_field(s, "stage_id")], _metric_rank(_field(s, "name"))))
+    curves = [curve(s) for s in drawn]
+    kinds = tuple(dict.fromkeys(c.kind for c in curves))
+    return CurvesFigureData(
+        loss=tuple(c for c in curves if c.metric == "loss"),
+        accuracy=tuple(c for c in curves if c.metric in ACCURACY_METRICS),
+        kinds=kinds,
+    )
 
 
-def _curves_figure(data: CurvesFigureData, panel: Panel) -> Figure:
+def _metric_rank(name: str) -> int:
+    return ACCURACY_METRICS.index(name) if name in ACCURACY_METRICS else -1
+
+
+def _grid(count: int) -> tuple[int, int]:
+    """(rows, columns) for ``count`` panels: up to three side by side, four past nine."""
+    columns = 1 if count <= 1 else min(count, 3 if count <= 9 else 4)
+    return -(-count // columns), columns
+
+
+def _padded_range(
+    values: Iterable[float], floor: float | None = None, ceiling: float | None = None
+) -> tuple[float, float]:
+    """The y range of ``values``, padded a little and kept within [floor, ceiling]: a figure shows
+    its data (0.78 to 0.86 fills the axes) instead of a thin band of the metric's possible range."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return (0.0 if floor is None else floor), (1.0 if ceiling is None else ceiling)
+    low, high = min(finite), max(finite)
+    pad = max(0.1 * (high - low), 0.01 * max(abs(high), 1.0))
+    low, high = low - pad, high + pad
+    return (low if floor is None else max(low, floor)), (high if ceiling is None else min(high, ceiling))
+
+
+def _curves_figure(data: CurvesFigureData, panel: Panel, smoothing: float, kind: str | None) -> Figure:
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    curves = data.panel(panel)
-    figure = Figure(figsize=(6.4, 4.2), dpi=DPI, layout="constrained")
-    axes = figure.add_subplot()
-    for c in curves:
-        axes.plot(
-            c.steps,
-            c.values,
-            color=c.color,
-            linestyle=_linestyle(c.dash),
-            linewidth=1.4,
-            marker="o" if len(c.steps) == 1 else None,  # a single point has no line to show it
-            markersize=3,
-        )
-    axes.set_xlabel("training step")
-    if panel == "loss":
-        axes.set_title("Training loss")
-        axes.set_ylabel("loss")
-    else:
-        axes.set_title("Accuracy")
-        axes.set_ylabel("accuracy")
-        axes.set_ylim(0.0, 1.0)
+    curves = [c for c in data.panel(panel) if kind is None or c.kind == kind]
+    kinds = [k for k in data.kinds if kind is None or k == kind] or ([kind] if kind else [])
+    metric_name = "loss" if panel == "loss" else "accuracy"
     if not curves:
+        figure = Figure(figsize=(6.4, 3.2), dpi=DPI, layout="constrained")
+        axes = figure.add_subplot()
         axes.set_xticks([])  # no steps yet: a 0..1 step axis would mean nothing
+        axes.set_xlabel("training step")
+        axes.set_ylabel(metric_name)
         _empty_note(axes, "Waiting for the first training steps…")
         return figure
-    # One entry per stage (its colour); in the accuracy panel, two more for the line styles.
-    handles = [
-        Line2D([], [], color=color, linewidth=1.6, label=stage)
-        for stage, color in dict.fromkeys((c.stage, c.color) for c in curves)
-    ]
-    if panel == "accuracy":
-        handles += [
-            Line2D([], [], color="#555555", linestyle=_linestyle(dash), linewidth=1.4, label=label)
-            for label, dash in (("training batches", SOLID), ("evaluation", EVAL_DASH))
+    rows, columns = _grid(len(kinds))
+    size = (7.2, 4.0) if len(kinds) == 1 else (3.3 * columns, 2.4 * rows + 0.8)
+    figure = Figure(figsize=size, dpi=DPI, layout="constrained")
+    # One y scale for every panel, so that panels compare at a glance; steps differ between stages.
+    grid = figure.subplots(rows, columns, sharey=True, squeeze=False)
+    values = (v for c in curves for v in c.values)
+    low, high = _padded_range(values, *((None, None) if panel == "loss" else (0.0, 1.0)))
+    for index, axes in enumerate(grid.flat):
+        if index >= len(kinds):
+            axes.set_visible(False)
+            continue
+        here = [c for c in curves if c.kind == kinds[index]]
+        reused = bool(here) and all(c.reused for c in here)
+        axes.set_title(kind_label(kinds[index]) + (" (reused)" if reused else ""), fontsize=10)
+        for c in here:
+            if c.metric == "eval_accuracy":
+                # A marker per evaluation; a thin line only guides the eye between them.
+                axes.plot(
+                    c.steps,
+                    c.values,
+                    color=c.color,
+                    linestyle=(0, EVAL_DASH),
+                    linewidth=0.9,
+                    marker="o",
+                    markersize=3.5,
+                    zorder=3,
+                )
+                continue
+            single = len(c.steps) == 1  # a single point has no line to show it
+            if smoothing > 0 and not single:
+                axes.plot(c.steps, c.values, color=c.color, linewidth=0.9, alpha=RAW_ALPHA)
+            axes.plot(
+                c.steps,
+                ema(c.values, smoothing),
+                color=c.color,
+                linewidth=1.6,
+                marker="o" if single else None,
+                markersize=3,
+            )
+        axes.set_ylim(low, high)
+        if index % columns == 0:
+            axes.set_ylabel(metric_name)
+        if index >= len(kinds) - columns:  # the bottom panel of its column
+            axes.set_xlabel("training step")
+    title = "Training loss" if panel == "loss" else "Accuracy: training batches and evaluations"
+    figure.suptitle(title, fontsize=11)
+    # The legend says what colours and line styles mean, once for every panel.
+    seeds = sorted({c.seed for c in curves})
+    handles = (
+        [
+            Line2D([], [], color=PALETTE[seed % len(PALETTE)], linewidth=1.8, label=f"seed {seed}")
+            for seed in seeds
         ]
-    figure.legend(handles=handles, loc="outside lower center", ncols=min(4, len(handles)))
+        if len(seeds) > 1
+        else []
+    )
+    style = "#555555"
+    if smoothing > 0:
+        handles += [
+            Line2D([], [], color=style, linewidth=1.6, label=f"smoothed (EMA {smoothing:.2f})"),
+            Line2D([], [], color=style, linewidth=0.9, alpha=RAW_ALPHA * 2, label="raw"),
+        ]
+    else:
+        handles.append(Line2D([], [], color=style, linewidth=1.6, label="raw (no smoothing)"))
+    if panel == "accuracy":
+        handles.append(
+            Line2D(
+                [],
+                [],
+                color=style,
+                linestyle=(0, EVAL_DASH),
+                linewidth=0.9,
+                marker="o",
+                markersize=3.5,
+                label="evaluation",
+            )
+        )
+    figure.legend(handles=handles, loc="outside lower center", ncols=len(handles))
     return figure
 
 
-def curves_figure(data: CurvesFigureData, panel: Panel) -> Figure:
+def curves_figure(
+    data: CurvesFigureData, panel: Panel, smoothing: float = DEFAULT_SMOOTHING, kind: str | None = None
+) -> Figure:
     with _drawing():
-        return _curves_figure(data, panel)
+        return _curves_figure(data, panel, smoothing, kind)
 
 
-def render_curves(data: CurvesFigureData, panel: Panel, fmt: str = "svg", dpi: int = DPI) -> bytes:
+def render_curves(
+    data: CurvesFigureData,
+    panel: Panel,
+    fmt: str = "svg",
+    dpi: int = DPI,
+    smoothing: float = DEFAULT_SMOOTHING,
+    kind: str | None = None,
+) -> bytes:
     with _drawing():
-        return _save(_curves_figure(data, panel), fmt, dpi)
+        return _save(_curves_figure(data, panel, smoothing, kind), fmt, dpi)
 
 
-def render_curves_svg(data: CurvesFigureData, panel: Panel) -> str:
-    """One panel of a job's curves: ``loss``, or ``accuracy`` (train and eval accuracy, 0 to 1)."""
-    return render_curves(data, panel, "svg").decode()
+def render_curves_svg(
+    data: CurvesFigureData, panel: Panel, smoothing: float = DEFAULT_SMOOTHING, kind: str | None = None
+) -> str:
+    """One panel of a job's curves: ``loss``, or ``accuracy`` (training batches and evaluations),
+    one small plot per stage kind (only ``kind``'s, if given), smoothed with EMA weight ``smoothing``."""
+    return render_curves(data, panel, "svg", smoothing=smoothing, kind=kind).decode()

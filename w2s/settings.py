@@ -36,7 +36,35 @@ class LibrarySettings(BaseSettings):
     )
     artifact_store: str = Field(
         default_factory=lambda: str(default_home() / "store"),
-        description="artifact store: a local directory or an fsspec URI (s3://..., gs://...)",
+        description="artifact store: a local directory or an fsspec URI (s3://bucket/prefix, gs://...)",
+    )
+    # s3:// stores (pip install '.[s3]'). Credentials come from the standard AWS chain (environment,
+    # ~/.aws, an instance or pod role: IRSA, workload identity), never from these settings.
+    store_endpoint_url: str = Field(
+        "", description="S3-compatible endpoint (MinIO, Ceph, R2, moto); empty = AWS's for the region"
+    )
+    store_region: str = Field("", description="the bucket's region; empty = the AWS chain's default")
+    model_cache_dir: Path = Field(
+        default_factory=lambda: default_home() / "model-cache",
+        description="this host's copies of models pushed into the artifact store (store:<hash>)",
+    )
+    model_cache_gb: float = Field(
+        200.0, gt=0, description="the most the model cache holds; least recently used copies are removed"
+    )
+    checkpoint_every_steps: int = Field(
+        0, ge=0, description="training stages write a resume checkpoint every N optimizer steps (0: off)"
+    )
+    checkpoint_every_s: float = Field(
+        600.0,
+        ge=0,
+        description="... and every M seconds of training (0: off); a preempted or drained stage writes "
+        "one at once either way. Resumed stages end exactly as uninterrupted ones",
+    )
+    store_retry_s: float = Field(
+        900.0,
+        ge=0,
+        description="how long a store call is tried again while the store does not answer (back-off "
+        "with jitter) before the work waits for storage: an outage costs time, not a result",
     )
 
 

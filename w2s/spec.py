@@ -327,6 +327,13 @@ class JobSpec(_Strict):
     seeds: list[int] = Field(
         default_factory=lambda: [0], min_length=1, max_length=MAX_SEEDS, description=f"1 to {MAX_SEEDS}"
     )
+    ceiling_half: Literal["a", "b"] | None = Field(
+        None,
+        description="the half of the train set the strong ceilings learn on: b (default, and the "
+        "reference preset's), as train_weak_to_strong.py and the paper, the half the students learn "
+        "on, so ceiling and student see the same texts; a, as the reference's train_simple.py/sweep.py "
+        "path, the weak supervisor's half",
+    )
 
     @field_validator("chain", mode="before")
     @classmethod

@@ -37,6 +37,7 @@ from w2s import metrics
 from w2s.datasets import LabeledTexts
 from w2s.losses import _lookup, build_loss
 from w2s.models import ProbeHead, load_classifier, load_tokenizer, model_fingerprint
+from w2s.resume import CheckpointPolicy, StoreCheckpoints
 from w2s.spec import JobSpec, LossSpec, ModelSpec, TrainConfig, chain_role, resolved_models
 from w2s.splits import SeedData
 from w2s.store import ArtifactStore
@@ -88,14 +89,38 @@ class StageCancelled(Exception):
 @functools.cache
 def library_versions() -> dict[str, str]:
     """The key format and the versions of the packages that compute a stage (read once per process:
-    reading package metadata costs milliseconds, and a sweep computes thousands of keys)."""
+    reading package metadata costs milliseconds, and a sweep computes thousands of keys).
+
+    Public versions only: a local build label (torch ``2.13.0+cpu`` or ``+cu128``) names how a wheel
+    was built for a machine, not what it computes, and hosts of one cluster differ in it; the device
+    kind, which does change results, is part of every key by itself."""
     versions = {"key_format": str(KEY_FORMAT)}
     for package in ("w2s-service", "torch", "transformers", "peft"):
         try:
-            versions[package] = metadata.version(package)
+            versions[package] = public_version(metadata.version(package))
         except metadata.PackageNotFoundError:
             versions[package] = "absent"
     return versions
+
+
+def runtime_fingerprint() -> dict[str, str]:
+    """What a host computes stage keys with: its library versions and the hash of the w2s code. Two
+    hosts with the same fingerprint compute the same key for the same plan."""
+    return {**library_versions(), "code": library_code_hash()[:16]}
+
+
+def runtime_id() -> str:
+    return hashlib.sha256(json.dumps(runtime_fingerprint(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def public_version(version: str) -> str:
+    """``2.13.0+cu128`` -> ``2.13.0``; a version packaging cannot parse is kept up to any ``+``."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(version).public
+    except InvalidVersion:
+        return version.split("+", 1)[0]
 
 
 def hash_payload(payload: dict[str, Any]) -> str:
@@ -395,11 +420,15 @@ def plan_seed(
     models = models or resolved_models(spec)
     roles = {slot.kind: slot.role for slot in stage_layout(spec)}
     plans: dict[str, StagePlan] = {}
+    # The weak supervisor learns on half A, students on half B; ceilings on the half the spec says.
+    ceiling_rows = data.train_a if spec.ceiling_half == "a" else data.train_b
     for slot in stage_layout(spec):
         model, config = models[slot.role]
         head_elsewhere = (
             probe_head_device_kind not in (None, device_kind)
             and slot.features_from is not None
+            # A ceiling on half A never computes half B's features, which a student's head needs.
+            and not (spec.ceiling_half == "a" and slot.features_from.startswith("ceiling"))
             and same_features(models[slot.role], models[roles[slot.features_from]])
         )
         plans[slot.kind] = StagePlan(
@@ -408,7 +437,13 @@ def plan_seed(
             model=model,
             # The precision of the features' device: the features are computed in it.
             config=_concrete(config, device_kind),
-            train=data.train_a if slot.kind == "weak" else data.train_b,
+            train=(
+                data.train_a
+                if slot.kind == "weak"
+                else ceiling_rows
+                if slot.kind.startswith("ceiling")
+                else data.train_b
+            ),
             test=data.test,
             loss=slot.loss,
             device_kind=probe_head_device_kind if head_elsewhere else device_kind,  # type: ignore[arg-type]
@@ -584,21 +619,29 @@ def run_stage(
     store: ArtifactStore,
     *,
     callback: ProgressCallback | None = None,
+    checkpoint_policy: CheckpointPolicy | None = None,
 ) -> StageResult:
     """Return the stored result for ``plan.key``, or train, evaluate and store it on the device
-    kind the plan was made for."""
+    kind the plan was made for. Training goes on from the stage key's resume checkpoint if an
+    earlier attempt left one (w2s.resume), and writes them per ``checkpoint_policy`` (default: the
+    W2S_CHECKPOINT_EVERY_* settings); w2s.resume.Yielded when the callback asked to yield."""
     key = plan.key
     record = store.get_record(STAGES, key)
     if record is not None:
         logger.info("%s seed %d: cached (%s)", plan.kind, plan.seed, key[:12])
         # The record may come from a stage of another kind that computed the same thing.
         return dataclasses.replace(StageResult.from_record(record, cached=True), kind=plan.kind)
+    policy = checkpoint_policy or CheckpointPolicy.from_settings()
     with numerics(plan.config.dtype, plan.config.deterministic):
-        return _compute(plan, store, key, callback)
+        return _compute(plan, store, key, callback, policy)
 
 
 def _compute(
-    plan: StagePlan, store: ArtifactStore, key: str, callback: ProgressCallback | None
+    plan: StagePlan,
+    store: ArtifactStore,
+    key: str,
+    callback: ProgressCallback | None,
+    policy: CheckpointPolicy,
 ) -> StageResult:
     """Train, evaluate and store the stage ``plan`` (whose key is ``key``)."""
     started = time.perf_counter()
@@ -648,6 +691,7 @@ def _compute(
     def evaluate() -> float:
         return metrics.accuracy(probabilities(test_data), np.asarray(plan.test.labels))
 
+    checkpoints = StoreCheckpoints(store, key)
     outcome = fit(
         model,
         train_data,
@@ -659,28 +703,32 @@ def _compute(
         evaluate=evaluate,
         callback=callback,
         holdout=holdout,
+        checkpoints=checkpoints,
+        checkpoint_policy=policy,
     )
     if outcome.stopped:
         raise StageCancelled(f"{plan.kind} seed {plan.seed} stopped at step {outcome.steps}")
 
     test_probs = probabilities(test_data)
     test_labels = np.asarray(plan.test.labels)
-    result = StageResult(
-        kind=plan.kind,
-        seed=plan.seed,
-        key=key,
-        accuracy=metrics.accuracy(test_probs, test_labels),
-        auroc=metrics.auroc(test_probs, test_labels),
-        test_probs=store.put_array(test_probs),
-        soft_labels=store.put_array(probabilities(predict_data)) if predict_data is not None else None,
-        checkpoint=_save_checkpoint(model, store) if config.save_checkpoint else None,
-        seconds=time.perf_counter() - started,
-        train_seconds=outcome.seconds,
-        steps=outcome.steps,
-        best_step=outcome.best_step,
-        holdout_loss=outcome.holdout_loss,
-    )
-    store.put_record(STAGES, key, result.to_record())
+    with store.patient():  # a trained result waits out any store outage, never thrown away
+        result = StageResult(
+            kind=plan.kind,
+            seed=plan.seed,
+            key=key,
+            accuracy=metrics.accuracy(test_probs, test_labels),
+            auroc=metrics.auroc(test_probs, test_labels),
+            test_probs=store.put_array(test_probs),
+            soft_labels=store.put_array(probabilities(predict_data)) if predict_data is not None else None,
+            checkpoint=_save_checkpoint(model, store) if config.save_checkpoint else None,
+            seconds=time.perf_counter() - started,
+            train_seconds=outcome.seconds,
+            steps=outcome.steps,
+            best_step=outcome.best_step,
+            holdout_loss=outcome.holdout_loss,
+        )
+        store.put_record(STAGES, key, result.to_record())
+    checkpoints.clear()  # the result is stored: nothing is left to resume
     logger.info("%s seed %d: accuracy %.4f in %.1fs", plan.kind, plan.seed, result.accuracy, result.seconds)
     return result
 

@@ -13,6 +13,7 @@ and speed, never the result (up to float rounding).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -27,6 +28,18 @@ import torch
 from torch import nn
 
 from w2s.losses import Loss, batch_statistics, check_minibatch_invariance, minibatch_loss
+from w2s.resume import (
+    FORMAT,
+    YIELD,
+    CheckpointClock,
+    CheckpointPolicy,
+    Checkpoints,
+    CheckpointSaved,
+    Resumed,
+    Yielded,
+    restore_rng_states,
+    rng_states,
+)
 from w2s.spec import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -61,8 +74,9 @@ class ExtractionProgress:
     phase: str = "features"
 
 
-# Return False to stop cooperatively (cancellation); None or True to go on.
-ProgressCallback = Callable[[Progress | ExtractionProgress], bool | None]
+# Return False to stop cooperatively (cancellation); w2s.resume.YIELD to write a checkpoint and stop
+# (raising Yielded), to resume later; None or True to go on.
+ProgressCallback = Callable[[Progress | ExtractionProgress | CheckpointSaved | Resumed], bool | str | None]
 
 
 class Stopped(Exception):
@@ -369,6 +383,49 @@ class _BestWeights:
             if name in self.state:
                 p.copy_(self.state[name])
 
+    def state_dict(self) -> dict[str, object]:
+        return {"loss": self.loss, "step": self.step, "since_best": self.since_best, "weights": self.state}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.loss, self.step = float(state["loss"]), state["step"]  # type: ignore[arg-type]
+        self.since_best = int(state["since_best"])  # type: ignore[call-overload]
+        self.state = dict(state["weights"])  # type: ignore[call-overload]
+
+
+def _restore(
+    state: dict[str, object],
+    steps: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    best: _BestWeights | None,
+    loss_fn: Loss,
+) -> bool:
+    """Put a checkpoint's training state back; False (nothing changed) if it is not this run's: another
+    number of steps, or other trainable weights."""
+    weights: dict[str, torch.Tensor] = state["weights"]  # type: ignore[assignment]
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if (
+        state["total_steps"] != steps
+        or set(weights) != set(trainable)
+        or (state["best"] is None) != (best is None)
+    ):
+        logger.warning("the resume checkpoint is of another run (steps or weights differ); starting over")
+        return False
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(weights[name])
+    optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]
+    scheduler.load_state_dict(state["scheduler"])  # type: ignore[arg-type]
+    scaler.load_state_dict(state["scaler"])  # type: ignore[arg-type]
+    if best is not None:
+        best.load_state_dict(state["best"])  # type: ignore[arg-type]
+    if state.get("loss_state") is not None and hasattr(loss_fn, "load_state_dict"):
+        loss_fn.load_state_dict(state["loss_state"])
+    restore_rng_states(state["rng"])  # type: ignore[arg-type]
+    return True
+
 
 def total_steps(n_rows: int, config: TrainConfig) -> int:
     exact = n_rows * config.epochs / config.batch_size
@@ -410,10 +467,15 @@ def fit(
     evaluate: Callable[[], float] | None = None,
     callback: ProgressCallback | None = None,
     holdout: Holdout | None = None,
+    checkpoints: Checkpoints | None = None,
+    checkpoint_policy: CheckpointPolicy | None = None,
 ) -> FitResult:
     """Train ``model`` on ``data`` against ``soft_labels`` (n, 2). Returns after the configured
     number of steps, when ``callback`` returns False, or when the ``holdout`` loss stopped improving
-    (the best epoch's weights are then restored)."""
+    (the best epoch's weights are then restored).
+
+    With ``checkpoints``, training goes on from the checkpoint found there (if any), writes one per
+    ``checkpoint_policy``, and when ``callback`` answers YIELD writes one and raises Yielded."""
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
     steps = total_steps(len(data.lengths), config)
@@ -440,7 +502,44 @@ def fit(
     steps_per_epoch = max(1, math.ceil(len(data.lengths) / config.batch_size))
     best = _BestWeights(model) if holdout is not None else None
     step, loss_value, stopped, examples = 0, float("nan"), False, 0
-    for step, batch in enumerate(_batch_stream(data, config, rng, steps)):
+    first_step, seconds_before = 0, 0.0
+    state = checkpoints.load() if checkpoints is not None else None
+    if state is not None and _restore(state, steps, model, optimizer, scheduler, scaler, best, loss_fn):
+        first_step, examples = int(state["step"]), int(state["examples"])
+        seconds_before, loss_value = float(state["seconds"]), float(state["loss"])
+        logger.info("resuming from the checkpoint at step %d of %d", first_step, steps)
+        if callback is not None:
+            callback(Resumed(first_step, steps))
+    clock = CheckpointClock(checkpoint_policy or CheckpointPolicy(), first_step)
+
+    def checkpoint(done: int) -> None:
+        assert checkpoints is not None
+        began = time.perf_counter()
+        size = checkpoints.save(
+            {
+                "format": FORMAT,
+                "step": done,
+                "total_steps": steps,
+                "examples": examples,
+                "seconds": seconds_before + began - started,
+                "loss": loss_value,
+                "weights": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": rng_states(),
+                "best": best.state_dict() if best is not None else None,
+                "loss_state": loss_fn.state_dict() if hasattr(loss_fn, "state_dict") else None,
+            }
+        )
+        clock.reset(done)
+        logger.info("checkpoint at step %d: %.1f MB in %.2f s", done, size / 1e6, time.perf_counter() - began)
+        if callback is not None:
+            callback(CheckpointSaved(done, steps, time.perf_counter() - began, size))
+
+    # The batch order is replayed from the seed: a resumed run skips the batches it has trained on.
+    batches = itertools.islice(_batch_stream(data, config, rng, steps), first_step, None)
+    for step, batch in enumerate(batches, start=first_step):
         step_frac = step / steps
         minibatches = _minibatches(batch, config.minibatch_size)
         stats = None
@@ -512,11 +611,19 @@ def fit(
                 lr=step_lr,
                 eval_accuracy=eval_accuracy,
             )
-            if callback(progress) is False:
+            answer = callback(progress)
+            if answer is False:
                 stopped = True
                 break
+            if answer == YIELD and not is_last:
+                if checkpoints is None:
+                    raise Yielded(0, steps)  # nothing to resume from: the stage starts over
+                checkpoint(step + 1)
+                raise Yielded(step + 1, steps)
         if is_last:
             break
+        if checkpoints is not None and clock.due(step + 1):
+            checkpoint(step + 1)
     model.eval()
     if best is not None and best.step is not None:
         best.restore()
@@ -524,7 +631,7 @@ def fit(
         steps=step + 1,
         stopped=stopped,
         final_loss=loss_value,
-        seconds=time.perf_counter() - started,
+        seconds=seconds_before + time.perf_counter() - started,
         examples=examples,
         best_step=best.step if best is not None else None,
         holdout_loss=best.loss if best is not None and best.step is not None else None,
@@ -606,5 +713,7 @@ def one_hot(labels: Sequence[int]) -> torch.Tensor:
 
 def soft(probs_pos: np.ndarray) -> torch.Tensor:
     """P(label = 1) as (n, 2) probabilities."""
-    p = torch.as_tensor(probs_pos, dtype=torch.float32)
+    # A copy: the stored soft labels are shared read-only arrays (worker/stage_cache.py), which torch
+    # warns about sharing memory with; the result is a new tensor anyway.
+    p = torch.tensor(np.asarray(probs_pos), dtype=torch.float32)
     return torch.stack([1 - p, p], dim=1)

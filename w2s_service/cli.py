@@ -60,6 +60,7 @@ def migrate(timeout_s: float = 60.0) -> None:
     wait_for_database(timeout_s)
     config = Config(str(ROOT / "alembic.ini"))
     config.attributes["database_url"] = get_settings().database_url
+    config.attributes["configure_logger"] = False  # ours (service/logs.py), without alembic's INFO lines
     command.upgrade(config, "head")
 
 
@@ -69,12 +70,31 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def prepare_multiprocess_metrics(folder: Path) -> None:
+    """Prometheus multiprocess mode for this process and those it starts (service/telemetry.py):
+    each writes its metrics under ``folder``, emptied first (a previous run's files would count
+    again). Set before prometheus_client is imported, which reads it once."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.db"):
+        stale.unlink(missing_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+
+
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.settings import get_settings
 
     settings = get_settings()
+    if not settings.session_secret:  # one line here, not uvicorn's traceback from the app's start-up
+        raise ValueError(
+            "W2S_SESSION_SECRET is not set: the dashboard's session cookie needs a secret of your own "
+            "(for example `export W2S_SESSION_SECRET=$(openssl rand -hex 32)`), or W2S_ENVIRONMENT="
+            "development for the published development secret"
+        )
+    if settings.api_workers > 1:
+        # Each server process writes its metrics here; /metrics in any of them sums them all.
+        prepare_multiprocess_metrics(settings.state_dir / "metrics" / f"api-{os.getpid()}")
     # "auto" picks uvloop and httptools (dependencies; measured up to 5% less CPU per read than asyncio
     # and h11) and falls back to those where uvloop cannot be installed (Windows).
     uvicorn.run(
@@ -108,11 +128,24 @@ def worker_argv(queue: str, embedded: bool, control_concurrency: int = 2) -> lis
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from service.settings import get_settings
+
+    settings = get_settings()
+    if settings.metrics_port:
+        # Before anything creates a metric: the pool's processes write theirs where this one reads.
+        prepare_multiprocess_metrics(settings.state_dir / "metrics" / f"worker-{os.getpid()}")
+        from service import telemetry
+
+        telemetry.serve(settings.metrics_port)
     from worker import tasks
     from worker.celery_app import CONTROL_QUEUE, app
 
-    settings = get_settings()
     tasks.RUNS_STAGES = set(args.queue.split(",")) != {CONTROL_QUEUE}
+    if tasks.RUNS_STAGES:  # the dispatcher routes stages to workers that compute the planner's keys
+        import socket
+
+        from worker.registration import Registration
+
+        Registration(f"{args.queue}-{os.getpid()}@{socket.gethostname()}", args.queue.split(",")).start()
     app.worker_main(worker_argv(args.queue, settings.embedded_broker, settings.control_concurrency))
     return 0
 
@@ -189,19 +222,38 @@ def stage_workers(
     return workers
 
 
-def first_team_key() -> str | None:
-    """On a fresh database, a first team ("default") and its key; None if any team exists."""
-    from sqlalchemy import func, select
+def dev_key_lines() -> list[str]:
+    """What ``dev`` says about API keys, having made one: on a fresh database a first team
+    ("default") and its key; later, a new key for "default" (else for the newest enabled team), so
+    that each start prints a key that works (the first one was shown once, long scrolled away)."""
+    from sqlalchemy import select
 
     from service import admin
     from service.db import session_scope
     from service.models import Team
 
     with session_scope() as session:
-        if session.scalar(select(func.count()).select_from(Team)):
-            return None
-        _, key = admin.new_team(session, actor="dev", name="default")
-        return key
+        teams = list(session.scalars(select(Team).order_by(Team.created_at.desc())))
+        if not teams:
+            _, key = admin.new_team(session, actor="dev", name="default")
+            return [f"created team 'default'; its API key (shown once): {key}"]
+        enabled = [team for team in teams if team.disabled_at is None]
+        if not enabled:
+            return [
+                f"every team is disabled; enable one (w2s-service team-set {teams[0].name} --enable), "
+                f"then make a key for it: w2s-service create-key {teams[0].name}"
+            ]
+        team = next((team for team in enabled if team.name == "default"), enabled[0])
+        _, key = admin.new_key(session, team=team, name="w2s-service dev", actor="dev")
+        lines = [
+            f"team '{team.name}' exists; a new API key for it (shown once; its earlier keys still work, "
+            f"`w2s-service keys {team.name}` lists them): {key}"
+        ]
+        others = [other.name for other in teams if other is not team]
+        if others:
+            shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+            lines.append(f"other teams: {shown}; a key for one: w2s-service create-key {others[0]}")
+        return lines
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
@@ -221,7 +273,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
             "choose another with --port (or W2S_PORT for scripts/run-example.sh)"
         )
     migrate()
-    key = first_team_key()
+    keys = dev_key_lines()
     me = [sys.executable, "-m", "w2s_service.cli"]
     try:
         workers = stage_workers(settings.queue_slots, settings.gpu_classes, visible_gpus(settings))
@@ -237,8 +289,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
     print(f"w2s-service: API and dashboard on http://{args.host}:{args.port} (API docs at /docs)")
     print(f"w2s-service: state in {settings.state_dir}; database {settings.database_url}")
     print(f"w2s-service: admin key {settings.admin_key!r} (development only; production sets W2S_ADMIN_KEY)")
-    if key is not None:
-        print(f"w2s-service: created team 'default'; its API key (shown once): {key}")
+    for line in keys:
+        print(f"w2s-service: {line}")
     if settings.data_dir is None:
         print(
             "w2s-service: W2S_DATA_DIR is not set, so registry datasets (sst2, sciq, ...) load from the "
@@ -293,7 +345,8 @@ def cmd_create_key(args: argparse.Namespace) -> int:
     with session_scope() as session:
         team = admin.team_by_name_or_id(session, args.team)
         _, key = admin.new_key(session, team=team, name=args.name, actor="cli")
-        print(f"api key for {team.name} (shown once): {key}")
+        print(f"team {team.name} ({team.id})")
+        print(f"api key (shown once): {key}")  # as create-team prints it: one recipe reads both
     return 0
 
 
@@ -305,22 +358,44 @@ LIMIT_FLAGS = (
     "max_stages_per_job",
     "max_stages_per_sweep",
     "upload_quota_mb",
+    "storage_quota_mb",
+    "stage_time_limit_s",
     "requests_per_minute",
     "max_streams_per_team",
+)
+
+
+EXPORT_FLAGS = (
+    ("--mlflow-uri", "mlflow_tracking_uri", "export its jobs to this MLflow tracking server"),
+    ("--mlflow-token-env", "mlflow_token_env", "the workers' environment variable holding its MLflow token"),
+    ("--wandb-project", "wandb_project", "export its jobs to this Weights & Biases project"),
+    ("--wandb-entity", "wandb_entity", "the W&B entity of that project"),
+    ("--wandb-key-env", "wandb_key_env", "the workers' environment variable holding its W&B API key"),
 )
 
 
 def cmd_teams(args: argparse.Namespace) -> int:
     from service import admin
     from service.db import session_scope
+    from service.settings import get_settings
+    from service.storage import MB, storage_of
+    from service.usage import preemptions_by_team
 
+    settings = get_settings()
     with session_scope() as session:
-        for team in admin.list_teams(session):
+        teams = admin.list_teams(session)
+        storage = storage_of(session, teams, settings)
+        preempted = preemptions_by_team(session, settings, [team.id for team in teams])
+        for team in teams:
+            own = [*LIMIT_FLAGS, *(name for _, name, _ in EXPORT_FLAGS)]
             limits = ", ".join(
-                f"{name}={getattr(team, name)}" for name in LIMIT_FLAGS if getattr(team, name) is not None
+                f"{name}={getattr(team, name)}" for name in own if getattr(team, name) is not None
             )
             state = f"disabled {team.disabled_at:%Y-%m-%d %H:%M}" if team.disabled_at else "enabled"
-            print(f"{team.name:<24} {team.id}  {state}  {limits}")
+            held = storage[team.id]
+            used = f"storage {held.total_bytes / MB:,.1f}/{held.quota_bytes / MB:,.0f} MB"
+            gave_way = f"preempted {preempted.get(team.id, 0)}x/{settings.fair_share_window_h:g}h"
+            print(f"{team.name:<24} {team.id}  {state}  {used}  {gave_way}  {limits}")
     return 0
 
 
@@ -329,6 +404,9 @@ def cmd_team_set(args: argparse.Namespace) -> int:
     from service.db import session_scope
 
     changes = {name: getattr(args, name) for name in LIMIT_FLAGS if getattr(args, name) is not None}
+    for _, name, _ in EXPORT_FLAGS:
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name) or None  # "": back to the setting
     with session_scope() as session:
         team = admin.team_by_name_or_id(session, args.team)
         if changes:
@@ -336,10 +414,13 @@ def cmd_team_set(args: argparse.Namespace) -> int:
         if args.disable or args.enable:
             cancelled = admin.set_team_disabled(session, team=team, disabled=args.disable, actor="cli")
             state = "disabled" if args.disable else "enabled"
-            print(f"team {team.name} {state}; {cancelled} open jobs cancelled")
-        print(
-            f"team {team.name}: " + (", ".join(f"{k}={v}" for k, v in changes.items()) or "no limits changed")
-        )
+            jobs = f"{cancelled} open job{'s' if cancelled != 1 else ''} cancelled" if args.disable else ""
+            print(f"team {team.name} {state}" + (f"; {jobs}" if jobs else ""))
+        if changes or not (args.disable or args.enable):
+            print(
+                f"team {team.name}: "
+                + (", ".join(f"{k}={v}" for k, v in changes.items()) or "no limits changed")
+            )
     return 0
 
 
@@ -373,9 +454,12 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     with session_scope() as session:
         team_id = admin.team_by_name_or_id(session, args.team).id if args.team else None
         rows, _ = list_job_summaries(session, team_id=team_id, status=args.status, limit=args.limit)
+        teams = {team.id: team.name for team in admin.list_teams(session)}
         for row in rows:
             progress = f"{row.n_done}/{row.n_stages}"
-            print(f"{row.id}  {row.status:<9} {progress:>9}  {row.created_at:%Y-%m-%d %H:%M}  {row.name}")
+            owner = teams.get(row.team_id, row.team_id)
+            created = f"{row.created_at:%Y-%m-%d %H:%M}"
+            print(f"{row.id}  {owner:<20} {row.status:<9} {progress:>9}  {created}  {row.name}")
     return 0
 
 
@@ -386,6 +470,39 @@ def cmd_cancel_job(args: argparse.Namespace) -> int:
     with session_scope() as session:
         admin.cancel_any_job(session, job_id=args.job_id, actor="cli")
     print(f"job {args.job_id} cancelled")
+    return 0
+
+
+def cmd_workers(args: argparse.Namespace) -> int:
+    from service.db import session_scope
+    from service.workers import list_workers
+
+    with session_scope(read_only=True) as session:
+        workers = list_workers(session)
+    for worker in workers:
+        state = "draining" if worker["draining_since"] else "alive" if worker["alive"] else "gone"
+        print(f"{worker['name']:<48} {','.join(worker['queues']):<16} {state:<9} {worker['running']} running")
+    if not workers:
+        print("no worker reported itself in the last day")
+    return 0
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    """Ask a worker's running stages to checkpoint and hand themselves back; the worker then exits."""
+    from service import admin
+    from service.db import session_scope
+    from service.errors import NotFound
+
+    try:
+        with session_scope() as session:
+            asked = admin.drain_worker(session, name=args.worker, actor="cli")
+    except NotFound as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(
+        f"draining {args.worker}: {len(asked)} running stage(s) asked to write a checkpoint and hand "
+        "themselves back; it takes no new stage and exits when they have (`w2s-service workers` shows it)"
+    )
     return 0
 
 
@@ -475,6 +592,9 @@ def build_parser() -> argparse.ArgumentParser:
         team_set.add_argument(
             f"--{name.replace('_', '-')}", type=float if name == "weight" else int, default=None
         )
+    # Where its succeeded jobs are exported (service/exports.py); "" restores the setting's value.
+    for flag, name, what in EXPORT_FLAGS:
+        team_set.add_argument(flag, dest=name, default=None, help=what)
     switch = team_set.add_mutually_exclusive_group()
     switch.add_argument("--disable", action="store_true", help="keys stop working; open jobs are cancelled")
     switch.add_argument("--enable", action="store_true")
@@ -493,6 +613,16 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = commands.add_parser("cancel-job", help="cancel any team's job")
     cancel.add_argument("job_id")
     cancel.set_defaults(handler=cmd_cancel_job)
+    commands.add_parser(
+        "workers", help="workers seen in the last day: queues, state, stages running"
+    ).set_defaults(handler=cmd_workers)
+    drain = commands.add_parser(
+        "drain",
+        help="take a worker out of service without losing training: its running stages write a checkpoint "
+        "and resume elsewhere, and it exits (SIGTERM to a worker does the same)",
+    )
+    drain.add_argument("worker", help="its name, as `w2s-service workers` lists it")
+    drain.set_defaults(handler=cmd_drain)
     audit = commands.add_parser("audit", help="the latest admin actions")
     audit.add_argument("--limit", type=int, default=50)
     audit.set_defaults(handler=cmd_audit)
@@ -502,12 +632,44 @@ def build_parser() -> argparse.ArgumentParser:
     doc.add_argument("--grace", type=float, default=60.0, help="seconds past a lease before work is overdue")
     doc.add_argument("--json", action="store_true")
     doc.set_defaults(handler=cmd_doctor)
+    models = commands.add_parser("models", help="models in the artifact store").add_subparsers(
+        dest="models_command", required=True
+    )
+    push = models.add_parser(
+        "push",
+        help="store a model directory in the artifact store once; print the store:<hash> reference "
+        "that jobs name it by (every worker fetches it into its own cache)",
+    )
+    push.add_argument("directory", type=Path)
+    push.add_argument("--name", default="", help="a label kept in the manifest (default: the folder's name)")
+    push.set_defaults(handler=cmd_models_push)
     return parser
 
 
+def cmd_models_push(args: argparse.Namespace) -> int:
+    from service.settings import get_settings
+    from w2s.model_store import model_manifest, push_model
+    from w2s.store import ArtifactStore
+
+    store = ArtifactStore(get_settings().store_uri)
+    reference = push_model(args.directory, store, name=args.name)
+    files = model_manifest(reference, store)["files"]
+    size = sum(entry["size"] for entry in files) / 2**20
+    print(f"pushed {args.directory} ({len(files)} files, {size:,.1f} MiB) to {store.uri}")
+    print(f"use it in a job spec as: {reference}")
+    print(reference)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    # Services log to files, not terminals: no download or weight-loading progress bars in them (set
+    # before transformers is imported, here and in every process these commands start).
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from service.logs import configure_logging
+    from service.settings import get_settings
+
+    configure_logging(get_settings().log_format)
     from sqlalchemy.exc import OperationalError, ProgrammingError
 
     from service.errors import ServiceError

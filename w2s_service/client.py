@@ -204,6 +204,13 @@ class W2SClient:
     def retry_job(self, job_id: str) -> dict[str, Any]:
         return self._request("POST", f"/v1/jobs/{self._id(job_id)}/retry")
 
+    def export_job(self, job_id: str, to: str) -> dict[str, Any]:
+        """POST /v1/jobs/{id}/export: export a succeeded job to ``to`` (mlflow or wandb) now or again."""
+        return self._request("POST", f"/v1/jobs/{self._id(job_id)}/export", json={"to": to})
+
+    def job_exports(self, job_id: str) -> list[dict[str, Any]]:
+        return self._request("GET", f"/v1/jobs/{self._id(job_id)}/exports")  # type: ignore[return-value]
+
     # sweeps
 
     def submit_sweep(self, grid: dict[str, Any]) -> dict[str, Any]:

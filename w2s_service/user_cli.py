@@ -32,12 +32,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from rich import box
+from rich.cells import cell_len
 from rich.console import Console
+from rich.measure import Measurement
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 from rich.text import Text
 
-from service.states import JobStatus, StageStatus, has_result
+from service.display import ago, distinct_model_names, duration, percent, short_names
+from service.states import ExportStatus, JobStatus, StageStatus, has_result
 from w2s import cli as library_cli
 from w2s import plots
 from w2s_service.client import DEFAULT_URL, ApiError, W2SClient
@@ -109,13 +113,6 @@ def make_client(args: argparse.Namespace) -> W2SClient:
 # -- formatting -----------------------------------------------------------------------------------
 
 
-def short_model(model: str) -> str:
-    """A local model directory by its folder name; hub ids ("org/name") as they are."""
-    if model.startswith((".", "/", "~")) or model.count("/") > 1:
-        return Path(model).name or model
-    return model
-
-
 def parse_time(value: str | None) -> dt.datetime | None:
     if not value:
         return None
@@ -123,45 +120,77 @@ def parse_time(value: str | None) -> dt.datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
-def human_seconds(seconds: float) -> str:
-    seconds = max(0.0, seconds)
-    if seconds < 60:
-        return f"{seconds:.0f}s"
-    if seconds < 3600:
-        return f"{seconds // 60:.0f}m{seconds % 60:02.0f}s"
-    if seconds < 86400:
-        return f"{seconds // 3600:.0f}h{seconds % 3600 // 60:02.0f}m"
-    return f"{seconds // 86400:.0f}d{seconds % 86400 // 3600:.0f}h"
+# The jobs table's name column: at most this wide (a longer name ends in "…"), and at least this wide
+# before the table drops columns to fit the terminal.
+NAME_WIDTH = 40
+NAME_MIN_WIDTH = 12
+# What gives way, in this order, when a terminal is too narrow for every row on one line. The id (every
+# other command takes it), the models, the status and the run time always stay, whole.
+COLUMNS_DROPPED_FIRST = ("age", "name", "dataset", "progress")
+RIGHT_ALIGNED = ("progress", "age", "run time")
+STATUS_STYLES = {
+    JobStatus.succeeded: "green",
+    JobStatus.failed: "red",
+    JobStatus.cancelled: "yellow",
+    JobStatus.running: "cyan",
+}
 
 
-def jobs_table(jobs: list[dict[str, Any]], now: dt.datetime | None = None) -> Table:
+def jobs_table(jobs: list[dict[str, Any]], now: dt.datetime | None = None, width: int = 120) -> Table:
+    """``w2s list``: a line per job at ``width`` columns. Figures are the API's job summary's, written
+    as the dashboard writes them (service.display): run time is ``duration_s``, progress ``progress``."""
     now = now or dt.datetime.now(dt.UTC)
-    table = Table(title=f"jobs ({len(jobs)})")
-    # Ids are what every other command takes: never wrap or cut them.
-    table.add_column("id", no_wrap=True, min_width=32)
-    for column in ("name", "dataset", "weak → strong", "status", "progress", "age", "duration"):
-        table.add_column(column)
-    styles = {
-        JobStatus.succeeded: "green",
-        JobStatus.failed: "red",
-        JobStatus.cancelled: "yellow",
-        JobStatus.running: "cyan",
+    models = distinct_model_names(
+        model for job in jobs for model in (job.get("weak_model", ""), job.get("strong_model", ""))
+    )
+    cells: dict[str, list[str | Text]] = {
+        "id": [job["id"] for job in jobs],
+        # Sweeps name jobs "<sweep>: <weak model> -> <strong model>": paths by their last part.
+        "name": [" ".join(short_names(job.get("name") or "").split()) for job in jobs],
+        "dataset": [job.get("dataset", "") for job in jobs],
+        "weak → strong": [
+            f"{models[job.get('weak_model', '')]} → {models[job.get('strong_model', '')]}" for job in jobs
+        ],
+        "status": [Text(job["status"], style=STATUS_STYLES.get(job["status"], "")) for job in jobs],
+        "progress": [percent(job.get("progress", 0.0)) for job in jobs],
+        "age": [ago(parse_time(job.get("created_at")), now) for job in jobs],
+        "run time": [duration(job.get("duration_s")) for job in jobs],
     }
-    for job in jobs:
-        created, finished = parse_time(job.get("created_at")), parse_time(job.get("finished_at"))
-        age = human_seconds((now - created).total_seconds()) if created else "-"
-        # The summary has no start time: the duration is submission to end, queueing included.
-        duration = human_seconds((finished - created).total_seconds()) if created and finished else "-"
-        table.add_row(
-            job["id"],
-            job.get("name") or "",
-            job.get("dataset", ""),
-            f"{short_model(job.get('weak_model', ''))} → {short_model(job.get('strong_model', ''))}",
-            Text(job["status"], style=styles.get(job["status"], "")),
-            f"{job.get('progress', 0.0):.0%}",
-            age,
-            duration,
-        )
+    longest_name = max((cell_len(name) for name in cells["name"]), default=0)
+    for dropped in (COLUMNS_DROPPED_FIRST[:count] for count in range(len(COLUMNS_DROPPED_FIRST) + 1)):
+        shown = {column: values for column, values in cells.items() if column not in dropped}
+        name_width = min(NAME_WIDTH, max(longest_name, NAME_MIN_WIDTH))
+        table = _jobs_table(len(jobs), shown, name_width)
+        excess = natural_width(table) - width
+        if excess > 0 and "name" in shown and name_width - excess >= NAME_MIN_WIDTH:
+            name_width -= excess  # a shorter name before a column less
+            table = _jobs_table(len(jobs), shown, name_width)
+            excess = natural_width(table) - width
+        if excess <= 0:
+            break
+    return table  # if even the columns that always stay are too wide, rich squeezes them
+
+
+def natural_width(table: Table) -> int:
+    """The table's width with no cell wrapped or cut."""
+    console = Console(width=100_000)
+    return Measurement.get(console, console.options, table).maximum
+
+
+def _jobs_table(n_jobs: int, cells: dict[str, list[str | Text]], name_width: int) -> Table:
+    table = Table(
+        title=f"jobs ({n_jobs})", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0)
+    )
+    for column in cells:
+        # Cells wrap only where even the columns that always stay do not fit on a line; ids never.
+        if column == "id":
+            table.add_column(column, no_wrap=True, min_width=max(map(cell_len, cells["id"]), default=0))
+        elif column == "name":
+            table.add_column(column, no_wrap=True, overflow="ellipsis", max_width=name_width)
+        else:
+            table.add_column(column, justify="right" if column in RIGHT_ALIGNED else "left")
+    for row in zip(*cells.values(), strict=True):
+        table.add_row(*row)
     return table
 
 
@@ -285,8 +314,77 @@ class StageBars:
         started, finished = parse_time(stage.get("started_at")), parse_time(stage.get("finished_at"))
         if started is None:
             return ""
-        seconds = ((finished or dt.datetime.now(dt.UTC)) - started).total_seconds()
-        return str(dt.timedelta(seconds=int(max(0.0, seconds))))
+        return duration(((finished or dt.datetime.now(dt.UTC)) - started).total_seconds())
+
+
+class StageLines:
+    """What ``w2s watch`` writes when its output is not a terminal (a file, a pipe, a CI log): a line
+    per stage whenever what it shows changes, flushed at once, instead of bars that only a terminal
+    can redraw (they printed nothing until the job ended). When nothing changes for ``QUIET_S``
+    (a model loading, a slow machine), a line says what the job still waits on, so a slow job reads
+    as slow, not stuck."""
+
+    QUIET_S = 10.0
+
+    def __init__(self, console: Console, clock: Callable[[], float] = time.monotonic):
+        self.console, self.clock = console, clock
+        self.shown: dict[str, str] = {}
+        self.last_line_at = clock()
+
+    def __enter__(self) -> StageLines:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    @staticmethod
+    def text(stage: dict[str, Any], latest: dict[str, float]) -> str:
+        total, step = stage.get("total_steps"), stage.get("step") or 0
+        name = f"{stage['kind']} (seed {stage['seed']})"
+        metrics = stage.get("metrics") or {}
+        if stage["status"] == StageStatus.running and metrics.get("phase") == "features":
+            rate = metrics.get("rows_per_s")
+            return f"{name}: features of {metrics.get('split', 'the texts')}: {step} of {total} texts" + (
+                f", {rate:.0f} texts/s" if rate else ""
+            )
+        if has_result(stage["status"]):  # as the bars show a finished stage: full
+            total = total or max(step, 1)
+            step = total
+        steps = f" {step}/{total}" if total else ""
+        return f"{name}:{steps} {StageBars.describe(stage, latest)}"
+
+    @staticmethod
+    def waiting(job: dict[str, Any]) -> str:
+        running = []
+        for stage in job["stages"]:
+            if stage["status"] == StageStatus.running:
+                took = StageBars.elapsed(stage)  # from the server's start time, once known
+                running.append(f"{stage['kind']} (seed {stage['seed']})" + (f" for {took}" if took else ""))
+        if running:
+            return "still running: " + ", ".join(running)
+        queued = sum(stage["status"] == StageStatus.queued for stage in job["stages"])
+        if queued:
+            return f"still waiting: {queued} stage(s) queued for a worker"
+        return f"still waiting: job {job['status']}" + (
+            ", being planned" if job["status"] == JobStatus.queued else ""
+        )
+
+    def say(self, text: str) -> None:
+        stamp = dt.datetime.now().strftime("%H:%M:%S")
+        self.console.print(f"{stamp} {text}", markup=False, highlight=False, soft_wrap=True)
+        self.last_line_at = self.clock()
+
+    def update(self, job: dict[str, Any], latest: dict[str, dict[str, float]]) -> None:
+        said = False
+        for stage in job["stages"]:
+            text = self.text(stage, latest.get(stage["id"], {}))
+            if self.shown.get(stage["id"]) != text:
+                self.shown[stage["id"]] = text
+                self.say(text)
+                said = True
+        if not said and job["status"] not in TERMINAL and self.clock() - self.last_line_at >= self.QUIET_S:
+            self.say(self.waiting(job))
+        self.console.file.flush()
 
 
 def latest_metrics(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -305,7 +403,8 @@ def follow(
     latest: dict[str, dict[str, float]] = {}
     fetched_at: tuple[tuple[str, int], ...] | None = None
     failures, seen = 0, False
-    with StageBars(stderr()) as bars:
+    console = stderr()
+    with StageBars(console) if console.is_terminal else StageLines(console) as bars:
         while True:
             try:
                 job = client.get_job(job_id)
@@ -358,7 +457,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     with make_client(args) as client:
         page = client.list_jobs(status=args.status, dataset=args.dataset, limit=args.limit)
-    stdout().print(jobs_table(page["data"]))
+    console = stdout()
+    console.print(jobs_table(page["data"], width=console.width))
     if page.get("next_cursor"):
         stderr().print(f"more jobs exist: raise --limit (now {args.limit}) or filter by --status/--dataset")
     return EXIT_OK
@@ -398,6 +498,48 @@ def cmd_retry(args: argparse.Namespace) -> int:
     with make_client(args) as client:
         job = client.retry_job(args.id)
     print(f"job {job['id']} {job['status']} again")
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a succeeded job to MLflow or W&B and, unless --no-wait, wait for the outcome."""
+    with make_client(args) as client:
+        export = client.export_job(args.id, args.to)
+        deadline = time.monotonic() + args.timeout
+        while args.wait and export["status"] == ExportStatus.pending and time.monotonic() < deadline:
+            if export["attempts"] and export.get("error"):
+                break  # a try failed: the service retries later by itself; say so now
+            time.sleep(1.0)
+            export = next(e for e in client.job_exports(args.id) if e["target"] == args.to)
+    if export["status"] == ExportStatus.succeeded:
+        print(f"job {args.id} exported to {args.to}: {export['run_url'] or export['run_id']}")
+        return EXIT_OK
+    if export["status"] == ExportStatus.failed:
+        raise CommandError(f"export of job {args.id} to {args.to} failed: {export['error']}", EXIT_JOB_FAILED)
+    if export.get("error"):
+        print(
+            f"export of job {args.id} to {args.to}: try {export['attempts']} failed ({export['error']}); "
+            f"the service tries again at {export['due_at']} (follow it: w2s export-status {args.id})"
+        )
+    else:
+        print(
+            f"export of job {args.id} to {args.to} is {export['status']} "
+            f"(follow it: w2s export-status {args.id})"
+        )
+    return EXIT_OK
+
+
+def cmd_export_status(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        exports = client.job_exports(args.id)
+    if not exports:
+        print(f"job {args.id} has no exports (w2s export {args.id} --to mlflow|wandb)")
+    for export in exports:
+        where = export["run_url"] or export["run_id"] or "-"
+        line = f"{export['target']:<7} {export['status']:<10} tries {export['attempts']}  {where}"
+        if export["status"] != ExportStatus.succeeded and export.get("error"):
+            line += f"\n        last error: {export['error']}"
+        print(line)
     return EXIT_OK
 
 
@@ -515,6 +657,20 @@ def build_parser() -> argparse.ArgumentParser:
     retry = commands.add_parser("retry", parents=parents, help="rerun a failed or cancelled job")
     retry.add_argument("id")
     retry.set_defaults(handler=cmd_retry)
+
+    export = commands.add_parser(
+        "export", parents=parents, help="export a succeeded job to MLflow or Weights & Biases (now, or again)"
+    )
+    export.add_argument("id")
+    export.add_argument("--to", choices=["mlflow", "wandb"], required=True)
+    export.add_argument("--no-wait", dest="wait", action="store_false", help="return once it is queued")
+    export.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the outcome")
+    export.set_defaults(handler=cmd_export)
+    export_status = commands.add_parser(
+        "export-status", parents=parents, help="a job's exports and their links"
+    )
+    export_status.add_argument("id")
+    export_status.set_defaults(handler=cmd_export_status)
 
     sweeps = commands.add_parser("sweep", help="weak x strong grids on one dataset").add_subparsers(
         dest="sweep", required=True

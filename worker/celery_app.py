@@ -18,6 +18,7 @@ from service.settings import Settings, get_settings
 STAGE_TASK = "w2s.run_stage"
 PLAN_TASK = "w2s.plan_job"
 FINISH_TASK = "w2s.finish_job"
+EXPORT_TASK = "w2s.export_job"  # a succeeded job to MLflow or W&B (worker/exports.py)
 # Planning and finishing jobs (worker/control.py) run on their own queue and worker.
 CONTROL_QUEUE = "control"
 
@@ -34,10 +35,15 @@ def broker_options(settings: Settings) -> dict[str, object]:
             "processed_folder": str(folder / "processed"),
             "control_folder": str(folder / "control"),
             "store_processed": False,
+            # How often a worker lists the queue folder (kombu's default: 1 s, which set the pace of
+            # a stream of short stages: one per second however fast each ran).
+            "polling_interval": 0.05,
         }
     # Redis redelivers an unacknowledged task after this long: it must exceed the longest stage,
-    # or a healthy long stage would be started twice.
-    options: dict[str, object] = {"visibility_timeout": settings.stage_timeout_s + 600}
+    # or a healthy long stage would be started twice (a team given a longer time limit than both
+    # needs W2S_STAGE_TIMEOUT_S raised with it; docs/deployment.md).
+    longest = max(settings.stage_timeout_s, settings.stage_time_limit_s)
+    options: dict[str, object] = {"visibility_timeout": longest + 600}
     if settings.broker_key_prefix:
         options["global_keyprefix"] = settings.broker_key_prefix
     return options
@@ -49,14 +55,24 @@ def queue_names(settings: Settings) -> list[str]:
 
 def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
-    app = Celery("w2s", broker=settings.broker_url, include=["worker.tasks", "worker.control"])
+    app = Celery(
+        "w2s", broker=settings.broker_url, include=["worker.tasks", "worker.control", "worker.exports"]
+    )
     limit = settings.control_timeout_s
     app.conf.update(
-        task_routes={PLAN_TASK: {"queue": CONTROL_QUEUE}, FINISH_TASK: {"queue": CONTROL_QUEUE}},
+        task_routes={name: {"queue": CONTROL_QUEUE} for name in (PLAN_TASK, FINISH_TASK, EXPORT_TASK)},
         # The soft limit raises inside the task, which fails the job; the hard limit kills a task
         # stuck where the soft one cannot reach (native code), and the dispatcher resends it.
         task_annotations={
-            name: {"soft_time_limit": limit, "time_limit": limit + 30} for name in (PLAN_TASK, FINISH_TASK)
+            **{
+                name: {"soft_time_limit": limit, "time_limit": limit + 30}
+                for name in (PLAN_TASK, FINISH_TASK)
+            },
+            # An export talks to a server outside: bounded by its lease, so a stuck one is sent again.
+            EXPORT_TASK: {
+                "soft_time_limit": settings.export_lease_s - 60,
+                "time_limit": settings.export_lease_s - 30,
+            },
         },
         broker_transport_options=broker_options(settings),
         broker_connection_retry_on_startup=True,

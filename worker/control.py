@@ -2,7 +2,9 @@
 time limit, so slow or failing work on one job never holds up the dispatch round or another job.
 
 Any failure of any type fails that one job with a message saying what went wrong; a database
-outage instead leaves the job as it was, and the dispatcher sends the task again later.
+outage instead leaves the job as it was, and the dispatcher sends the task again later; an artifact
+store that stays down past its retries (W2S_STORE_RETRY_S) makes the job wait for storage, its
+attempt given back, and the task is sent again.
 """
 
 from __future__ import annotations
@@ -17,13 +19,17 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from service.db import database_unreachable, session_scope
-from service.lifecycle import fail_control, hold_control, lease_control
+from service.lifecycle import defer_control, fail_control, hold_control, lease_control
+from service.logs import log_context
 from service.planning import finish_job, plan_job
 from service.settings import get_settings
+from w2s.store import StoreUnavailable
 from worker.celery_app import FINISH_TASK, PLAN_TASK, app
 
 logger = logging.getLogger(__name__)
 
+# A job whose planning or finishing found the artifact store down is sent again after this long.
+STORE_WAIT_S = 30.0
 # Errors whose message is written for the user (bad data, a model that cannot be loaded ...).
 EXPECTED = (ValueError, OSError, RuntimeError, LookupError)
 
@@ -93,9 +99,14 @@ def run_control(
     keeper = LeaseKeeper(job_id, task, token, settings.control_lease_s)
     keeper.start()
     try:
-        with session_scope() as session:
+        with log_context(job_id=job_id), session_scope() as session:
             done = work(session, job_id, settings, ArtifactStore(settings.store_uri), token)
         return "done" if done else "skipped"
+    except StoreUnavailable as outage:
+        logger.warning("%s job %s: artifact store unreachable; waiting for storage: %s", what, job_id, outage)
+        with session_scope() as session:
+            defer_control(session, job_id, task, token, str(outage), STORE_WAIT_S)
+        return "deferred"
     except SoftTimeLimitExceeded:
         error = f"cannot {what} the job: it took longer than {limit_s:.0f} s (W2S_CONTROL_TIMEOUT_S)"
     except DBAPIError as failure:

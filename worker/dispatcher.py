@@ -16,17 +16,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from typing import Any
 
 from celery import Celery
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from service.db import database_unreachable, session_scope
-from service.dispatch import RoundReport, dispatch_round
+from service import telemetry
+from service.db import database_unreachable, session_scope, wake_file
+from service.dispatch import RoundReport, dispatch_round, ready_per_queue
 from service.lifecycle import DISPATCH_CHANNEL, unadmit_stage
+from service.limits import STAGE_LIMIT_GRACE_S
 from service.settings import Settings, get_settings
-from worker.celery_app import FINISH_TASK, PLAN_TASK, STAGE_TASK
+from worker.celery_app import EXPORT_TASK, FINISH_TASK, PLAN_TASK, STAGE_TASK
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +45,17 @@ def run_round(settings: Settings, celery_app: Celery) -> RoundReport | None:
         report = dispatch_round(session, settings)
     # Committed first, then sent: the task re-reads a row that exists.
     for stage_id, queue in [*report.admitted, *report.resent]:
+        # The worker stops a stage at its time limit; Celery's soft limit reaches it where no
+        # training step does, and its hard limit kills the process (the round then fails it).
+        limit = report.time_limits.get(stage_id, settings.stage_time_limit_s)
         try:
-            celery_app.send_task(STAGE_TASK, args=[stage_id], queue=queue)
+            celery_app.send_task(
+                STAGE_TASK,
+                args=[stage_id],
+                queue=queue,
+                soft_time_limit=limit + STAGE_LIMIT_GRACE_S,
+                time_limit=limit + 2 * STAGE_LIMIT_GRACE_S,
+            )
         except Exception as error:  # broker down: hand the slot back, the next round tries again
             logger.warning("could not enqueue stage %s on %s: %s", stage_id, queue, error)
             with session_scope() as session:
@@ -54,7 +66,36 @@ def run_round(settings: Settings, celery_app: Celery) -> RoundReport | None:
                 celery_app.send_task(task, args=[job_id, token])
             except Exception as error:  # broker down: due again when its lease of seconds lapses
                 logger.warning("could not send %s for job %s: %s", task, job_id, error)
+    for export_id, token in report.exports:
+        try:
+            celery_app.send_task(EXPORT_TASK, args=[export_id, token])
+        except Exception as error:  # broker down: due again when its lease lapses
+            logger.warning("could not send export %s: %s", export_id, error)
     return report
+
+
+def observe_round(report: RoundReport | None, seconds: float) -> None:
+    """The round in the dispatcher's metrics (service/telemetry.py)."""
+    telemetry.ROUNDS.labels("skipped" if report is None else "run").inc()
+    if report is None:
+        return
+    telemetry.ROUND_SECONDS.observe(seconds)
+    for queue, wait_s in report.waits:
+        telemetry.ADMITTED.labels(queue).inc()
+        telemetry.ADMISSION_WAIT.labels(queue).observe(wait_s)
+    with session_scope(read_only=True) as session:
+        depth = ready_per_queue(session)
+    _queues_seen.update(depth)
+    for queue in _queues_seen:  # a queue emptied since reads 0, not its last count
+        telemetry.QUEUE_DEPTH.labels(queue).set(depth.get(queue, 0))
+
+
+_queues_seen: set[str] = set()
+
+
+# How often the dispatcher looks at the wake file on SQLite: a stat, so a stage follows another
+# within this much instead of the dispatch interval.
+WAKE_FILE_POLL_S = 0.02
 
 
 class Wakeup:
@@ -74,6 +115,28 @@ class Wakeup:
         )
         self.connection: Any = None
         self.failing = False
+        self.wake_file = wake_file(url)  # SQLite: commits touch it (service.db.wake_file)
+        self.woken_at = self._stamp()
+
+    def _stamp(self) -> int:
+        try:
+            return self.wake_file.stat().st_mtime_ns if self.wake_file is not None else 0
+        except FileNotFoundError:
+            return 0
+
+    def _wait_for_wake_file(self, timeout_s: float) -> bool:
+        """Sleep up to ``timeout_s``, looking at the wake file every few milliseconds (a stat)."""
+        deadline = time.monotonic() + timeout_s
+        while not self.stop.is_set():
+            stamp = self._stamp()
+            if stamp != self.woken_at:
+                self.woken_at = stamp
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.stop.wait(min(WAKE_FILE_POLL_S, left))
+        return False
 
     def _listening(self) -> Any:
         if self.connection is None or self.connection.closed:
@@ -86,6 +149,8 @@ class Wakeup:
     def wait(self, timeout_s: float) -> bool:
         """Sleep up to ``timeout_s``; True if a notification ended it."""
         if self.url is None:
+            if self.wake_file is not None:
+                return self._wait_for_wake_file(timeout_s)
             self.stop.wait(timeout_s)
             return False
         import psycopg
@@ -124,17 +189,23 @@ def run_dispatcher(
     stop = stop or threading.Event()
     wakeup = Wakeup(settings, stop)
     logger.info("dispatcher: queues %s", settings.queue_slots)
+    telemetry.serve(settings.metrics_port)
     while not stop.is_set():
         try:
+            started = time.perf_counter()
             report = run_round(settings, celery_app)
+            if settings.metrics_port:
+                observe_round(report, time.perf_counter() - started)
             if report:
                 logger.info(
-                    "round: admitted %d, resent %d, cached %d, to plan %d, to finish %d, failed %d",
+                    "round: admitted %d, resent %d, cached %d, to plan %d, to finish %d, to export %d, "
+                    "failed %d",
                     len(report.admitted),
                     len(report.resent),
                     report.cached,
                     len(report.plan),
                     len(report.finish),
+                    len(report.exports),
                     report.failed,
                 )
         except DBAPIError as error:

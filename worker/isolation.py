@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 PRELOAD = ["torch", "transformers", "w2s.stages", "w2s.pipeline", "worker.isolation"]
 # How often the parent looks at the cancel flag while the child is quiet (loading a model, say).
 POLL_S = 0.5
+# A stage told to stop (cancelled, or past its time limit) that has not stopped this long after is killed.
+STOP_GRACE_S = 30.0
 # How long a child that has sent its outcome may take to exit (and return its memory).
 EXIT_WAIT_S = 60.0
 
@@ -108,11 +110,15 @@ def run_isolated(
     *,
     stopped: Callable[[], bool] = lambda: False,
     on_device: Callable[[str], None] | None = None,
+    checkpoint_policy: Any = None,
 ) -> Any:
     """Run ``w2s.stages.run_stage(plan, ArtifactStore(store_uri))`` in a fresh process; return its
     StageResult or raise its error here. ``callback`` sees every progress report, as in-process;
-    once it returns False or ``stopped()`` is true, the child is told to stop. ``on_device`` gets the
-    GPU's name when the stage runs on one."""
+    once it returns False or ``stopped()`` is true, the child is told to stop; once it answers
+    w2s.resume.YIELD, to write a checkpoint and yield (w2s.resume.Yielded is raised here). ``on_device``
+    gets the GPU's name when the stage runs on one."""
+    from w2s.resume import YIELD
+
     context = fork_server()
     losses = plug_in_losses(plan)
     try:
@@ -126,17 +132,26 @@ def run_isolated(
     ours, theirs = context.Pipe()
     process = context.Process(
         target=child_main,
-        args=(theirs, plan, store_uri, losses, dict(os.environ), logging.getLogger().getEffectiveLevel()),
+        args=(
+            theirs,
+            plan,
+            store_uri,
+            losses,
+            dict(os.environ),
+            logging.getLogger().getEffectiveLevel(),
+            checkpoint_policy,
+        ),
         name=f"stage-{plan.kind}-{plan.seed}",
     )
     _start(process)
     theirs.close()  # the child holds its end: EOF here once the child is gone
-    told_to_stop = False
+    told_to_stop_at: float | None = None
+    told_to_yield = False
 
     def tell_to_stop() -> None:
-        nonlocal told_to_stop
-        if not told_to_stop:
-            told_to_stop = True
+        nonlocal told_to_stop_at
+        if told_to_stop_at is None:
+            told_to_stop_at = time.monotonic()
             with contextlib.suppress(OSError):  # already gone: its end of the pipe says how
                 ours.send("stop")
 
@@ -146,6 +161,12 @@ def run_isolated(
             if not ours.poll(POLL_S):
                 if stopped():
                     tell_to_stop()
+                if told_to_stop_at is not None and time.monotonic() - told_to_stop_at > STOP_GRACE_S:
+                    # Stuck where no step reaches the stop (native code, a long evaluation): the
+                    # process is killed below, and the stage ends as stopped.
+                    from w2s.stages import StageCancelled
+
+                    raise StageCancelled(f"{plan.kind} seed {plan.seed} did not stop within {STOP_GRACE_S} s")
                 continue
             try:
                 message, payload = ours.recv()
@@ -153,8 +174,13 @@ def run_isolated(
                 ended = True
                 break
             if message == "progress":
-                if callback(payload) is False or stopped():
+                answer = callback(payload)
+                if answer is False or stopped():
                     tell_to_stop()
+                elif answer == YIELD and not told_to_yield:
+                    told_to_yield = True
+                    with contextlib.suppress(OSError):
+                        ours.send(YIELD)
             elif message == "device" and on_device is not None:
                 on_device(payload)
             elif message == "result":
@@ -213,9 +239,10 @@ def child_main(
     losses: dict[str, type],
     environ: dict[str, str],
     log_level: int,
+    checkpoint_policy: Any = None,
 ) -> None:
     """Run the stage and report up ``conn``: ("device", name)?, ("progress", p)*, then ("result",
-    StageResult) or ("error", (exception, traceback))."""
+    StageResult) or ("error", (exception, traceback)). The parent may send "stop" or "yield"."""
     _exit_with_parent()
     os.environ.clear()
     os.environ.update(environ)  # the worker's settings now, not the fork server's when it started
@@ -237,16 +264,21 @@ def child_main(
             if torch.cuda.is_available():
                 visible = os.environ.get("CUDA_VISIBLE_DEVICES", "all")
                 conn.send(("device", f"{torch.cuda.get_device_name(0)} (CUDA_VISIBLE_DEVICES={visible})"))
-        stop = False
+        from w2s.resume import YIELD
 
-        def report(progress: Any) -> bool:
-            nonlocal stop
+        told: set[str] = set()
+
+        def report(progress: Any) -> bool | str:
             conn.send(("progress", progress))
             while conn.poll():
-                stop = stop or conn.recv() == "stop"
-            return not stop
+                told.add(conn.recv())
+            if "stop" in told:
+                return False
+            return YIELD if YIELD in told else True
 
-        result = run_stage(plan, ArtifactStore(store_uri), callback=report)
+        result = run_stage(
+            plan, ArtifactStore(store_uri), callback=report, checkpoint_policy=checkpoint_policy
+        )
         conn.send(("result", result))
     except Exception as error:
         conn.send(("error", (portable(error), traceback.format_exc())))

@@ -24,6 +24,7 @@ away because the database blinked.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import gc
 import logging
@@ -34,19 +35,24 @@ import socket
 import threading
 import time
 import traceback
-from typing import Any
+from typing import Any, NoReturn
 
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError
 
 from service import lifecycle
-from service.db import database_unreachable, insert_ignoring_duplicates, retry_database, session_scope
+from service.db import database_unreachable, insert_ignoring_duplicates, retry_database, session_scope, upsert
 from service.jobs import attempt_policy_errors
 from service.lifecycle import Claim
-from service.models import Job, MetricPoint, Stage, utcnow
+from service.limits import over_time_message
+from service.logs import log_context
+from service.models import Job, MetricPoint, MetricSeries, Stage, utcnow
 from service.settings import Settings, get_settings
 from service.states import StageStatus
+from w2s.curves import CurveSampler, CurveSummary
+from w2s.store import StoreUnavailable
 from worker.celery_app import STAGE_TASK, app
 
 logger = logging.getLogger(__name__)
@@ -105,21 +111,74 @@ class ProgressWriter:
     superseded, which stops training. A failed write (database briefly down) keeps the points for
     the next flush."""
 
-    def __init__(self, stage_id: str, flush_s: float, fence: int | None = None):
+    def __init__(
+        self,
+        stage_id: str,
+        flush_s: float,
+        fence: int | None = None,
+        max_points: int = 2_000,
+        store_uri: str = "",
+    ):
         self.stage_id = stage_id
         self.flush_s = flush_s
         self.fence = fence  # the attempt's token; None: unfenced (tests that drive the writer directly)
+        self.store_uri = store_uri  # where resume checkpoints are written (their artifacts rows say)
+        self.max_points = max_points  # kept per curve: a million-step stage stores a few thousand rows
+        self.samplers: dict[str, CurveSampler] = {}
         self.points: list[tuple[int, str, float]] = []
         self.latest: Any = None
         self.last_flush = time.monotonic()
         self.cancelled = False
+        self.deadline: float | None = None  # time.monotonic() past which the attempt must stop
+        self.over_time = False  # stopped by its time limit, not by a cancel
+        # Asked to yield (preempted, or its worker drains): training writes a checkpoint and stops.
+        self.yield_asked = False
+        self.checkpoints: list[Any] = []  # w2s.resume.CheckpointSaved not yet written
+        self.resumed: Any = None  # w2s.resume.Resumed not yet written
+        self.carried: dict[str, CurveSummary] = {}  # each curve's figures up to the resumed step
 
-    def __call__(self, progress: Any) -> bool:
+    def answer(self) -> bool | str:
+        """What the training loop hears after each step: stop, yield, or go on."""
+        from w2s.resume import YIELD
+
+        if self.cancelled:
+            return False
+        return YIELD if self.yield_asked else True
+
+    def past_deadline(self) -> bool:
+        """Whether the attempt ran past its time limit; if so, the run stops at its next step."""
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.over_time = self.cancelled = True
+        return self.over_time
+
+    def _keep(self, step: int, name: str, value: float, total_steps: int) -> None:
+        sampler = self.samplers.get(name)
+        if sampler is None:
+            sampler = self.samplers[name] = CurveSampler(total_steps, self.max_points)
+            if name in self.carried:  # resumed: the curve's figures up to the checkpoint go on
+                sampler.summary = self.carried.pop(name)
+        self.points += [(kept_step, name, kept) for kept_step, kept in sampler.add(step, value)]
+
+    def finish_curves(self) -> None:
+        """The attempt's curves end here: keep the points the samplers still hold (the last ones)."""
+        for name, sampler in self.samplers.items():
+            self.points += [(step, name, value) for step, value in sampler.finish()]
+
+    def __call__(self, progress: Any) -> bool | str:
+        if progress.phase in ("checkpoint", "resumed"):  # the stage's timeline: written at once
+            if progress.phase == "checkpoint":
+                self.checkpoints.append(progress)
+            else:
+                self.resumed = progress
+            self.flush()
+            return self.answer()
         self.latest = progress
+        if self.past_deadline():
+            return False
         if progress.phase == "features":  # probe features before training: progress, no curve points
             if time.monotonic() - self.last_flush >= self.flush_s or progress.done == progress.total:
                 self.flush()
-            return not self.cancelled
+            return self.answer()
         step = progress.step
         points = [
             (step, "loss", progress.loss),
@@ -130,10 +189,14 @@ class ProgressWriter:
             points.append((step, "eval_accuracy", progress.eval_accuracy))
         # A curve holds numbers; a non-finite value has no point on it (training stops on a
         # non-finite loss anyway, see w2s.train).
-        self.points += [(s, name, value) for s, name, value in points if math.isfinite(value)]
+        for s, name, value in points:
+            if math.isfinite(value):
+                self._keep(s, name, float(value), progress.total_steps)
+        if step == progress.total_steps:
+            self.finish_curves()
         if time.monotonic() - self.last_flush >= self.flush_s or step == progress.total_steps:
             self.flush()
-        return not self.cancelled
+        return self.answer()
 
     def flush(self) -> None:
         try:
@@ -149,6 +212,7 @@ class ProgressWriter:
 
     def final_flush(self, budget_s: float) -> None:
         """The last points of an attempt: retried, because nothing comes after them."""
+        self.finish_curves()
         retry_database(self._write, f"stage {self.stage_id}: last progress write", budget_s)
 
     def _write(self) -> None:
@@ -164,6 +228,14 @@ class ProgressWriter:
                     [
                         {"stage_id": self.stage_id, "step": step, "name": name, "value": float(value)}
                         for step, name, value in self.points
+                    ],
+                )
+            if self.samplers:  # exact figures of each whole curve, up to this step
+                session.execute(
+                    upsert(session, MetricSeries.__table__, ("stage_id", "name")),
+                    [
+                        {"stage_id": self.stage_id, "name": name} | dataclasses.asdict(sampler.summary)
+                        for name, sampler in self.samplers.items()
                     ],
                 )
             progress: dict[str, Any] = {"heartbeat_at": utcnow()}
@@ -187,15 +259,63 @@ class ProgressWriter:
                     metrics["loss"] = latest.loss
                 progress["metrics"] = metrics
             session.execute(update(Stage).where(Stage.id == self.stage_id).values(**progress))
-            self.cancelled = bool(session.scalar(select_cancel_requested(self.stage_id)))
+            fence = stage.fence if self.fence is None else self.fence
+            for saved in self.checkpoints:
+                detail = f"{saved.size_bytes / 1e6:.1f} MB in {saved.seconds:.2f} s"
+                lifecycle.record_checkpoint(
+                    session,
+                    self.stage_id,
+                    fence,
+                    saved.step,
+                    detail,
+                    size_bytes=saved.size_bytes,
+                    store_uri=self.store_uri,
+                )
+            if self.resumed is not None:
+                lifecycle.record_resumed(session, self.stage_id, fence, self.resumed.step)
+                self.carried = _curves_until(session, self.stage_id, self.resumed.step)
+            cancel, yield_asked = session.execute(select_stop_requests(self.stage_id)).one()
+            self.cancelled = bool(cancel)
+            self.yield_asked = self.yield_asked or yield_asked is not None
         self.points.clear()
+        self.checkpoints.clear()
+        self.resumed = None
         self.last_flush = time.monotonic()
 
 
-def select_cancel_requested(stage_id: str) -> Any:
-    from sqlalchemy import select
+def _curves_until(session: Any, stage_id: str, step: int) -> dict[str, CurveSummary]:
+    """Each curve's figures over its stored points up to ``step`` (the earlier attempts' part of a
+    resumed stage): exact where a curve keeps every point (stages of up to ``metric_points_per_series``
+    steps), over the kept points beyond that."""
+    from sqlalchemy import func
 
-    return select(Job.cancel_requested).join(Stage, Stage.job_id == Job.id).where(Stage.id == stage_id)
+    mine = (MetricPoint.stage_id == stage_id, MetricPoint.step <= step)
+    carried = {}
+    for name, count, low, high, last_step in session.execute(
+        select(
+            MetricPoint.name,
+            func.count(),
+            func.min(MetricPoint.value),
+            func.max(MetricPoint.value),
+            func.max(MetricPoint.step),
+        )
+        .where(*mine)
+        .group_by(MetricPoint.name)
+    ).all():
+        last_value = session.scalar(
+            select(MetricPoint.value).where(*mine, MetricPoint.name == name, MetricPoint.step == last_step)
+        )
+        carried[name] = CurveSummary(int(count), float(low), float(high), int(last_step), float(last_value))
+    return carried
+
+
+def select_stop_requests(stage_id: str) -> Any:
+    """(whether its job is to be cancelled, when the attempt was asked to yield or None)."""
+    return (
+        select(Job.cancel_requested, Stage.yield_requested_at)
+        .join(Stage, Stage.job_id == Job.id)
+        .where(Stage.id == stage_id)
+    )
 
 
 def _is_current(stage: Stage, fence: int | None) -> bool:
@@ -216,6 +336,9 @@ class Heartbeat(threading.Thread):
 
     def run(self) -> None:
         while not self.stopped.wait(self.interval_s):
+            # Also where no training step calls back (loading a model, evaluating): an isolated
+            # stage's process is told to stop, and an in-process one stops at its next step.
+            self.writer.past_deadline()
             try:
                 with session_scope() as session:
                     owned = session.execute(
@@ -227,8 +350,14 @@ class Heartbeat(threading.Thread):
                         )
                         .values(heartbeat_at=utcnow())
                     ).rowcount
-                    if not owned or session.scalar(select_cancel_requested(self.stage_id)):
+                    cancel, yield_asked = session.execute(select_stop_requests(self.stage_id)).first() or (
+                        True,
+                        None,
+                    )
+                    if not owned or cancel:
                         self.writer.cancelled = True  # the next training step stops the run
+                    if yield_asked is not None:
+                        self.writer.yield_asked = True  # the next step writes a checkpoint and yields
             except DBAPIError as error:
                 logger.warning("heartbeat of stage %s not written: %s", self.stage_id, _first_line(error))
 
@@ -290,6 +419,7 @@ def claim_stage(stage_id: str, worker: str, settings: Settings) -> Claim | None:
             worker,
             max_attempts=settings.max_stage_attempts,
             heartbeat_timeout_s=settings.heartbeat_timeout_s,
+            default_time_limit_s=settings.stage_time_limit_s,
         )
 
 
@@ -301,6 +431,7 @@ def persist_outcome(
     settings: Settings,
     error: str | None = None,
     record: dict[str, Any] | None = None,
+    stored_bytes: dict[str, int] | None = None,
 ) -> None:
     """Write the attempt's outcome, retrying while the database is unreachable: a finished stage's
     result is not thrown away because the database blinked."""
@@ -315,9 +446,59 @@ def persist_outcome(
                 store_uri=settings.store_uri,
                 error=error,
                 record=record,
+                stored_bytes=stored_bytes,
             )
 
     retry_database(write, f"stage {stage_id}: writing its outcome", settings.db_retry_s)
+
+
+def persist_yield(stage_id: str, *, fence: int, step: int, settings: Settings) -> None:
+    """The attempt yielded after its checkpoint at ``step``: back to waiting, retried while the
+    database is unreachable (the checkpoint is written; only the row says where to resume)."""
+
+    def write() -> None:
+        with session_scope() as session:
+            lifecycle.yield_stage(session, stage_id, fence, step)
+
+    retry_database(write, f"stage {stage_id}: writing that it yielded", settings.db_retry_s)
+
+
+def stored_sizes(record: dict[str, Any], settings: Settings) -> dict[str, int]:
+    """The bytes a computed stage's outputs take in the store, as its team is charged for them."""
+    from w2s.stages import STAGES
+    from worker.stage_cache import process_store
+
+    store = process_store(settings.store_uri, settings.stage_cache_mb)
+    sizes: dict[str, int] = {}
+    try:
+        sizes["result"] = store.record_size(STAGES, record["key"])
+        for name in ("test_probs", "soft_labels", "checkpoint"):
+            if record.get(name):
+                sizes[name] = store.blob_size(record[name])
+    except (OSError, StoreUnavailable) as error:  # the result is kept all the same; its charge is short
+        logger.warning("sizes of stage %s's outputs not read: %s", record["key"][:16], _first_line(error))
+    return sizes
+
+
+def prune_checkpoints(stage_id: str, settings: Settings) -> None:
+    """Keep the team's last ``checkpoints_kept`` checkpoints: forget older ones, then remove from the
+    store the blobs nothing refers to any more. A failure only leaves storage to a later prune."""
+    from service.storage import blob_digest, retire_old_checkpoints
+    from worker.stage_cache import process_store
+
+    try:
+        with session_scope() as session:
+            team_id = session.scalar(select(Stage.team_id).where(Stage.id == stage_id))
+            unused = retire_old_checkpoints(session, team_id, settings.checkpoints_kept) if team_id else []
+        store = process_store(settings.store_uri, settings.stage_cache_mb)
+        for uri in unused:
+            digest = blob_digest(uri)
+            if digest:
+                store.delete_blob(digest)
+        if unused:
+            logger.info("team %s: %d old checkpoint(s) removed", team_id, len(unused))
+    except (DBAPIError, OSError, StoreUnavailable) as error:
+        logger.warning("old checkpoints not pruned after stage %s: %s", stage_id, _first_line(error))
 
 
 def persist_out_of_memory(stage_id: str, *, fence: int, error: BaseException, settings: Settings) -> str:
@@ -377,9 +558,11 @@ def load_plan(claim: Claim, settings: Settings) -> Any:
 def run_plan(plan: Any, stage_id: str, writer: ProgressWriter, settings: Settings, *, isolate: bool) -> Any:
     """Run the planned stage: in this process (probe stages, or everything when not ``isolate``), or
     in a fresh process of its own (full and LoRA stages of the Celery worker)."""
+    from w2s.resume import CheckpointPolicy
     from w2s.stages import run_stage
     from worker.stage_cache import process_store
 
+    policy = CheckpointPolicy(settings.checkpoint_every_steps, settings.checkpoint_every_s)
     if isolate and not runs_in_process(plan):
         from worker.isolation import run_isolated
 
@@ -389,11 +572,13 @@ def run_plan(plan: Any, stage_id: str, writer: ProgressWriter, settings: Setting
             writer,
             stopped=lambda: writer.cancelled,
             on_device=lambda name: _record_device(stage_id, name),
+            checkpoint_policy=policy,
         )
     if not isolate or plan.device_kind == "cuda":  # without CUDA planned, the probe head never touches it
         _record_device(stage_id, _device_name())
     try:
-        return run_stage(plan, process_store(settings.store_uri, settings.stage_cache_mb), callback=writer)
+        store = process_store(settings.store_uri, settings.stage_cache_mb)
+        return run_stage(plan, store, callback=writer, checkpoint_policy=policy)
     except BaseException as error:
         # The traceback's frames hold the stage's model, activations and optimizer state: while the
         # error is handled up the stack they would keep GPU memory from the next stage of this
@@ -435,10 +620,37 @@ def execute_stage(
     )
     if claim is None:
         return "skipped"
-    from w2s.stages import StageCancelled
+    started = time.monotonic()
+    ended = "error"  # an exception no branch below handles
+    try:
+        with log_context(job_id=claim.job_id, stage_id=stage_id, worker=worker):
+            ended = _attempt(
+                claim, stage_id, worker=worker, settings=settings, isolate=isolate, retries=retries
+            )
+        return ended
+    except TransientStageError:
+        ended = "transient"
+        raise
+    finally:
+        _observe_attempt(claim.queue, ended, time.monotonic() - started)
+
+
+def _attempt(
+    claim: Claim, stage_id: str, *, worker: str, settings: Settings, isolate: bool, retries: int
+) -> str:
+    """One claimed attempt: run, persist its outcome, return the state it ended in (see execute_stage)."""
+    from w2s.resume import Yielded
+    from w2s.stages import PlanMismatch, StageCancelled
     from w2s.train import StageError
 
-    writer = ProgressWriter(stage_id, settings.progress_flush_s, claim.fence)
+    writer = ProgressWriter(
+        stage_id,
+        settings.progress_flush_s,
+        claim.fence,
+        settings.metric_points_per_series,
+        settings.store_uri,
+    )
+    writer.deadline = time.monotonic() + claim.time_limit.seconds
     heartbeat = Heartbeat(stage_id, claim.fence, settings.heartbeat_interval_s, writer)
     # One line as an attempt starts and one as it ends, each with its fence: an operator (or
     # bench/race_storm.py) can tell from the logs of every worker which attempts overlapped.
@@ -448,34 +660,84 @@ def execute_stage(
     try:
         try:
             result = run_plan(load_plan(claim, settings), stage_id, writer, settings, isolate=isolate)
-        except StageCancelled:
+        except Yielded as yielded:
+            # Preempted or drained: its checkpoint is written; it waits to resume, its slot free.
             writer.final_flush(settings.db_retry_s)
+            persist_yield(stage_id, fence=claim.fence, step=yielded.step, settings=settings)
+            return StageStatus.pending
+        except (StageCancelled, SoftTimeLimitExceeded) as stopped:
+            writer.final_flush(settings.db_retry_s)
+            if writer.over_time or isinstance(stopped, SoftTimeLimitExceeded):
+                # Over its time limit: this stage fails alone, saying which limit; the worker goes on.
+                message = over_time_message(claim.time_limit)
+                persist_outcome(
+                    stage_id, StageStatus.failed, fence=claim.fence, error=message, settings=settings
+                )
+                return StageStatus.failed
             persist_outcome(stage_id, StageStatus.cancelled, fence=claim.fence, settings=settings)
             return StageStatus.cancelled
         except Exception as error:
             if is_out_of_memory(error):
                 # The same class would fail the same way: a larger one, or a failure that says so.
                 return persist_out_of_memory(stage_id, fence=claim.fence, error=error, settings=settings)
+            if isinstance(error, PlanMismatch):
+                # This worker computes another key for the plan (other versions): another worker may
+                # not. The stage goes back without spending an attempt; the dispatcher routes by runtime.
+                requeue(claim, error, f"not run on {worker}: {error}", settings, retries, spend_attempt=False)
+            if isinstance(error, StoreUnavailable):
+                # Weather, not the stage's fault: it waits for storage, its attempt given back.
+                requeue(claim, error, f"waiting for storage: {error}", settings, retries, spend_attempt=False)
             if not isinstance(error, (ValueError, StageError)):
                 # Transient until shown otherwise: this attempt ends, another one runs after a backoff.
                 logger.exception("stage %s failed", stage_id)
-                countdown = retry_countdown(settings.retry_backoff_s, retries)
-                with contextlib.suppress(DBAPIError), session_scope() as session:
-                    due = utcnow() + dt.timedelta(seconds=countdown)
-                    lifecycle.requeue_after_error(session, stage_id, claim.fence, user_message(error), due)
-                raise TransientStageError(error, countdown) from error
+                requeue(claim, error, user_message(error), settings, retries, spend_attempt=True)
             # Bad input or diverged training will fail again: stop now, with the message shown.
             message = str(error) if isinstance(error, StageError) else f"{type(error).__name__}: {error}"
             persist_outcome(stage_id, StageStatus.failed, fence=claim.fence, error=message, settings=settings)
             return StageStatus.failed
         writer.final_flush(settings.db_retry_s)
         outcome = StageStatus.cached if result.cached else StageStatus.succeeded
-        persist_outcome(stage_id, outcome, fence=claim.fence, record=result.to_record(), settings=settings)
+        record = result.to_record()
+        sizes = None if result.cached else stored_sizes(record, settings)
+        persist_outcome(
+            stage_id, outcome, fence=claim.fence, record=record, stored_bytes=sizes, settings=settings
+        )
+        if record.get("checkpoint") and not result.cached:
+            prune_checkpoints(stage_id, settings)
         return outcome
     finally:
         heartbeat.stop()
         elapsed = time.monotonic() - started
         logger.info("stage %s attempt %d ended after %.2f s", stage_id, claim.fence, elapsed)
+
+
+def _observe_attempt(queue: str, outcome: str, seconds: float) -> None:
+    """The attempt in the worker's metrics (service/telemetry.py): its outcome and duration by queue,
+    and the GPU memory it peaked at when it ran in this process."""
+    from service import telemetry
+
+    telemetry.STAGE_ATTEMPTS.labels(queue, outcome).inc()
+    telemetry.STAGE_SECONDS.labels(queue, outcome).observe(seconds)
+    import torch
+
+    if torch.cuda.is_initialized():
+        telemetry.GPU_MEMORY_PEAK.set(torch.cuda.max_memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
+
+
+def requeue(
+    claim: Claim, error: Exception, message: str, settings: Settings, retries: int, *, spend_attempt: bool
+) -> NoReturn:
+    """End the attempt as not the stage's fault: back to queued with ``message`` and a backoff (at
+    most a minute when no attempt is spent: the cause is outside the stage), then TransientStageError
+    for Celery's retry."""
+    countdown = retry_countdown(settings.retry_backoff_s, retries, maximum_s=300.0 if spend_attempt else 60.0)
+    with contextlib.suppress(DBAPIError), session_scope() as session:
+        due = utcnow() + dt.timedelta(seconds=countdown)
+        lifecycle.requeue_after_error(
+            session, claim.stage_id, claim.fence, message, due, spend_attempt=spend_attempt
+        )
+    raise TransientStageError(error, countdown) from error
 
 
 def user_message(error: BaseException) -> str:

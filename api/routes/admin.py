@@ -16,6 +16,7 @@ from api.schemas import (
     FindingPublic,
     JobPublic,
     JobsPublic,
+    StoragePublic,
     TeamAdminPublic,
     TeamUpdate,
     error_responses,
@@ -26,13 +27,27 @@ from service import admin, doctor
 from service import jobs as job_service
 from service.models import Job
 from service.states import JobStatus
+from service.storage import storage_of
+from service.usage import preemptions_by_team, storage_public
 
 router = APIRouter(prefix="/admin", tags=["admin"], responses=error_responses(400, 401, 403, 404, 409, 422))
 
 
 @router.get("/teams", response_model=list[TeamAdminPublic])
-def list_teams(session: SessionDep, _: AdminDep) -> list[TeamAdminPublic]:
-    return [TeamAdminPublic.model_validate(team) for team in admin.list_teams(session)]
+def list_teams(session: SessionDep, settings: SettingsDep, _: AdminDep) -> list[TeamAdminPublic]:
+    """Every team with its limits and the storage it holds."""
+    teams = admin.list_teams(session)
+    storage = storage_of(session, teams, settings)
+    preempted = preemptions_by_team(session, settings, [team.id for team in teams])
+    return [
+        TeamAdminPublic.model_validate(team).model_copy(
+            update={
+                "storage": StoragePublic(**storage_public(storage[team.id])),
+                "preemptions_window": preempted.get(team.id, 0),
+            }
+        )
+        for team in teams
+    ]
 
 
 @router.patch("/teams/{team_id}", response_model=TeamAdminPublic)

@@ -141,6 +141,6 @@ def read_dataset(dataset: DatasetDep) -> DatasetPublic:
 
 
 @router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, responses=error_responses(409))
-def delete_dataset(dataset: DatasetDep, session: SessionDep) -> None:
+def delete_dataset(dataset: DatasetDep, session: SessionDep, settings: SettingsDep) -> None:
     """Delete one of your uploads (and its file). 409 while a job that has not ended uses it."""
-    uploads.delete_dataset(session, dataset=dataset)
+    uploads.delete_dataset(session, dataset=dataset, settings=settings)

@@ -20,6 +20,8 @@ from api.deps import (
     team_for_write,
 )
 from api.schemas import (
+    ExportCreate,
+    ExportPublic,
     JobCreate,
     JobPublic,
     JobsPublic,
@@ -31,10 +33,11 @@ from api.schemas import (
     summary_public,
 )
 from api.streams import StreamHub
+from service import exports as export_service
 from service import jobs as job_service
 from service.auth import hash_key
 from service.limits import limit_of
-from service.metrics import as_series, job_points
+from service.metrics import job_series
 from service.models import Team
 from service.states import JobStatus
 
@@ -60,7 +63,8 @@ async def submit_job(
     response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JobPublic:
-    """Queue a job. A repeat with the same ``Idempotency-Key`` and body returns the first job (200),
+    """Queue a job (a JSON body, or YAML with ``Content-Type: application/yaml``). A repeat with the
+    same ``Idempotency-Key`` and body returns the first job (200),
     or, while the first is still being created, 409 with Retry-After; the same key with another body
     is a 422."""
 
@@ -82,6 +86,7 @@ async def submit_job(
             settings=settings,
             name=body.name,
             priority=body.priority,
+            stage_time_limit_s=body.stage_time_limit_s,
             idempotency_key=idempotency_key,
             body_hash=body_hash,
         )
@@ -133,7 +138,7 @@ async def list_jobs(
 @router.get("/{job_id}", response_model=JobPublic)
 async def read_job(team_id: TeamIdDep, job_id: JobId) -> JobPublic:
     detail = await in_session(job_service.job_detail, team_id=team_id, job_id=job_id, read_only=True)
-    return job_public(detail.job, detail.stages)
+    return job_public(detail.job, detail.stages, detail.events)
 
 
 @router.get(
@@ -148,7 +153,15 @@ async def read_job(team_id: TeamIdDep, job_id: JobId) -> JobPublic:
     },
 )
 async def read_metrics(
-    job_id: JobId, team_id: TeamIdDep, credentials: Credentials, request: Request, settings: SettingsDep
+    job_id: JobId,
+    team_id: TeamIdDep,
+    credentials: Credentials,
+    request: Request,
+    settings: SettingsDep,
+    max_points: Annotated[
+        int | None,
+        Query(ge=10, le=100_000, description="at most this many points per curve (LTTB); default: as stored"),
+    ] = None,
 ) -> MetricsPublic | StreamingResponse:
     """Training curves per stage. With ``Accept: text/event-stream``, a Server-Sent Events stream:
     the curves so far, then new points and stage states (``metrics``, ``status``) every
@@ -157,7 +170,8 @@ async def read_metrics(
 
     def read(session: Session) -> MetricsPublic:
         job = job_service.get_job(session, team_id=team_id, job_id=job_id)
-        return MetricsPublic(job_id=job.id, series=as_series(job_points(session, job)))  # type: ignore[arg-type]
+        most = min(max_points or settings.metric_points_per_series, settings.metric_points_per_series)
+        return MetricsPublic(job_id=job.id, series=job_series(session, job, most))  # type: ignore[arg-type]
 
     def stream_limit(session: Session) -> int:
         job_service.get_job(session, team_id=team_id, job_id=job_id)  # 404 for a job not the team's
@@ -216,3 +230,30 @@ async def retry_job(team_id: TeamIdDep, job_id: JobId) -> JobPublic:
         return job_public(job_service.retry_job(session, job=job))
 
     return await in_session(retry)
+
+
+@router.post(
+    "/{job_id}/export",
+    response_model=ExportPublic,
+    status_code=status.HTTP_202_ACCEPTED,
+    responses=error_responses(409),
+)
+async def export_job(
+    body: ExportCreate, team_id: TeamIdDep, job_id: JobId, settings: SettingsDep
+) -> ExportPublic:
+    """Export a succeeded job to MLflow or Weights & Biases now, or again (succeeded jobs are
+    exported by themselves where the team has a destination). The export runs as a task of its own
+    and is retried while the tool is unreachable: follow it with GET /v1/jobs/{id}/exports. 409 if
+    the job has not succeeded; 422 if no destination is configured for the tool."""
+
+    def request(session: Session) -> ExportPublic:
+        job = job_service.get_job(session, team_id=team_for_write(session, team_id).id, job_id=job_id)
+        return ExportPublic.model_validate(export_service.request_export(session, job, body.to, settings))
+
+    return await in_session(request)
+
+
+@router.get("/{job_id}/exports", response_model=list[ExportPublic])
+def list_exports(job: JobDep, session: SessionDep) -> list[ExportPublic]:
+    """The job's exports to tracking tools: state, tries, the next try, and a link to the run."""
+    return [ExportPublic.model_validate(export) for export in export_service.job_exports(session, job.id)]

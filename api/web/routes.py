@@ -13,10 +13,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path as FilePath
 from typing import Annotated, Any, Literal, cast
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Form, Header, HTTPException, Path, Query, Request, status
 from fastapi.exceptions import RequestValidationError
@@ -37,6 +37,7 @@ from api.deps import (
     signin_policy,
 )
 from api.schemas import (
+    ExportPublic,
     JobPublic,
     LogLinePublic,
     MetricSeries,
@@ -57,12 +58,21 @@ from api.web.session import (
     sign_in,
     sign_out,
 )
+from service import exports as export_service
 from service import jobs as job_service
 from service import sweeps as sweep_service
 from service.errors import NotFound, ServiceError
-from service.metrics import as_series, job_points, latest_point_id
+from service.metrics import job_series, latest_point_id
 from service.models import Job, Sweep, Team
-from service.states import JOB_TERMINAL, InvalidTransition, JobStatus, StageStatus, has_result, is_terminal
+from service.states import (
+    JOB_TERMINAL,
+    ExportStatus,
+    InvalidTransition,
+    JobStatus,
+    StageStatus,
+    has_result,
+    is_terminal,
+)
 from service.usage import team_usage
 from w2s import plots
 
@@ -96,6 +106,7 @@ _env.globals.update(
     # Templates compare statuses through these, never through literal strings (service/states.py).
     JobStatus=JobStatus,
     StageStatus=StageStatus,
+    ExportStatus=ExportStatus,
     has_result=has_result,
     is_terminal=is_terminal,
     example_curl=views.example_curl,
@@ -341,10 +352,16 @@ def jobs_live(
     return JobsLive(jobs=context["rows"], next_cursor=context["next_cursor"], html=html)
 
 
-def _job_fragments(request: Request, job: JobPublic) -> dict[str, str]:
+def _exports(session: Session, job_id: str) -> list[ExportPublic]:
+    return [ExportPublic.model_validate(export) for export in export_service.job_exports(session, job_id)]
+
+
+def _job_fragments(request: Request, job: JobPublic, exports: Sequence[ExportPublic] = ()) -> dict[str, str]:
     groups, span = views.timeline(job)
     return {
-        "header": fragment(request, "_job_header.html", job=job, actions=views.job_actions(job)),
+        "header": fragment(
+            request, "_job_header.html", job=job, actions=views.job_actions(job), exports=list(exports)
+        ),
         "timeline": fragment(request, "_job_timeline.html", job=job, groups=groups, span=span),
         "results": fragment(
             request,
@@ -366,11 +383,46 @@ def _stage_names(job: JobPublic) -> dict[str, str]:
     return {s.id: f"{views.stage_label(s.kind)}/{s.seed}" for s in job.stages}
 
 
+# How the job page's curves are drawn: a link with these parameters opens the page as it was left.
+SmoothingQuery = Annotated[
+    float,
+    Query(ge=0.0, lt=1.0, description="EMA weight of the curves' smoothing: 0 none, 0.99 the most"),
+]
+KindQuery = Annotated[str | None, Query(max_length=100, description="only this stage kind's curves")]
+
+
+def _curve_kind(job: Job, kind: str | None) -> str | None:
+    """The stage kind asked for, if the job has it; "" or None: every kind."""
+    kinds = list(dict.fromkeys(stage.kind for stage in job.stages))
+    if kind and kind not in kinds:
+        raise NotFound(f"no stage kind {kind!r} in this job: it has {', '.join(kinds)}")
+    return kind or None
+
+
+def _curve_controls(job: Job, smoothing: float, kind: str | None) -> dict[str, Any]:
+    """The curves' controls as the page opens: the stage kinds to pick from, in run order."""
+    kinds = dict.fromkeys(stage.kind for stage in job.stages)
+    return {
+        "smoothing": smoothing,
+        "kind": kind or "",
+        "kinds": [(value, plots.kind_label(value)) for value in kinds],
+        "query": urlencode({"smoothing": f"{smoothing:g}", **({"kind": kind} if kind else {})}),
+    }
+
+
 @pages.get("/jobs/{job_id}")
-def job_page(request: Request, session: SessionDep, team: PageTeamDep, job_id: JobId) -> HTMLResponse:
+def job_page(
+    request: Request,
+    session: SessionDep,
+    team: PageTeamDep,
+    job_id: JobId,
+    smoothing: SmoothingQuery = plots.DEFAULT_SMOOTHING,
+    kind: KindQuery = None,
+) -> HTMLResponse:
     _page_team(request, team)
     job = job_service.get_job(session, team_id=team.id, job_id=job_id)
-    public = job_public(job)
+    kind = _curve_kind(job, kind)
+    public = job_public(job, events=job_service.stage_events(session, [s.id for s in job.stages]))
     metrics_after = latest_point_id(session, job)
     logs = _logs(session, job, 0)
     data = {
@@ -385,11 +437,12 @@ def job_page(request: Request, session: SessionDep, team: PageTeamDep, job_id: J
         "job.html",
         nav="jobs",
         job=public,
-        fragments=_job_fragments(request, public),
+        fragments=_job_fragments(request, public, _exports(session, job.id)),
         logs=logs,
         stage_names=_stage_names(public),
         curl=views.curl_command(public, str(request.base_url)),
         data=data,
+        curves=_curve_controls(job, smoothing, kind),
     )
 
 
@@ -416,13 +469,13 @@ def job_live(
     curves when it moves), log lines after the given id, and the header, timeline and results."""
     request.state.team = team
     job = job_service.get_job(session, team_id=team.id, job_id=job_id)
-    public = job_public(job)
+    public = job_public(job, events=job_service.stage_events(session, [s.id for s in job.stages]))
     last_metric = latest_point_id(session, job, metrics_after)
     logs = _logs(session, job, logs_after)
     return JobLive(
         job=public,
         terminal=job.status in JOB_TERMINAL,
-        fragments=_job_fragments(request, public),
+        fragments=_job_fragments(request, public, _exports(session, job.id)),
         metrics_after=last_metric,
         logs=logs,
         logs_after=logs[-1].id if logs else logs_after,
@@ -437,17 +490,22 @@ def job_curves(
     team: PageTeamDep,
     job_id: JobId,
     panel: Annotated[str, Path(max_length=20)],
+    smoothing: SmoothingQuery = plots.DEFAULT_SMOOTHING,
+    kind: KindQuery = None,
 ) -> Response:
-    """The job page's training curves, one panel (loss, or accuracy), from every metric point the
-    job has: what GET /v1/jobs/{id}/metrics returns, drawn."""
+    """The job page's training curves, one figure (loss, or accuracy) with a small plot per stage
+    kind (or only ``kind``'s), from every metric point the job has: what GET /v1/jobs/{id}/metrics
+    returns, drawn."""
     _page_team(request, team)
     job = job_service.get_job(session, team_id=team.id, job_id=job_id)
     if panel not in CURVE_PANELS:
         raise NotFound(f"no {panel!r} curves: there are {' and '.join(CURVE_PANELS)}")
-    series = [MetricSeries(**entry) for entry in as_series(job_points(session, job))]
-    # Coloured by run order, as on the page's stage timeline.
-    data = plots.curves_figure_data(series, order=[stage.id for stage in job.stages])
-    return Response(plots.render_curves_svg(data, cast(plots.Panel, panel)), media_type=SVG)
+    kind = _curve_kind(job, kind)
+    # A panel a few hundred pixels wide shows no more than this many points of a curve.
+    series = [MetricSeries(**entry) for entry in job_series(session, job, max_points=500)]
+    data = plots.curves_figure_data(series, order=[stage.id for stage in job.stages])  # panels in run order
+    svg = plots.render_curves_svg(data, cast(plots.Panel, panel), smoothing=smoothing, kind=kind)
+    return Response(svg, media_type=SVG)
 
 
 def _job_action(

@@ -8,16 +8,31 @@ import csv
 import datetime as dt
 import io
 import json
-import re
 import shlex
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 from typing import Any
 
 from pydantic import Field
 
-from api.schemas import JobPublic, JobSummary, StagePublic, SweepPublic, job_summary
-from service.states import JOB_TERMINAL, JobStatus, StageStatus, can_cancel, can_retry, has_result
+from api.schemas import (
+    JobPublic,
+    JobSummary,
+    StagePublic,
+    SweepPublic,
+    job_progress,
+    job_summary,
+    run_seconds,
+)
+from service.display import ago, duration, short_model, short_names
+from service.states import (
+    JOB_TERMINAL,
+    JobStatus,
+    StageEventKind,
+    StageStatus,
+    can_cancel,
+    can_retry,
+    has_result,
+)
 from w2s.plots import PALETTE
 from w2s.results import FLAG_DESCRIPTIONS
 
@@ -36,57 +51,8 @@ def now() -> dt.datetime:
 
 
 # ---------------------------------------------------------------------------------------------
-# Formatting (also registered as Jinja filters)
-
-
-def short_model(name: str) -> str:
-    """A local model directory by its last part (``/data/models/all-MiniLM-L6-v2`` ->
-    ``all-MiniLM-L6-v2``); hub ids (``openai-community/gpt2``) stay as they are."""
-    if name.startswith(("/", ".", "~")):
-        return PurePosixPath(name.rstrip("/")).name or name
-    return name
-
-
-_PATH_TOKEN = re.compile(r"(?<![\w.])(?:~|\.{1,2})?/(?:[^\s/]+/)*([^\s/]+)/?")
-
-
-def short_names(text: str) -> str:
-    """Model paths inside a text as their last part: sweeps name their jobs
-    ``"<sweep>: <weak model> -> <strong model>"``, and full paths make a table unreadable."""
-    return _PATH_TOKEN.sub(lambda match: match.group(1), text)
-
-
-def duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "—"
-    seconds = max(0.0, float(seconds))
-    if seconds < 60:
-        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
-    minutes, secs = divmod(round(seconds), 60)
-    if minutes < 10:
-        return f"{minutes} min {secs:02d} s"
-    if minutes < 60:
-        return f"{minutes} min"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 48:
-        return f"{hours} h {minutes:02d} min"
-    return f"{hours // 24} d {hours % 24} h"
-
-
-def ago(moment: dt.datetime | None, reference: dt.datetime | None = None) -> str:
-    moment = utc(moment)
-    if moment is None:
-        return "—"
-    seconds = ((reference or now()) - moment).total_seconds()
-    if seconds < 5:
-        return "just now"
-    if seconds < 60:
-        return f"{int(seconds)} s ago"
-    if seconds < 3600:
-        return f"{int(seconds // 60)} min ago"
-    if seconds < 48 * 3600:
-        return f"{int(seconds // 3600)} h ago"
-    return f"{int(seconds // 86400)} d ago"
+# Formatting (also registered as Jinja filters; durations and model names are service.display's,
+# shared with the w2s client)
 
 
 def iso(moment: dt.datetime | None) -> str:
@@ -115,8 +81,8 @@ def interval(value: Any, digits: int = 3) -> str:
 
 
 def elapsed(start: dt.datetime | None, end: dt.datetime | None) -> str:
-    start, end = utc(start), utc(end)
-    return duration((end - start).total_seconds()) if start and end else "—"
+    """A job's run time (api.schemas.run_seconds), as every page writes it."""
+    return duration(run_seconds(start, end))
 
 
 SPEC_ORDER = ["name", "priority", "dataset", "weak", "strong", "transfer", "losses", "seeds"]
@@ -139,6 +105,16 @@ def gpu_hours(seconds: float | None) -> str:
     return f"{hours:.2f}" if hours < 100 else f"{hours:,.0f}"
 
 
+def filesize(size: int | None) -> str:
+    """Bytes as people read them: 0 B, 512 KiB, 3.4 GiB."""
+    value = float(size or 0)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" or value >= 100 else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
 def stage_label(kind: str) -> str:
     return kind.removeprefix("student:") if kind.startswith("student:") else kind
 
@@ -148,12 +124,11 @@ def stage_label(kind: str) -> str:
 
 
 class JobRow(JobSummary):
-    """A jobs-table row: the API's job summary plus what the table draws."""
+    """A jobs-table row: the API's job summary (its run time, duration_s, included) plus what the
+    table draws."""
 
     losses: list[str] = Field(description="student losses, in spec order")
-    started_at: dt.datetime | None
-    duration_s: float | None = Field(description="started to finished; for a running job, so far")
-    live_progress: float = Field(description="stages done plus the running stages' step fraction")
+    live_progress: float = Field(description="progress with the running stages' step fractions")
     current_stage: str | None = Field(description="the running stage, e.g. 'ceiling · seed 0 · 40%'")
     stages_done: int
     stages_total: int
@@ -177,13 +152,8 @@ def _stage_fraction(stage: Any) -> float:
 
 
 def job_row(job: Any, reference: dt.datetime | None = None) -> JobRow:
-    summary = job_summary(job)
+    summary = job_summary(job, reference)
     stages = list(job.stages)
-    started, finished = utc(job.started_at), utc(job.finished_at)
-    if started is not None:
-        elapsed: float | None = ((finished or reference or now()) - started).total_seconds()
-    else:
-        elapsed = None
     running = [stage for stage in stages if stage.status == StageStatus.running]
     current = None
     if running:
@@ -194,9 +164,7 @@ def job_row(job: Any, reference: dt.datetime | None = None) -> JobRow:
     return JobRow(
         **summary.model_dump(),
         losses=_losses(stages),
-        started_at=started,
-        duration_s=elapsed,
-        live_progress=sum(_stage_fraction(s) for s in stages) / len(stages) if stages else 0.0,
+        live_progress=job_progress(sum(_stage_fraction(s) for s in stages), len(stages), job.status),
         current_stage=current,
         stages_done=sum(has_result(s.status) for s in stages),
         stages_total=len(stages),
@@ -216,6 +184,34 @@ class StageView:
     # The stage's bars on the job's time axis, as percentages of its width (SVG attributes).
     wait_bar: tuple[float, float] | None = None
     run_bar: tuple[float, float] | None = None
+    # Checkpoints, preemptions, drains and resumes: (position %, css class, what happened).
+    marks: list[tuple[float, str, str]] = field(default_factory=list)
+
+    @property
+    def history(self) -> str:
+        """One line: how often it was preempted, where it resumed, its last checkpoint."""
+        stage, parts = self.stage, []
+        if stage.preemptions:
+            parts.append(f"preempted {stage.preemptions}×")
+        resumed = [e.step for e in stage.events if e.kind == StageEventKind.resumed]
+        if resumed:
+            parts.append("resumed from step " + ", ".join(str(step) for step in resumed))
+        if stage.checkpoint_step:
+            parts.append(f"last checkpoint at step {stage.checkpoint_step}")
+        if stage.yield_requested_at is not None and stage.status == StageStatus.running:
+            parts.append("asked to checkpoint and yield")
+        return " · ".join(parts)
+
+
+# How each timeline event is drawn (a class of the .gantt-mark rules in the stylesheet).
+MARK_CLASSES = {
+    StageEventKind.checkpoint: "mark-checkpoint",
+    StageEventKind.preempt_asked: "mark-asked",
+    StageEventKind.drain_asked: "mark-asked",
+    StageEventKind.yielded: "mark-yielded",
+    StageEventKind.forced: "mark-yielded",
+    StageEventKind.resumed: "mark-resumed",
+}
 
 
 @dataclass
@@ -234,6 +230,7 @@ def timeline(job: JobPublic, reference: dt.datetime | None = None) -> tuple[list
     reference = reference or now()
     colors = stage_colors(job)
     moments = [utc(m) for s in job.stages for m in (s.queued_at, s.started_at, s.finished_at) if m]
+    moments += [utc(e.at) for s in job.stages for e in s.events]
     start = min(moments) if moments else None
     end = max([*moments, reference] if job.status not in JOB_TERMINAL else moments) if moments else None
     span = (end - start).total_seconds() if start and end else 0.0
@@ -260,8 +257,17 @@ def timeline(job: JobPublic, reference: dt.datetime | None = None) -> tuple[list
                 view.run_bar = (left, max(0.6, position(run_end) - left))
             elif stage.status == StageStatus.cached and stage.finished_at:
                 view.run_bar = (position(stage.finished_at), 0.6)
+            view.marks = [
+                (position(e.at), MARK_CLASSES.get(StageEventKind(e.kind), "mark-checkpoint"), _event_text(e))
+                for e in stage.events
+            ]
         groups.setdefault(stage.seed, SeedGroup(stage.seed)).stages.append(view)
     return list(groups.values()), duration(span) if span else ""
+
+
+def _event_text(event: Any) -> str:
+    step = f" at step {event.step}" if event.step is not None else ""
+    return f"{event.kind.replace('_', ' ')}{step}" + (f": {event.detail}" if event.detail else "")
 
 
 @dataclass
@@ -436,6 +442,7 @@ FILTERS = {
     "number": number,
     "interval": interval,
     "gpu_hours": gpu_hours,
+    "filesize": filesize,
     "pretty_json": pretty_json,
     "stage_label": stage_label,
 }

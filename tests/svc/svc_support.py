@@ -174,3 +174,17 @@ def live_api_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
+
+
+def queued_weak(job_id: str) -> str:
+    """A planned job's weak stage, put in the queue as the dispatcher would (the test then runs it
+    with ``execute_stage``); its id."""
+    from sqlalchemy import select
+
+    from service.db import session_scope
+    from service.models import Stage
+
+    with session_scope() as session:
+        weak = session.scalars(select(Stage).where(Stage.job_id == job_id, Stage.kind == "weak")).one()
+        weak.status = "queued"
+        return weak.id

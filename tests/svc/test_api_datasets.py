@@ -39,8 +39,26 @@ def messages(response: Any) -> list[str]:
 
 
 def uploads_left(service_env: dict[str, str]) -> list[Path]:
-    root = Path(service_env["W2S_STATE_DIR"]) / "uploads"
-    return [path for path in root.rglob("*") if path.is_file()] if root.exists() else []
+    """Upload bytes kept anywhere: blobs in the artifact store (where uploads live), and any file,
+    temporary or not, in the API host's uploads folder."""
+    found = []
+    for root in (
+        Path(service_env["W2S_ARTIFACT_STORE"]) / "blobs",
+        Path(service_env["W2S_STATE_DIR"]) / "uploads",
+    ):
+        found += [path for path in root.rglob("*") if path.is_file()] if root.exists() else []
+    return found
+
+
+def worker_copy(dataset_id: str) -> Path:
+    """The file a control worker reads for the upload: its node-local copy, fetched from the store."""
+    from service.db import session_scope
+    from service.models import Dataset
+    from service.settings import get_settings
+    from service.upload_files import local_copy
+
+    with session_scope() as session:
+        return local_copy(session.get_one(Dataset, dataset_id), get_settings())
 
 
 def test_upload_jsonl(client: TestClient, make_team, service_env: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
@@ -55,11 +73,12 @@ def test_upload_jsonl(client: TestClient, make_team, service_env: dict[str, str]
     assert dataset["size_bytes"] == len(content)
     assert dataset["sha256"] == hashlib.sha256(content).hexdigest()
     assert "path" not in dataset  # server paths stay private
-    [stored] = uploads_left(service_env)
-    assert stored.name == f"{dataset['id']}.jsonl" and stored.parent.name == team.team_id
-    assert stored.read_bytes() == content
-    # The ML library reads what the upload accepted.
-    splits = load_splits(source=CustomSource(path=str(stored)), n_train=None, n_test=2, seed=0, data_dir=None)
+    [stored] = uploads_left(service_env)  # one blob in the store, named by its hash; nothing on disk
+    assert stored.name == dataset["sha256"] and stored.read_bytes() == content
+    # The ML library reads what the upload accepted, from a worker's copy.
+    copy = worker_copy(dataset["id"])
+    assert copy.suffix == ".jsonl" and copy.read_bytes() == content
+    splits = load_splits(source=CustomSource(path=str(copy)), n_train=None, n_test=2, seed=0, data_dir=None)
     assert len(splits.train_a) + len(splits.train_b) + len(splits.test) == 12
     assert client.get(f"/v1/datasets/{dataset['id']}", headers=team.headers).json() == dataset
     listed = client.get("/v1/datasets", headers=team.headers).json()["data"]
@@ -77,8 +96,9 @@ def test_upload_csv(client: TestClient, make_team, service_env: dict[str, str]) 
     assert dataset["format"] == "csv" and dataset["n_rows"] == 11
     assert dataset["balance"]["0"] == 4 and dataset["balance"]["1"] == 7
     [stored] = uploads_left(service_env)
-    assert stored.suffix == ".csv"
-    source = CustomSource(path=str(stored), text="review", label="y")
+    copy = worker_copy(dataset["id"])
+    assert copy.suffix == ".csv" and copy.read_bytes() == stored.read_bytes()
+    source = CustomSource(path=str(copy), text="review", label="y")
     splits = load_splits(source=source, n_train=None, n_test=2, seed=0, data_dir=None)
     assert "a review\nover two lines" in splits.train_a.texts + splits.train_b.texts + splits.test.texts
 
@@ -244,6 +264,44 @@ def test_job_spec_uses_an_upload(client: TestClient, make_team, service_env: dic
     assert response.status_code == 201, response.text
     job = response.json()
     [stored] = uploads_left(service_env)
-    # The job names the upload by id: the server's path appears nowhere in what the team reads.
+    # The job names the upload by id: no server path appears anywhere in what the team reads.
     assert job["spec"]["dataset"]["name"] == job["dataset"] == f"upload:{dataset_id}"
-    assert str(stored.parent) not in response.text
+    assert str(stored.parent) not in response.text and service_env["W2S_STATE_DIR"] not in response.text
+
+
+def test_a_long_file_name_is_shortened_and_a_long_name_refused(client: TestClient, make_team) -> None:  # type: ignore[no-untyped-def]
+    """A 250-character upload name got a 422 carrying the database's message."""
+    team = make_team()
+    long_file = "x" * 250 + ".jsonl"
+    response = upload(client, team, jsonl(good_rows()), filename=long_file, name="")
+    assert response.status_code == 201, response.text
+    name = response.json()["name"]
+    assert len(name) <= 200 and name.endswith("….jsonl") and name.startswith("xxx")
+    odd = upload(client, team, jsonl(good_rows()), filename="C:\\Users\\me\\my   data set.jsonl", name="")
+    assert odd.status_code == 201 and odd.json()["name"] == "my data set.jsonl"
+    refused = upload(client, team, jsonl(good_rows()), name="n" * 250)
+    assert refused.status_code == 422
+    assert "name" in refused.text and "200" in refused.text and "sql" not in refused.text.lower()
+
+
+def test_unfinished_upload_files_are_swept_at_start(service_env: dict[str, str]) -> None:
+    """Killing the API mid-upload left a .part file forever; a live upload's fresh one is kept."""
+    import os
+    import time
+
+    from api.main import create_app
+    from service.settings import get_settings
+
+    folder = get_settings().uploads_dir / "some-team"
+    folder.mkdir(parents=True)
+    stale, fresh, kept = folder / ".abc.1.part", folder / ".def.2.part", folder / "abc.jsonl"
+    for path in (stale, fresh, kept):
+        path.write_bytes(b"{}\n")
+    hour_ago = time.time() - 3600
+    os.utime(stale, (hour_ago, hour_ago))
+    os.utime(kept, (hour_ago, hour_ago))
+    with TestClient(create_app()):
+        deadline = time.monotonic() + 10
+        while stale.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert not stale.exists() and fresh.exists() and kept.exists()

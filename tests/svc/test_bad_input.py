@@ -154,7 +154,9 @@ def test_another_teams_upload_cannot_be_used_by_id_or_by_path(
     # folder passed the check that upload:<id> refuses.
     alice, bob = make_team(), make_team()
     dataset_id = upload(client, alice, good_jsonl()).json()["id"]
-    [stored] = (Path(service_env["W2S_STATE_DIR"]) / "uploads" / alice.team_id).glob(f"{dataset_id}.*")
+    from test_api_datasets import worker_copy
+
+    stored = worker_copy(dataset_id)  # the file on this host that holds alice's upload
     by_path = spec(dataset={"name": {"path": str(stored)}})
     fields = errors_by_field(client.post("/v1/jobs", json=by_path, headers=bob.headers))
     assert "outside the allowed data directories" in fields["dataset.name.path"]
@@ -169,9 +171,10 @@ def test_another_teams_upload_cannot_be_used_by_id_or_by_path(
         "strong_models": ["gpt2-medium"],
     }
     assert "dataset.name" in errors_by_field(client.post("/v1/sweeps", json=sweep, headers=bob.headers))
-    # Alice may use her own, both ways.
-    assert client.post("/v1/jobs", json=by_path, headers=alice.headers).status_code == 201
+    # Alice uses hers by id; its bytes live in the artifact store, and a host's cached copy of them
+    # is no data directory, for her either.
     assert client.post("/v1/jobs", json=by_id, headers=alice.headers).status_code == 201
+    assert client.post("/v1/jobs", json=by_path, headers=alice.headers).status_code == 422
 
 
 # ---------------------------------------------------------------------------------------------

@@ -204,7 +204,8 @@ def test_jobs_page_and_its_json(client: TestClient, make_team) -> None:  # type:
     assert "No jobs match" in client.get("/?status=failed").text
     assert len(client.get("/ui/jobs.json?status=bogus").json()["jobs"]) == 2  # ignored, not an error
 
-    # A running job shows its progress: stages done plus the running stage's steps.
+    # A running job shows its progress: stages done plus the running stage's steps, out of its 4
+    # stages and the results document.
     with session_scope() as session:
         job = session.get(Job, first["id"])
         assert job is not None
@@ -212,7 +213,7 @@ def test_jobs_page_and_its_json(client: TestClient, make_team) -> None:  # type:
         job.stages[0].status = "succeeded"
         job.stages[1].status, job.stages[1].step, job.stages[1].total_steps = "running", 5, 10
     row = next(j for j in client.get("/ui/jobs.json").json()["jobs"] if j["id"] == first["id"])
-    assert row["live_progress"] == pytest.approx(1.5 / 4)
+    assert row["live_progress"] == pytest.approx(1.5 / 5)
     assert row["current_stage"] == "ceiling · seed 0 · 50%" and row["duration_s"] >= 0
 
 
@@ -274,7 +275,7 @@ def test_job_curves_are_svgs_drawn_on_the_server(client: TestClient, make_team) 
     for panel in ("loss", "accuracy"):
         image = re.search(rf'<img class="chart-img" id="chart-{panel}"[^>]*>', page, re.S)
         assert image is not None
-        assert f'src="/jobs/{job["id"]}/curves/{panel}.svg?v=0"' in image.group(0)
+        assert f'src="/jobs/{job["id"]}/curves/{panel}.svg?v=0&amp;smoothing=0.8"' in image.group(0)
         assert 'alt="' in image.group(0)
     empty = svg_of(client.get(f"/jobs/{job['id']}/curves/loss.svg"))
     assert "Waiting for the first training steps" in empty
@@ -286,16 +287,32 @@ def test_job_curves_are_svgs_drawn_on_the_server(client: TestClient, make_team) 
                 session.add(MetricPoint(stage_id=stage_id, step=step, name="loss", value=base / step))
                 session.add(MetricPoint(stage_id=stage_id, step=step, name="train_accuracy", value=0.5))
         session.add(MetricPoint(stage_id=weak, step=3, name="eval_accuracy", value=0.6))
+    # A plot per stage kind, titled by it, with the smoothing in the legend.
     loss = svg_of(client.get(f"/jobs/{job['id']}/curves/loss.svg?v=12"))
-    assert ">Training loss</text>" in loss and ">weak · seed 0</text>" in loss
-    assert ">ceiling · seed 0</text>" in loss and "Waiting" not in loss
+    assert ">Training loss</text>" in loss and ">weak</text>" in loss and ">ceiling</text>" in loss
+    assert ">smoothed (EMA 0.80)</text>" in loss and "Waiting" not in loss
     accuracy = svg_of(client.get(f"/jobs/{job['id']}/curves/accuracy.svg"))
-    assert ">Accuracy</text>" in accuracy and ">evaluation</text>" in accuracy
+    assert ">evaluation</text>" in accuracy
+    # The controls: one kind only, another smoothing; what is not right is refused, naming the fix.
+    only_weak = svg_of(client.get(f"/jobs/{job['id']}/curves/loss.svg?kind=weak&smoothing=0.3"))
+    assert ">weak</text>" in only_weak and ">ceiling</text>" not in only_weak
+    assert ">smoothed (EMA 0.30)</text>" in only_weak
+    assert ">raw (no smoothing)</text>" in svg_of(
+        client.get(f"/jobs/{job['id']}/curves/loss.svg?smoothing=0")
+    )
+    bogus = client.get(f"/jobs/{job['id']}/curves/loss.svg?kind=student:nope")
+    assert bogus.status_code == 404 and "weak, ceiling, student:xent" in bogus.text
+    too_smooth = client.get(f"/jobs/{job['id']}/curves/loss.svg?smoothing=1.5")
+    assert too_smooth.status_code == 400 and "smoothing" in too_smooth.text
+    # The page opens with the controls as a link left them.
+    chosen = client.get(f"/jobs/{job['id']}?smoothing=0.3&kind=ceiling").text
+    assert '<option value="ceiling" selected>' in chosen and 'value="0.30"' in chosen
+    assert "curves/loss.svg?v=" in chosen and "&amp;smoothing=0.3&amp;kind=ceiling" in chosen
     # What the page polls moves with the newest point, so the page reloads the images then.
     live = client.get(f"/ui/jobs/{job['id']}.json?metrics_after=0").json()
     assert live["metrics_after"] > 0
     page = client.get(f"/jobs/{job['id']}").text
-    assert f'curves/loss.svg?v={live["metrics_after"]}"' in page
+    assert f"curves/loss.svg?v={live['metrics_after']}&amp;" in page
     assert client.get(f"/jobs/{job['id']}/curves/bogus.svg").status_code == 404
 
 
@@ -460,7 +477,10 @@ def test_team_page(client: TestClient, make_team) -> None:  # type: ignore[no-un
         stage.gpu_seconds, stage.finished_at, stage.status = 5400.0, dt.datetime.now(dt.UTC), "succeeded"
     login(client, team.key)
     html = client.get("/team").text
-    assert "1.50" in html  # GPU-hours
+    assert "1.50" in html  # device-hours
+    assert "GPU 0.00 h · CPU 1.50 h" in html  # the stage ran on no GPU: its hours are CPU hours
+    usage = client.get("/v1/teams/me/usage", headers=team.headers).json()
+    assert usage["device_seconds"] == {"gpu": 0.0, "cpu": 5400.0}
     assert "/ 3" in html and "probe-sst2" in html
 
 

@@ -267,11 +267,24 @@ def test_dashboard_in_a_browser(
     assert re.search(
         rf"/jobs/{job_id}/curves/loss\.svg\?v=[1-9]", page.locator("#chart-loss").get_attribute("src") or ""
     )
-    stages = ["weak · seed 0", "ceiling · seed 0", "xent · seed 0", "logconf · seed 0"]
+    kinds = ["weak", "ceiling", "xent student", "logconf student"]  # a plot each
     loss = _shown_svg(page, "#chart-loss")
-    assert all(f">{stage}</text>" in loss for stage in stages), loss[-3000:]
+    assert all(f">{kind}</text>" in loss for kind in kinds), loss[-3000:]
     accuracy = _shown_svg(page, "#chart-accuracy")
-    assert all(f">{stage}</text>" in accuracy for stage in [*stages, "evaluation"])
+    assert all(f">{kind}</text>" in accuracy for kind in [*kinds, "evaluation"])
+    # The controls redraw the figures in place and keep the choice in the address.
+    page.select_option("#curve-kind", "student:logconf")
+    page.wait_for_function("document.querySelector('#chart-loss').src.includes('kind=student%3Alogconf')")
+    page.locator("#curve-smoothing").fill("0.3")  # a range input: fill sets it and fires change
+    page.wait_for_function("document.querySelector('#chart-accuracy').src.includes('smoothing=0.3')")
+    assert "kind=student%3Alogconf" in page.url and "smoothing=0.3" in page.url
+    assert page.locator("#curve-smoothing-value").inner_text() == "0.30"
+    only = _shown_svg(page, "#chart-loss")
+    assert ">logconf student</text>" in only and ">weak</text>" not in only and "EMA 0.30" in only
+    assert page.evaluate("window.__notReloaded") is True
+    page.select_option("#curve-kind", "")
+    page.locator("#curve-smoothing").fill("0.8")
+    page.wait_for_function("!document.querySelector('#chart-loss').src.includes('kind=')")
     assert page.locator("#job-status").inner_text() == "succeeded"
     assert page.locator(".results-table tbody tr").count() == 4
     assert page.locator("#job-timeline .badge-succeeded").count() == 4

@@ -325,3 +325,20 @@ def test_postgres_stopped_then_back_loses_nothing(
         assert np.isfinite(job["results"]["students"]["xent"]["accuracy"])
     finally:
         outage.close()
+
+
+def test_a_standby_dispatcher_takes_over_when_the_other_dies(
+    cluster: Cluster, tiny_bert: Path, tiny_gpt2: Path
+) -> None:
+    """Two dispatchers for availability: each round holds a Postgres advisory lock (never two rounds
+    at once), so the standby's next round, within its interval, carries on after the other is killed."""
+    cluster.start_worker()
+    cluster.processes.start("control", "worker", "--queue", "control")
+    cluster.processes.start("dispatcher-a", "dispatcher")
+    cluster.processes.start("dispatcher-b", "dispatcher")
+    job_id = cluster.submit(long_job(tiny_bert, tiny_gpt2, long_stage="weak"))
+    cluster.wait_running_mid_stage(job_id, "weak")
+    cluster.processes.kill("dispatcher-a")
+    job = cluster.wait_finished(job_id)
+    assert job["status"] == "succeeded", cluster.processes.logs()
+    assert all(stage["attempts"] == 1 for stage in job["stages"])

@@ -96,14 +96,39 @@ def test_dev_refuses_a_busy_port_and_says_which(monkeypatch: pytest.MonkeyPatch)
             main(["dev", "--port", str(port)])
 
 
-def test_the_first_dev_start_creates_a_team_once(service_env: dict[str, str]) -> None:
-    from w2s_service.cli import first_team_key
+def test_every_dev_start_prints_a_key_that_works(service_env: dict[str, str]) -> None:
+    """The first start creates team "default"; a later start (issue: it printed no key once a team
+    existed, so the README's job could not be looked at afterwards) makes a new key for it."""
+    from service.auth import team_for_key
+    from w2s_service.cli import dev_key_lines
+
+    def key_of(line: str) -> str:
+        return line.rsplit(": ", 1)[1]
 
     with session_scope() as session:
         assert not session.scalars(select(Team)).all()
-    key = first_team_key()
-    assert key and key.startswith("w2s_")
-    assert first_team_key() is None  # teams exist: nothing more
+    first = dev_key_lines()
+    assert len(first) == 1 and first[0].startswith("created team 'default'")
+    again = dev_key_lines()
+    assert again[0].startswith("team 'default' exists; a new API key")
+    assert key_of(first[0]) != key_of(again[0])
+    with session_scope() as session:
+        assert len(session.scalars(select(Team)).all()) == 1  # no second team
+        for line in (first[0], again[0]):
+            team = team_for_key(session, key_of(line))
+            assert team is not None and team.name == "default"  # both keys work
+
+
+def test_dev_names_the_command_for_a_key_of_another_team(service_env: dict[str, str]) -> None:
+    from w2s_service.cli import dev_key_lines, main
+
+    assert main(["create-team", "demo-1"]) == 0  # as scripts/run-example.sh does before `dev`
+    lines = dev_key_lines()
+    assert lines[0].startswith("team 'demo-1' exists; a new API key")  # no "default": the newest team
+    assert main(["create-team", "default"]) == 0
+    lines = dev_key_lines()
+    assert lines[0].startswith("team 'default' exists")
+    assert lines[1] == "other teams: demo-1; a key for one: w2s-service create-key demo-1"
 
 
 def test_feature_extraction_progress_reaches_the_stage_row(
@@ -147,3 +172,59 @@ def test_a_reused_stage_shows_the_original_time_and_curves(
     curves = [s for s in series if s["stage_id"] == reused["id"]]
     assert curves and all(s["reused"] for s in curves) and {s["name"] for s in curves} >= {"loss"}
     assert json.dumps(curves)  # served as is
+
+
+def test_admin_commands_print_what_they_did_one_way(
+    service_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """create-key prints its key as create-team does (one sed recipe reads both), and team-set
+    --disable says what it did and nothing about limits it did not touch."""
+    from w2s_service.cli import main
+
+    assert main(["create-team", "optics"]) == 0
+    created = capsys.readouterr().out
+    assert main(["create-key", "optics", "--name", "ci"]) == 0
+    added = capsys.readouterr().out
+    pattern = r"^api key \(shown once\): (w2s_\S+)$"
+    import re
+
+    assert re.search(pattern, created, re.M) and re.search(pattern, added, re.M)
+    assert main(["team-set", "optics", "--disable"]) == 0
+    said = capsys.readouterr().out
+    assert said.strip() == "team optics disabled; 0 open jobs cancelled"
+    assert main(["team-set", "optics", "--enable", "--gpu-quota", "2"]) == 0
+    assert capsys.readouterr().out.strip().splitlines() == ["team optics enabled", "team optics: gpu_quota=2"]
+
+
+def test_times_carry_their_zone_on_the_embedded_database_too(
+    service_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_bert: Path
+) -> None:
+    """created_at had a Z on Postgres and none on SQLite (which keeps no zone): now the same."""
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from service.auth import create_api_key, create_team
+    from service.db import reset_caches
+    from w2s_service.cli import main
+
+    monkeypatch.delenv("W2S_DATABASE_URL", raising=False)
+    monkeypatch.setenv("W2S_STATE_DIR", str(tmp_path / "embedded"))
+    reset_caches()
+    try:
+        assert main(["migrate"]) == 0
+        with session_scope() as session:
+            team = create_team(session, name="zone")
+            _, key = create_api_key(session, team=team)
+        with TestClient(create_app()) as client:
+            job = client.post(
+                "/v1/jobs", json=tiny_job(tiny_bert, tiny_bert), headers={"Authorization": f"Bearer {key}"}
+            )
+            assert job.status_code == 201, job.text
+            read = client.get(
+                f"/v1/jobs/{job.json()['id']}", headers={"Authorization": f"Bearer {key}"}
+            ).json()
+        assert read["created_at"].endswith("Z") and job.json()["created_at"].endswith("Z")
+    finally:  # back on the test's Postgres, which the fixture empties
+        monkeypatch.setenv("W2S_DATABASE_URL", service_env["W2S_DATABASE_URL"])
+        monkeypatch.setenv("W2S_STATE_DIR", service_env["W2S_STATE_DIR"])
+        reset_caches()

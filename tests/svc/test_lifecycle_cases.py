@@ -169,7 +169,8 @@ def test_a_worker_that_computes_another_key_refuses_the_stage_naming_both(
     client: TestClient, make_team, tiny_bert: Path
 ) -> None:  # type: ignore[no-untyped-def]
     """The planner's plan is the only plan: a worker whose code, versions or model files differ
-    computes another key and fails the stage with both keys, instead of running something else."""
+    computes another key and hands the stage back naming both keys, instead of running something
+    else; the attempt is not spent (a worker that can run it may take it, test_worker_routing.py)."""
     job_id = submit(client, make_team(), tiny_job(tiny_bert, tiny_bert))
     weak = admitted(job_id)[0]
     with session_scope() as session:
@@ -177,9 +178,12 @@ def test_a_worker_that_computes_another_key_refuses_the_stage_naming_both(
         planned_key = plan["key"]
         plan["key"] = "0" * 64  # as if the planner's versions differed from this worker's
         session.execute(update(Stage).where(Stage.id == weak).values(plan=plan))
-    assert execute_stage(weak, worker="in-process", settings=get_settings()) == "failed"
-    error = stages(job_id)["weak"].error or ""
+    with pytest.raises(tasks.TransientStageError):
+        execute_stage(weak, worker="in-process", settings=get_settings())
+    stage = stages(job_id)["weak"]
+    error = stage.error or ""
     assert "0000000000000000" in error and planned_key[:16] in error and "computes stage key" in error
+    assert (stage.status, stage.attempts) == ("queued", 0)
 
 
 def test_cancel_and_retry_storms_never_deadlock_or_report_an_outage(

@@ -188,3 +188,47 @@ def test_a_revoked_key_or_disabled_team_ends_its_streams_within_two_seconds(
             ended_after = time.monotonic() - revoked_at
     assert "event: error" in rest and any("revoked or its team disabled" in line for line in rest)
     assert ended_after < 2.0
+
+
+def test_the_cap_holds_in_one_process_when_redis_is_unreachable() -> None:
+    """Slots counted in Redis stay counted here: when Redis stops answering, this process still
+    refuses streams over the cap (before, only the streams opened during the outage were counted)."""
+    from api.streams import StreamSlots
+
+    async def scenario() -> list[str | None]:
+        slots = StreamSlots("redis://127.0.0.1:6379/15", f"test-{uuid.uuid4().hex}:")
+        team = uuid.uuid4().hex
+        first = [await slots.acquire(team, 3) for _ in range(2)]  # counted in Redis
+
+        class Down:
+            async def eval(self, *args: Any) -> Any:
+                raise ConnectionError("Redis is down")
+
+            async def zrem(self, *args: Any) -> Any:
+                raise ConnectionError("Redis is down")
+
+        redis_client, slots._redis = slots._redis, Down()
+        during = [await slots.acquire(team, 3) for _ in range(2)]  # one more fits, then the cap
+        await slots.release(team, first[0])  # freed here even while Redis is down
+        after = await slots.acquire(team, 3)
+        await redis_client.aclose()
+        return [*first, *during, after]
+
+    first_a, first_b, during_a, during_b, after = asyncio.run(scenario())
+    assert first_a and first_b and during_a and after
+    assert during_b is None
+
+
+def test_a_burst_of_streams_is_held_to_the_cap() -> None:
+    """500 streams asked at once: exactly the cap is granted (before, Redis calls timed out in the
+    burst and fell back to counting in the process, which let 40 of a cap of 20 through)."""
+    from api.streams import StreamSlots
+
+    async def scenario() -> int:
+        slots = StreamSlots("redis://127.0.0.1:6379/15", f"test-{uuid.uuid4().hex}:")
+        team = uuid.uuid4().hex
+        granted = await asyncio.gather(*(slots.acquire(team, 20) for _ in range(500)))
+        await slots._redis.aclose()
+        return sum(token is not None for token in granted)
+
+    assert asyncio.run(scenario()) == 20

@@ -489,13 +489,20 @@ def test_admin_revokes_keys_disables_teams_and_every_action_is_audited(
 
     disabled = client.patch(f"/v1/admin/teams/{team.team_id}", json={"disabled": True}, headers=ADMIN)
     assert disabled.status_code == 200 and disabled.json()["disabled_at"] is not None
-    assert client.get("/v1/jobs", headers=spare).status_code == 401
+    refused = client.get("/v1/jobs", headers=spare)
+    assert (
+        refused.status_code == 403 and "your team is disabled" in refused.json()["detail"]
+    )  # not "invalid key"
+    assert client.post("/v1/jobs", json=tiny_job(tiny_bert, tiny_bert), headers=spare).status_code == 403
     assert job_row(job_id).status == "cancelled"
     client.patch(f"/v1/admin/teams/{team.team_id}", json={"disabled": False}, headers=ADMIN)
     assert client.get("/v1/jobs", headers=spare).status_code == 200
 
     listed = client.get(f"/v1/admin/jobs?team_id={team.team_id}", headers=ADMIN).json()["data"]
     assert [job["id"] for job in listed] == [job_id]
+    assert [job["team_id"] for job in client.get("/v1/admin/jobs", headers=ADMIN).json()["data"]] == [
+        team.team_id
+    ]
     audit = client.get("/v1/admin/audit", headers=ADMIN).json()
     actions = [entry["action"] for entry in audit if entry["target"] in (team.team_id, key["id"])]
     assert {"create_key", "revoke_key", "disable_team", "enable_team"} <= set(actions)

@@ -238,6 +238,84 @@ def test_list_keeps_ids_whole_on_a_narrow_console(
     assert job_id in w2s("list").out
 
 
+def set_job(job_id: str, **columns: Any) -> None:
+    """Write a job's columns (status, timestamps, models, name) as the lifecycle would have."""
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        for column, value in columns.items():
+            setattr(job, column, value)
+
+
+def row_of(listing: str, job_id: str) -> str:
+    (line,) = [line for line in listing.splitlines() if job_id in line]
+    return line
+
+
+def test_list_and_dashboard_show_the_same_run_time(w2s: W2S, tmp_path: Path, tiny_bert: Path) -> None:
+    from api.web import views
+
+    job_id = w2s("submit", str(job_spec(tmp_path, tiny_bert, tiny_bert))).out.strip()
+    submitted = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=10)
+    # 28 s of planning and waiting for a slot, then 4 min 28 s of running: the run time is the latter.
+    started = submitted + dt.timedelta(seconds=28)
+    set_job(
+        job_id,
+        status="succeeded",
+        created_at=submitted,
+        started_at=started,
+        finished_at=started + dt.timedelta(seconds=268),
+    )
+    with session_scope() as session:
+        dashboard_row = views.job_row(session.get(Job, job_id))
+    summary = w2s.api.list_jobs()["data"][0]
+    assert summary["duration_s"] == dashboard_row.duration_s == pytest.approx(268)
+    shown = views.duration(dashboard_row.duration_s)
+    assert shown == "4 min 28 s"
+    listing = w2s("list").out
+    assert "run time" in listing and shown in row_of(listing, job_id)
+
+
+def test_list_at_120_columns_is_a_line_per_job_and_tells_models_apart(
+    w2s: W2S, tmp_path: Path, tiny_bert: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = job_spec(tmp_path, tiny_bert, tiny_bert)
+    models = {}
+    for run in ("run-a", "run-b"):  # a sweep's two jobs: their strong models differ in a parent folder only
+        job_id = w2s("submit", str(spec)).out.strip()
+        models[job_id] = f"/data/sweeps/ladder/{run}/checkpoints/final"
+        set_job(
+            job_id,
+            name=f"ladder sweep with a long name: {tiny_bert} -> {models[job_id]}",
+            strong_model=models[job_id],
+        )
+    monkeypatch.setenv("COLUMNS", "120")
+    listing = w2s("list").out
+    lines = listing.splitlines()
+    assert max(len(line) for line in lines) <= 120
+    rows = {job_id: row_of(listing, job_id) for job_id in models}
+    assert len([line for line in lines if line.strip()]) == 3 + len(rows)  # title, header, rule, rows
+    assert "tiny-bert → run-a/checkpoints/final" in rows[next(iter(models))]
+    assert "tiny-bert → run-b/checkpoints/final" in rows[list(models)[1]]
+    assert len({row.replace(job_id, "") for job_id, row in rows.items()}) == 2  # never the same
+
+
+def test_a_cancelled_job_never_reads_100_percent(w2s: W2S, tmp_path: Path, tiny_bert: Path) -> None:
+    job_id = w2s("submit", str(job_spec(tmp_path, tiny_bert, tiny_bert))).out.strip()
+    # Every stage finished, then the job was cancelled before its results were made.
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        for stage in job.stages:
+            stage.status = "succeeded"
+        n_stages = len(job.stages)
+    assert w2s("cancel", job_id).code == 0
+    summary = w2s.api.list_jobs()["data"][0]
+    assert summary["status"] == "cancelled" and summary["progress"] == n_stages / (n_stages + 1)
+    row = row_of(w2s("list").out, job_id)
+    assert "cancelled" in row and "100%" not in row and f"{100 * n_stages // (n_stages + 1)}%" in row
+
+
 def test_results_table_json_and_csv(w2s: W2S, tmp_path: Path, tiny_bert: Path, tiny_gpt2: Path) -> None:
     job_id = w2s("submit", str(job_spec(tmp_path, tiny_bert, tiny_gpt2))).out.strip()
     results = realistic_results()

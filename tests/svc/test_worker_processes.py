@@ -160,6 +160,37 @@ def test_a_commit_wakes_the_dispatcher_and_a_rollback_does_not(service_env: dict
         wakeup.close()
 
 
+def test_on_sqlite_a_commit_wakes_the_dispatcher_through_its_wake_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The embedded default has no NOTIFY: a commit that makes work due touches a file the
+    dispatcher watches, so a stage follows another at once instead of after the interval."""
+    from service.db import get_engine, reset_caches
+    from service.lifecycle import wake_dispatcher
+    from service.settings import get_settings
+    from worker.dispatcher import Wakeup
+
+    monkeypatch.delenv("W2S_DATABASE_URL", raising=False)
+    monkeypatch.setenv("W2S_STATE_DIR", str(tmp_path))
+    reset_caches()
+    try:
+        wakeup = Wakeup(get_settings(), threading.Event())
+        assert wakeup.wake_file is not None and wakeup.wait(0.05) is False
+        with Session(get_engine()) as session:
+            wake_dispatcher(session)
+            session.rollback()
+        assert wakeup.wait(0.2) is False  # a rollback says nothing
+        with Session(get_engine()) as session:
+            wake_dispatcher(session)
+            session.commit()
+        started = time.monotonic()
+        assert wakeup.wait(5.0) is True
+        assert time.monotonic() - started < 0.2
+        assert wakeup.wait(0.1) is False
+    finally:
+        reset_caches()
+
+
 def test_stopping_the_fork_server_leaves_no_temporary_folder(
     tiny_bert: Path, data_dir: Path, tmp_path: Path
 ) -> None:
@@ -186,3 +217,18 @@ def test_only_stage_workers_start_a_fork_server_ahead_of_time(monkeypatch: pytes
     monkeypatch.setattr(tasks, "RUNS_STAGES", True)
     tasks._long_lived()
     assert started.wait(5.0)
+
+
+def test_a_round_is_skipped_while_another_dispatcher_is_in_one(service_env: dict[str, str]) -> None:
+    from service.settings import get_settings
+
+    """Two dispatchers never run a round at once: the one that does not get the advisory lock skips."""
+    import psycopg
+
+    from worker.dispatcher import DISPATCH_LOCK_ID, run_round
+
+    url = service_env["W2S_DATABASE_URL"].replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(url) as other, other.transaction():
+        other.execute("SELECT pg_advisory_xact_lock(%s)", (DISPATCH_LOCK_ID,))  # the other's round
+        assert run_round(get_settings(), celery_app=None) is None  # type: ignore[arg-type]
+    assert run_round(get_settings(), celery_app=None) is not None  # type: ignore[arg-type]

@@ -163,9 +163,9 @@
 
   // Points the image at the figure's `version` (the data it shows); a new URL makes the browser
   // fetch it again, and it keeps showing the old figure until the new one has loaded.
-  function refreshFigure(img, version) {
+  function refreshFigure(img, version, query) {
     if (!img) return;
-    var url = img.getAttribute("data-src") + "?v=" + encodeURIComponent(version);
+    var url = img.getAttribute("data-src") + "?v=" + encodeURIComponent(version) + (query ? "&" + query : "");
     if (img.getAttribute("src") !== url) img.setAttribute("src", url);
   }
 
@@ -193,9 +193,38 @@
     if (!dataNode) return;
     var data = JSON.parse(dataNode.textContent);
 
+    // The curves' controls: which stage kinds, how much smoothing. A change redraws the figures
+    // and puts the choice in the address, so a reload or a shared link shows the same curves.
+    var controls = $("#curve-controls");
+    var shownVersion = data.metrics_after;
+
+    function curveQuery() {
+      if (!controls) return "";
+      var params = new URLSearchParams();
+      params.set("smoothing", $("#curve-smoothing", controls).value);
+      var kind = $("#curve-kind", controls).value;
+      if (kind) params.set("kind", kind);
+      return params.toString();
+    }
+
     function refreshCurves(version) {
-      refreshFigure($("#chart-loss"), version);
-      refreshFigure($("#chart-accuracy"), version);
+      shownVersion = version;
+      refreshFigure($("#chart-loss"), version, curveQuery());
+      refreshFigure($("#chart-accuracy"), version, curveQuery());
+    }
+
+    if (controls) {
+      var smoothing = $("#curve-smoothing", controls);
+      var shown = $("#curve-smoothing-value", controls);
+      function redraw() {
+        history.replaceState(null, "", location.pathname + "?" + curveQuery());
+        refreshCurves(shownVersion);
+      }
+      // The number follows the slider as it moves; the figures redraw once it is let go.
+      smoothing.addEventListener("input", function () { shown.textContent = Number(smoothing.value).toFixed(2); });
+      smoothing.addEventListener("change", redraw);
+      $("#curve-kind", controls).addEventListener("change", redraw);
+      controls.addEventListener("submit", function (event) { event.preventDefault(); redraw(); });
     }
 
     function appendLogs(lines, names) {

@@ -1,0 +1,475 @@
+"""A hostile tenant against the production configuration: what one team's streams, guesses and giant
+requests cost the others.
+
+The stack: a fresh Postgres database, Redis, the API in a uvicorn process of its own (no workers: the
+jobs here stay queued, which keeps their streams open). Two teams: a hostile one and a reader. Phases:
+
+1. **Streams.** The hostile team opens ``--streams`` (500) live metric streams (SSE) on its job: first
+   under the default per-team cap (how many are refused with 429), then with the cap raised so that
+   all of them are open. While they are open, the reader team reads its job and its job list, and a
+   probe reads ``/healthz``, each ten times a second for ``--seconds`` (20); Postgres is sampled every
+   0.1 s for the connections the API holds busy (active or idle in transaction). Goals: reader p99
+   < 200 ms, ``/healthz`` p99 < 100 ms, database connections busy for the streams ≤ 2.
+2. **Oversized sweep.** A sweep of 20 × 20 models, 50 losses and 20 seeds (4 KB asking for 416,000
+   stages): the time to its refusal, over 20 tries (goal < 50 ms).
+3. **A million-step curve.** The worker's progress writer is fed one million training steps of a stage
+   (four curves) exactly as a training run feeds it; then ``GET /v1/jobs/{id}/metrics`` is read 50
+   times (goal p99 < 100 ms), with the rows stored and points returned.
+4. **Guessed keys**, last (the throttle then refuses this address for a minute, valid keys too):
+   2,000 requests with made-up keys from one address; the first 429 comes within the first 100
+   (goal), and how many of the 2,000 were refused.
+
+    python bench/abuse.py
+    python bench/abuse.py --quick            # 100 streams, 1e5 steps, 8 s of reads
+    python bench/abuse.py --json /tmp/abuse.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import statistics
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
+
+import httpx  # noqa: E402
+from race_storm import StormStack, percentile  # noqa: E402
+from real_stack import PG_ADMIN_URL  # noqa: E402
+
+
+class ApiOnlyStack(StormStack):
+    """A fresh database and Redis prefix and the API in a process of its own; nothing else runs."""
+
+    def _start(self) -> None:
+        import os
+
+        import psycopg
+
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as connection:
+            connection.execute(f'CREATE DATABASE "{self.db_name}"')
+        for key, value in self.env.items():
+            self.saved_env[key] = os.environ.get(key)
+            os.environ[key] = value
+        from service.db import reset_caches
+
+        reset_caches()
+        self._migrate(self.env["W2S_DATABASE_URL"])
+        (self.workdir / "logs").mkdir()
+        self._serve()
+        self._wait(self._ready, 90, "the API to be ready")
+
+    def _ready(self) -> bool:
+        return httpx.get(f"{self.base_url}/readyz", timeout=5).status_code == 200
+
+
+def ms(values: list[float]) -> dict[str, Any]:
+    values_ms = [v * 1000 for v in values]
+    if not values_ms:
+        return {"n": 0, "p50_ms": None, "p99_ms": None, "max_ms": None}
+    return {
+        "n": len(values_ms),
+        "p50_ms": round(statistics.median(values_ms), 1),
+        "p99_ms": round(percentile(values_ms, 99), 1),
+        "max_ms": round(max(values_ms), 1),
+    }
+
+
+def make_team(name: str) -> tuple[str, str]:
+    from service.auth import create_api_key, create_team
+    from service.db import session_scope
+
+    with session_scope() as session:
+        team = create_team(session, name=f"{name}-{uuid.uuid4().hex[:6]}")
+        _, key = create_api_key(session, team=team, name=name)
+        return team.id, key
+
+
+def tiny_job_body(models: Path) -> dict[str, Any]:
+    options = {"epochs": 1, "lr": 1e-3, "batch_size": 16, "max_length": 32}
+    return {
+        "dataset": {"name": "sst2", "n_train": 64, "n_test": 32},
+        "weak": {"model": str(models), **options},
+        "strong": {"model": str(models), **options},
+        "losses": ["xent"],
+        "seeds": [0],
+    }
+
+
+# -- 1. streams ------------------------------------------------------------------------------------
+
+
+async def open_streams(
+    base_url: str, key: str, job_id: str, n: int, hold: asyncio.Event, answered: threading.Event
+) -> dict[str, Any]:
+    """Open ``n`` streams at once (``answered`` is set once each got its answer) and keep those that
+    open until ``hold`` is set. Returns the status counts and the events the open ones received."""
+    statuses: dict[str, int] = {}
+    events = 0
+    opened = asyncio.Event()
+    pending = n
+
+    async def one(client: httpx.AsyncClient) -> None:
+        nonlocal events, pending
+        headers = {"Authorization": f"Bearer {key}", "Accept": "text/event-stream"}
+        try:
+            async with client.stream("GET", f"/v1/jobs/{job_id}/metrics", headers=headers) as response:
+                statuses[str(response.status_code)] = statuses.get(str(response.status_code), 0) + 1
+                pending -= 1
+                if pending == 0:
+                    opened.set()
+                if response.status_code != 200:
+                    return
+                async for line in response.aiter_lines():
+                    if line.startswith("event:"):
+                        events += 1
+                    if hold.is_set():
+                        return
+        except httpx.HTTPError as error:
+            name = type(error).__name__
+            statuses[name] = statuses.get(name, 0) + 1
+            pending -= 1
+            if pending == 0:
+                opened.set()
+
+    limits = httpx.Limits(max_connections=n + 10, max_keepalive_connections=0)
+    async with httpx.AsyncClient(
+        base_url=base_url, timeout=httpx.Timeout(60, read=None), limits=limits
+    ) as client:
+        tasks = [asyncio.create_task(one(client)) for _ in range(n)]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(opened.wait(), timeout=120)
+        answered.set()
+        await hold.wait()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return {"statuses": statuses, "events": events}
+
+
+def busy_connections(db_name: str) -> tuple[int, int]:
+    """(connections busy: active or idle in transaction, all connections) to the bench database,
+    this sampler's own excluded."""
+    import psycopg
+
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as connection:
+        rows = connection.execute(
+            "SELECT state FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (db_name,)
+        ).fetchall()
+    busy = sum(1 for (state,) in rows if state in ("active", "idle in transaction"))
+    return busy, len(rows)
+
+
+def read_loop(
+    url: str, headers: dict[str, str], seconds: float, out: list[float], failures: list[str]
+) -> None:
+    """GET ``url`` ten times a second for ``seconds``; latencies into ``out``."""
+    with httpx.Client(timeout=30, headers=headers) as client:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            started_at = time.perf_counter()
+            try:
+                response = client.get(url)
+                if response.status_code != 200:
+                    failures.append(f"{response.status_code} {url}")
+            except httpx.HTTPError as error:
+                failures.append(f"{type(error).__name__} {url}")
+            out.append(time.perf_counter() - started_at)
+            time.sleep(max(0.0, 0.1 - (time.perf_counter() - started_at)))
+
+
+def measure_under_streams(
+    stack: ApiOnlyStack, hostile_key: str, job_id: str, reader: tuple[str, str], streams: int, seconds: float
+) -> dict[str, Any]:
+    reader_job, reader_key = reader
+    headers = {"Authorization": f"Bearer {reader_key}"}
+    reads: list[float] = []
+    lists: list[float] = []
+    health: list[float] = []
+    failures: list[str] = []
+    samples: list[tuple[int, int]] = []
+    baseline = busy_connections(stack.db_name)
+    loop = asyncio.new_event_loop()
+    hold = asyncio.Event()
+    answered = threading.Event()
+    result: dict[str, Any] = {}
+
+    def streams_thread() -> None:
+        asyncio.set_event_loop(loop)
+        opened = open_streams(stack.base_url, hostile_key, job_id, streams, hold, answered)
+        result.update(loop.run_until_complete(opened))
+
+    thread = threading.Thread(target=streams_thread, daemon=True)
+    thread.start()
+    answered.wait(timeout=150)
+    time.sleep(2.0)  # every stream has had its first tick
+    readers = [
+        threading.Thread(
+            target=read_loop,
+            args=(f"{stack.base_url}/v1/jobs/{reader_job}", headers, seconds, reads, failures),
+        ),
+        threading.Thread(
+            target=read_loop, args=(f"{stack.base_url}/v1/jobs?limit=20", headers, seconds, lists, failures)
+        ),
+        threading.Thread(target=read_loop, args=(f"{stack.base_url}/healthz", {}, seconds, health, failures)),
+    ]
+    for reader_thread in readers:
+        reader_thread.start()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        samples.append(busy_connections(stack.db_name))
+        time.sleep(0.1)
+    for reader_thread in readers:
+        reader_thread.join()
+    loop.call_soon_threadsafe(hold.set)
+    thread.join(timeout=60)
+    return {
+        "streams_asked": streams,
+        "stream_statuses": result.get("statuses", {}),
+        "stream_events": result.get("events", 0),
+        "reader_job": ms(reads),
+        "reader_list": ms(lists),
+        "reader_all": ms(reads + lists),
+        "healthz": ms(health),
+        "failures": len(failures),
+        "failure_sample": failures[:5],
+        "db_busy_before": baseline[0],
+        "db_busy_max": max((busy for busy, _ in samples), default=None),
+        "db_busy_mean": round(statistics.mean(busy for busy, _ in samples), 2) if samples else None,
+        "db_connections_before": baseline[1],
+        "db_connections_max": max((total for _, total in samples), default=None),
+        "db_samples": len(samples),
+    }
+
+
+# -- 2. guessed keys -------------------------------------------------------------------------------
+
+
+async def guess_keys(base_url: str, n: int) -> dict[str, Any]:
+    codes: list[int] = []
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+        for start in range(0, n, 20):  # 20 at a time, in order
+            batch = [
+                client.get("/v1/teams/me", headers={"Authorization": f"Bearer w2s_{uuid.uuid4().hex}"})
+                for _ in range(min(20, n - start))
+            ]
+            codes += [response.status_code for response in await asyncio.gather(*batch)]
+    first = next((i + 1 for i, code in enumerate(codes) if code == 429), None)
+    return {
+        "attempts": n,
+        "first_429_at": first,
+        "refused_429": codes.count(429),
+        "answered_401": codes.count(401),
+        "other": len(codes) - codes.count(429) - codes.count(401),
+    }
+
+
+# -- 3. oversized sweep ----------------------------------------------------------------------------
+
+
+def oversized_sweep(base_url: str, key: str, tries: int) -> dict[str, Any]:
+    body = {
+        "name": "giant",
+        "dataset": {"name": "sst2", "n_train": 4000},
+        "weak_models": [{"model": f"gpt2-variant-{i}", "mode": "probe"} for i in range(20)],
+        "strong_models": [{"model": f"gpt2-large-variant-{i}", "mode": "probe"} for i in range(20)],
+        "losses": [{"name": "logconf", "aux_coef": round(0.01 * i, 2)} for i in range(50)],
+        "seeds": list(range(20)),
+    }
+    size = len(json.dumps(body))
+    times: list[float] = []
+    statuses: dict[str, int] = {}
+    with httpx.Client(base_url=base_url, timeout=60, headers={"Authorization": f"Bearer {key}"}) as client:
+        client.get("/v1/teams/me")  # a warm connection: the refusal is timed, not the handshake
+        for _ in range(tries):
+            started_at = time.perf_counter()
+            response = client.post("/v1/sweeps", json=body)
+            times.append(time.perf_counter() - started_at)
+            statuses[str(response.status_code)] = statuses.get(str(response.status_code), 0) + 1
+            detail = response.text[:300]
+    return {"body_bytes": size, "statuses": statuses, "refusal": ms(times), "detail": detail}
+
+
+# -- 4. a million-step curve -----------------------------------------------------------------------
+
+
+def million_step_curves(
+    base_url: str, team: tuple[str, str], job_id: str, steps: int, reads: int
+) -> dict[str, Any]:
+    from sqlalchemy import func, select
+
+    from service.db import session_scope
+    from service.models import MetricPoint, Stage
+    from service.settings import get_settings
+    from w2s.train import Progress
+    from worker.tasks import ProgressWriter
+
+    with session_scope() as session:
+        stage = session.scalars(select(Stage).where(Stage.job_id == job_id, Stage.kind == "weak")).one()
+        stage.status, stage.attempts, stage.fence = "running", 1, 1
+        stage_id = stage.id
+    settings = get_settings()
+    writer = ProgressWriter(stage_id, flush_s=2.0, fence=1, max_points=settings.metric_points_per_series)
+    started_at = time.perf_counter()
+    for step in range(1, steps + 1):
+        loss = (
+            0.7 * math.exp(-step / (steps / 5))
+            + 0.05 * math.sin(step / 97.0)
+            + (2.0 if step == steps // 3 else 0.0)
+        )
+        evaluation = 0.5 + 0.4 * step / steps if step % 10_000 == 0 else None
+        writer(Progress(step, steps, loss, 0.5 + 0.4 * step / steps, 1e-5, evaluation))
+    writer.final_flush(30.0)
+    feed_s = time.perf_counter() - started_at
+    with session_scope() as session:
+        rows = session.scalar(select(func.count()).where(MetricPoint.stage_id == stage_id))
+    times: list[float] = []
+    with httpx.Client(
+        base_url=base_url, timeout=60, headers={"Authorization": f"Bearer {team[1]}"}
+    ) as client:
+        body = client.get(f"/v1/jobs/{job_id}/metrics").json()  # warm
+        for _ in range(reads):
+            started_at = time.perf_counter()
+            response = client.get(f"/v1/jobs/{job_id}/metrics")
+            times.append(time.perf_counter() - started_at)
+            assert response.status_code == 200, response.text
+    loss = next(series for series in body["series"] if series["name"] == "loss")
+    return {
+        "steps": steps,
+        "curves": len(body["series"]),
+        "rows_stored": rows,
+        "points_returned": sum(len(series["steps"]) for series in body["series"]),
+        "response_bytes": len(response.content),
+        "spike_kept": max(loss["values"]) > 2.0,
+        "exact_max": loss["max"],
+        "feed_s": round(feed_s, 1),
+        "get": ms(times),
+    }
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--streams", type=int, default=500)
+    parser.add_argument(
+        "--seconds", type=float, default=20.0, help="how long the readers read under the streams"
+    )
+    parser.add_argument("--keys", type=int, default=2_000)
+    parser.add_argument("--steps", type=int, default=1_000_000)
+    parser.add_argument("--quick", action="store_true", help="100 streams, 1e5 steps, 8 s of reads")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if args.quick:
+        args.streams, args.steps, args.seconds = 100, 100_000, 8.0
+
+    from helpers import build_tiny_bert, write_sst2_like
+
+    folder = Path(__import__("tempfile").mkdtemp(prefix="w2s_abuse_"))
+    data_dir = write_sst2_like(folder / "data")
+    models = build_tiny_bert(folder / "models" / "tiny-bert")
+    env = {"W2S_MODEL_ROOTS": json.dumps([str(folder / "models")]), "W2S_API_WORKERS": "1"}
+    figures: dict[str, Any] = {"quick": args.quick}
+    with ApiOnlyStack(data_dir=data_dir, extra_env=env) as stack:
+        hostile_id, hostile_key = make_team("hostile")
+        reader_id, reader_key = make_team("reader")
+        submit = {"json": tiny_job_body(models)}
+        hostile_job = httpx.post(
+            f"{stack.base_url}/v1/jobs",
+            headers={"Authorization": f"Bearer {hostile_key}"},
+            timeout=60,
+            **submit,
+        ).json()["id"]
+        reader_job = httpx.post(
+            f"{stack.base_url}/v1/jobs",
+            headers={"Authorization": f"Bearer {reader_key}"},
+            timeout=60,
+            **submit,
+        ).json()["id"]
+
+        print(f"1a. {args.streams} streams under the default cap", flush=True)
+        capped = measure_under_streams(
+            stack, hostile_key, hostile_job, (reader_job, reader_key), args.streams, 3.0
+        )
+        figures["streams_capped"] = {
+            "statuses": capped["stream_statuses"],
+            "cap": _setting("max_streams_per_team"),
+        }
+        print(f"    {capped['stream_statuses']}", flush=True)
+
+        _set_team(hostile_id, max_streams_per_team=args.streams + 100)
+        print(f"1b. {args.streams} streams open (cap raised), readers for {args.seconds:.0f} s", flush=True)
+        time.sleep(3.0)  # the capped streams' slots are released
+        figures["streams"] = measure_under_streams(
+            stack, hostile_key, hostile_job, (reader_job, reader_key), args.streams, args.seconds
+        )
+        print(f"    {json.dumps(figures['streams'])}", flush=True)
+
+        print("2. oversized sweep", flush=True)
+        figures["oversized_sweep"] = oversized_sweep(stack.base_url, reader_key, 20)
+        print(
+            f"    {figures['oversized_sweep']['refusal']} {figures['oversized_sweep']['statuses']}",
+            flush=True,
+        )
+
+        print(f"3. a {args.steps:,}-step stage's curves", flush=True)
+        figures["metrics"] = million_step_curves(
+            stack.base_url, (reader_id, reader_key), reader_job, args.steps, 50
+        )
+        print(f"    {figures['metrics']}", flush=True)
+
+        # Last: the throttle then refuses every request from this address, valid keys too, for a minute.
+        print(f"4. {args.keys} made-up keys", flush=True)
+        figures["guessed_keys"] = asyncio.run(guess_keys(stack.base_url, args.keys))
+        print(f"    {figures['guessed_keys']}", flush=True)
+
+    streams, keys = figures["streams"], figures["guessed_keys"]
+    figures["goals"] = {
+        "other teams' read p99 < 200 ms": streams["reader_all"]["p99_ms"] is not None
+        and streams["reader_all"]["p99_ms"] < 200,
+        "/healthz p99 < 100 ms": streams["healthz"]["p99_ms"] is not None
+        and streams["healthz"]["p99_ms"] < 100,
+        "database connections busy for streams ≤ 2": (streams["db_busy_max"] or 0) - streams["db_busy_before"]
+        <= 2,
+        "made-up keys: 429 within the first 100": keys["first_429_at"] is not None
+        and keys["first_429_at"] <= 100,
+        "oversized sweep refused < 50 ms": figures["oversized_sweep"]["statuses"] == {"422": 20}
+        and figures["oversized_sweep"]["refusal"]["p99_ms"] < 50,
+        "metric GET of a 1M-step stage < 100 ms": figures["metrics"]["get"]["p99_ms"] < 100,
+    }
+    print(json.dumps(figures["goals"], indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+    return 0 if all(figures["goals"].values()) else 1
+
+
+def _setting(name: str) -> Any:
+    from service.settings import get_settings
+
+    return getattr(get_settings(), name)
+
+
+def _set_team(team_id: str, **values: Any) -> None:
+    from sqlalchemy import update
+
+    from service.db import session_scope
+    from service.models import Team
+
+    with session_scope() as session:
+        session.execute(update(Team).where(Team.id == team_id).values(**values))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
