@@ -15,9 +15,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, text, update
+from sqlalchemy import Row, and_, case, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
+from service.db import among
 from service.exports import lease_due_exports
 from service.lifecycle import (
     admit_stages,
@@ -54,6 +55,7 @@ PLAN_DUE = text(JOB_PLAN_DUE)
 FINISH_DUE = text(JOB_FINISH_DUE)
 READY = text(STAGE_READY)
 ACTIVE = [str(status) for status in STAGE_ACTIVE]
+DONE = [str(status) for status in STAGE_DONE]
 
 
 @dataclass
@@ -85,20 +87,55 @@ class RoundReport:
 def dispatch_round(session: Session, settings: Settings) -> RoundReport:
     """One pass. The caller commits, then sends what the report lists."""
     report = RoundReport()
-    recover_lost_stages(session, settings, report)
-    stop_stages_that_did_not_yield(session, settings)
-    ask_draining_workers_stages_to_yield(session)
+    # The running stages, read once: each rule below takes the rows it is about. A stage an earlier
+    # rule moved is skipped by the later ones (and their lifecycle calls are fenced anyway).
+    running = running_stages(session)
+    moved: set[str] = set()
+    recover_lost_stages(session, settings, report, running, moved)
+    stop_stages_that_did_not_yield(session, settings, running, moved)
+    ask_draining_workers_stages_to_yield(session, running, moved)
     due_control_tasks(session, settings, report)
     report.exports = lease_due_exports(session, settings, settings.dispatch_batch)
-    admit_ready_stages(session, settings, report)
+    in_flight = admit_ready_stages(session, settings, report)
     if settings.preemption:
-        preempt_for_waiting_stages(session, settings, report)
+        still_running = [row for row in running if row.id not in moved]
+        preempt_for_waiting_stages(session, settings, report, still_running, in_flight)
     sent = [stage_id for stage_id, _ in [*report.admitted, *report.resent]]
     report.time_limits = send_time_limits(session, sent, settings)
     return report
 
 
-def recover_lost_stages(session: Session, settings: Settings, report: RoundReport) -> None:
+def running_stages(session: Session) -> list[Row[Any]]:
+    """Every running stage (as many as the slots), with what the round's rules look at."""
+    return list(
+        session.execute(
+            select(
+                Stage.id,
+                Stage.fence,
+                Stage.worker,
+                Stage.gpu_class,
+                Stage.team_id,
+                Stage.priority,
+                Stage.started_at,
+                Stage.heartbeat_at,
+                Stage.deadline_at,
+                Stage.time_limit_s,
+                Stage.yield_requested_at,
+                Stage.last_preempted_at,
+            )
+            .where(Stage.status == StageStatus.running)
+            .order_by(Stage.id)
+        ).all()
+    )
+
+
+def recover_lost_stages(
+    session: Session,
+    settings: Settings,
+    report: RoundReport,
+    running: list[Row[Any]] | None = None,
+    moved: set[str] | None = None,
+) -> None:
     """Send again what a fault lost, keeping each stage's slot.
 
     A running stage whose heartbeat went silent lost its worker (killed, or its machine gone): it is
@@ -108,20 +145,17 @@ def recover_lost_stages(session: Session, settings: Settings, report: RoundRepor
     ``redeliver_after_s``. A duplicate message is harmless: the claim drops it.
     """
     now = utcnow()
-    fail_overdue_stages(session, settings, now)
+    running = running_stages(session) if running is None else running
+    moved = set() if moved is None else moved
+    fail_overdue_stages(session, settings, now, running, moved)
     silent_since = now - dt.timedelta(seconds=settings.heartbeat_timeout_s)
-    lost = session.execute(
-        select(Stage.id, Stage.fence, Stage.worker, Stage.gpu_class)
-        .where(
-            Stage.status == StageStatus.running,
-            or_(Stage.heartbeat_at < silent_since, Stage.heartbeat_at.is_(None)),
-        )
-        .order_by(Stage.id)
-    ).all()
-    for stage_id, fence, worker, queue in lost:
-        message = f"no heartbeat from {worker} for {settings.heartbeat_timeout_s:.0f} s; requeued"
-        if requeue_lost(session, stage_id, fence, message):
-            report.resent.append((stage_id, queue or "cpu"))
+    for row in running:
+        if row.id in moved or (row.heartbeat_at is not None and _utc(row.heartbeat_at) >= silent_since):
+            continue
+        moved.add(row.id)
+        message = f"no heartbeat from {row.worker} for {settings.heartbeat_timeout_s:.0f} s; requeued"
+        if requeue_lost(session, row.id, row.fence, message):
+            report.resent.append((row.id, row.gpu_class or "cpu"))
     first_lease = now - dt.timedelta(seconds=settings.claim_lease_s)
     again = now - dt.timedelta(seconds=settings.redeliver_after_s)
     unclaimed = session.execute(
@@ -155,17 +189,18 @@ def recover_lost_stages(session: Session, settings: Settings, report: RoundRepor
         report.resent.append((stage_id, queue or "cpu"))
 
 
-def fail_overdue_stages(session: Session, settings: Settings, now: dt.datetime) -> None:
+def fail_overdue_stages(
+    session: Session, settings: Settings, now: dt.datetime, running: list[Row[Any]], moved: set[str]
+) -> None:
     """A stage still running well past its deadline (its worker stops it at the deadline; Celery's
     limits kill it soon after) lost its worker or is stuck: it fails, naming its limit, instead of
     being sent again to run as long once more."""
     overdue_since = now - dt.timedelta(seconds=3 * STAGE_LIMIT_GRACE_S)
-    overdue = session.execute(
-        select(Stage.id, Stage.fence, Stage.time_limit_s, Stage.worker)
-        .where(Stage.status == StageStatus.running, Stage.deadline_at < overdue_since)
-        .order_by(Stage.id)
-    ).all()
-    for stage_id, fence, limit_s, worker in overdue:
+    for row in running:
+        if row.id in moved or row.deadline_at is None or _utc(row.deadline_at) >= overdue_since:
+            continue
+        moved.add(row.id)
+        stage_id, fence, limit_s, worker = row.id, row.fence, row.time_limit_s, row.worker
         message = (
             f"stopped: the stage ran past its time limit of {limit_s} s and {worker} did not end it within "
             f"{3 * STAGE_LIMIT_GRACE_S} s (lost or stuck); give it more time with stage_time_limit_s (up to "
@@ -176,67 +211,56 @@ def fail_overdue_stages(session: Session, settings: Settings, now: dt.datetime) 
         )
 
 
-def stop_stages_that_did_not_yield(session: Session, settings: Settings) -> None:
+def stop_stages_that_did_not_yield(
+    session: Session, settings: Settings, running: list[Row[Any]], moved: set[str]
+) -> None:
     """A stage asked to yield (preempted, drained) that has not within the grace period is stopped and
     waits again; it resumes from its last periodic checkpoint."""
     since = utcnow() - dt.timedelta(seconds=settings.preempt_grace_s)
-    for stage_id, fence in session.execute(
-        select(Stage.id, Stage.fence)
-        .where(Stage.status == StageStatus.running, Stage.yield_requested_at < since)
-        .order_by(Stage.id)
-    ).all():
-        force_yield(session, stage_id, fence, settings.preempt_grace_s)
+    for row in running:
+        if row.id in moved or row.yield_requested_at is None or _utc(row.yield_requested_at) >= since:
+            continue
+        moved.add(row.id)
+        force_yield(session, row.id, row.fence, settings.preempt_grace_s)
 
 
-def ask_draining_workers_stages_to_yield(session: Session) -> None:
+def ask_draining_workers_stages_to_yield(session: Session, running: list[Row[Any]], moved: set[str]) -> None:
     """Stages still running on a worker drained a while ago (``w2s-service drain``) are asked to
     checkpoint and yield: the worker itself asks them within seconds, once it stopped taking work
     (worker/registration.py); this is for a worker that did not."""
+    asking = [row for row in running if row.id not in moved and row.yield_requested_at is None]
+    if not asking:
+        return
     since = utcnow() - dt.timedelta(seconds=DRAIN_BACKSTOP_S)
-    for stage_id, fence, worker in session.execute(
-        select(Stage.id, Stage.fence, Stage.worker)
-        .join(Worker, Worker.name == Stage.worker)
-        .where(
-            Stage.status == StageStatus.running,
-            Stage.yield_requested_at.is_(None),
-            Worker.draining_since < since,
-        )
-        .order_by(Stage.id)
-    ).all():
-        ask_to_yield(session, stage_id, fence, YieldReason.drain, drain_message(worker))
+    drained = set(session.scalars(select(Worker.name).where(Worker.draining_since < since)))
+    for row in asking:
+        if row.worker in drained:
+            moved.add(row.id)
+            ask_to_yield(session, row.id, row.fence, YieldReason.drain, drain_message(row.worker))
 
 
-def preempt_for_waiting_stages(session: Session, settings: Settings, report: RoundReport) -> None:
+def preempt_for_waiting_stages(
+    session: Session,
+    settings: Settings,
+    report: RoundReport,
+    running_rows: list[Row[Any]],
+    in_flight: dict[str, int],
+) -> None:
     """Where every slot of a queue is taken and ready stages wait, the scheduler's preemption rules
     (service/scheduler.py) pick running stages to yield; each is asked to, and the stage it yields to
     is admitted now (over the slot count until the victim leaves: the slot goes to it, not to whoever
     the next round would pick). Reads a few rows per team and queue, like the admission, and stops
-    after one indexed query while no running stage has run long enough to be preempted."""
-    in_flight = dict(
-        session.execute(
-            select(Stage.gpu_class, func.count()).where(Stage.status.in_(ACTIVE)).group_by(Stage.gpu_class)
-        ).all()
-    )
+    after the round's running stages while none has run long enough to be preempted.
+    ``in_flight``: stages holding a slot per queue, as the admission left them."""
     full = [q for q, slots in settings.queue_slots.items() if slots > 0 and in_flight.get(q, 0) >= slots]
     if not full:
         return
     now = utcnow()
-    rows = session.execute(
-        select(
-            Stage.id,
-            Stage.fence,
-            Stage.team_id,
-            Stage.priority,
-            Stage.gpu_class,
-            Stage.started_at,
-            Stage.last_preempted_at,
-        ).where(
-            Stage.status == StageStatus.running,
-            Stage.gpu_class.in_(full),
-            Stage.yield_requested_at.is_(None),
-            Stage.started_at.is_not(None),
-        )
-    ).all()
+    rows = [
+        row
+        for row in running_rows
+        if row.gpu_class in full and row.yield_requested_at is None and row.started_at is not None
+    ]
     oldest_start = now - dt.timedelta(seconds=settings.preempt_min_run_s)
     if not any(_utc(row.started_at) <= oldest_start for row in rows):
         return  # nothing may be preempted yet
@@ -266,7 +290,7 @@ def preempt_for_waiting_stages(session: Session, settings: Settings, report: Rou
     taken = set(
         session.scalars(
             select(Stage.stage_key).where(
-                Stage.stage_key.in_(keys), Stage.status.in_([*ACTIVE, *(str(s) for s in STAGE_DONE)])
+                among(session, Stage.stage_key, keys), Stage.status.in_([*ACTIVE, *DONE])
             )
         )
     )
@@ -317,11 +341,15 @@ def due_control_tasks(session: Session, settings: Settings, report: RoundReport)
         (PLAN_DUE, "plan", "planning", report.plan),
         (FINISH_DUE, "finish", "finishing", report.finish),
     ):
-        busy_teams = set(session.scalars(select(Job.team_id).where(due, ~free).distinct()))
-        waiting_teams = session.scalars(  # the team waiting longest first
-            select(Job.team_id).where(due, free).group_by(Job.team_id).order_by(func.min(Job.created_at))
+        # Per team with due jobs: whether one of its tasks is out, and its oldest job waiting for one.
+        teams = session.execute(
+            select(Job.team_id, func.max(case((free, 0), else_=1)), func.min(case((free, Job.created_at))))
+            .where(due)
+            .group_by(Job.team_id)
         ).all()
-        chosen = [team_id for team_id in waiting_teams if team_id not in busy_teams]
+        chosen = [  # the team waiting longest first
+            team_id for oldest, team_id in sorted((o, t) for t, out, o in teams if not out and o is not None)
+        ]
         for team_id in chosen[: settings.dispatch_batch]:
             row = session.execute(
                 select(Job.id, Job.control_task, Job.control_attempts)
@@ -376,17 +404,18 @@ def team_shares(session: Session, settings: Settings) -> dict[str, TeamShare]:
     return shares
 
 
-def admit_ready_stages(session: Session, settings: Settings, report: RoundReport) -> None:
+def admit_ready_stages(session: Session, settings: Settings, report: RoundReport) -> dict[str, int]:
     """Fill free slots: per queue and team, the next few ready stages (an index seek each), then the
-    scheduler's order: fair share across teams, priority within a team."""
-    in_flight = dict(
+    scheduler's order: fair share across teams, priority within a team. Returns the stages holding a
+    slot per queue once these are admitted."""
+    in_flight: dict[str, int] = dict(
         session.execute(
             select(Stage.gpu_class, func.count()).where(Stage.status.in_(ACTIVE)).group_by(Stage.gpu_class)
         ).all()
     )
     free = {queue: slots - in_flight.get(queue, 0) for queue, slots in settings.queue_slots.items()}
     if all(slots <= 0 for slots in free.values()):
-        return
+        return in_flight
     teams = team_shares(session, settings)
     candidates: list[Candidate] = []
     for queue, slots in free.items():
@@ -404,23 +433,25 @@ def admit_ready_stages(session: Session, settings: Settings, report: RoundReport
                 )
             ]
     if not candidates:
-        return
-    keys = [c.stage_key for c in candidates if c.stage_key]
-    # A stage whose key another stage has computed meanwhile completes from that result.
-    computed = dict(
-        session.execute(
-            select(Stage.stage_key, Stage.result).where(
-                Stage.stage_key.in_(keys), Stage.status.in_([str(s) for s in STAGE_DONE])
-            )
-        ).all()
-    )
+        return in_flight
+    keys = {c.stage_key for c in candidates if c.stage_key}
+    # One read for the candidates' keys: a stage whose key another stage has computed meanwhile
+    # completes from that result; one whose key another stage is computing now waits (busy).
+    computed: dict[str, Any] = {}
+    busy: set[str] = set()
+    for key, status, result in session.execute(
+        select(Stage.stage_key, Stage.status, Stage.result).where(
+            among(session, Stage.stage_key, keys), Stage.status.in_([*DONE, *ACTIVE])
+        )
+    ):
+        if status in DONE:
+            computed[key] = result
+        else:
+            busy.add(key)
     for candidate in [c for c in candidates if c.stage_key in computed]:
         report.cached += complete_cached(session, candidate.stage_id, computed[candidate.stage_key])
     candidates = [c for c in candidates if c.stage_key not in computed]
     candidates = _runnable_somewhere(session, candidates)
-    busy = set(
-        session.scalars(select(Stage.stage_key).where(Stage.status.in_(ACTIVE), Stage.stage_key.in_(keys)))
-    )
     chosen = admit(candidates, teams, free, busy)
     admitted = admit_stages(session, [(c.stage_id, c.queue) for c in chosen])
     report.admitted += admitted
@@ -429,6 +460,8 @@ def admit_ready_stages(session: Session, settings: Settings, report: RoundReport
     for stage_id, queue in admitted:
         at = created[stage_id] if created[stage_id].tzinfo else created[stage_id].replace(tzinfo=dt.UTC)
         report.waits.append((queue, (now - at).total_seconds()))
+        in_flight[queue] = in_flight.get(queue, 0) + 1
+    return in_flight
 
 
 def _runnable_somewhere(session: Session, candidates: list[Candidate]) -> list[Candidate]:
@@ -439,7 +472,9 @@ def _runnable_somewhere(session: Session, candidates: list[Candidate]) -> list[C
     if not workers:
         return candidates
     runtimes = dict(
-        session.execute(select(Job.id, Job.runtime).where(Job.id.in_({c.job_id for c in candidates}))).all()
+        session.execute(
+            select(Job.id, Job.runtime).where(among(session, Job.id, {c.job_id for c in candidates}))
+        ).all()
     )
     runnable, blocked = [], []
     for candidate in candidates:
