@@ -6,6 +6,10 @@ The first report runs in the caller's thread, before Celery forks its pool. A re
 holds a module's import lock inherits that lock held by a thread it does not have: the pool process
 then hangs for good on its first import of that module (a stage received, never claimed). After the
 first report everything a report needs is imported, so the reporting thread imports nothing.
+The same holds for any lock that thread takes inside SQLAlchemy or psycopg, and Celery forks again
+whenever a pool process is replaced: the thread does its database work holding ``FORK_GUARD``, which
+every fork of this process takes first (``os.register_at_fork``), so no fork copies the thread
+mid-call (a pool process forked 2 s after start, at a drain poll, hung once in a few suite runs).
 
 Draining. The thread also looks every ``DRAIN_POLL_S`` whether an operator drained this worker
 (`w2s-service drain`); then it stops the worker as SIGTERM does. On SIGTERM (Celery's warm shutdown:
@@ -31,6 +35,13 @@ logger = logging.getLogger(__name__)
 
 # How often a worker looks whether it is being drained.
 DRAIN_POLL_S = 2.0
+
+# Held around the reporting thread's database calls and across every fork of this process (see the
+# module's docstring). A fork waits at most for one short query.
+FORK_GUARD = threading.Lock()
+os.register_at_fork(
+    before=FORK_GUARD.acquire, after_in_parent=FORK_GUARD.release, after_in_child=FORK_GUARD.release
+)
 
 
 class Registration(threading.Thread):
@@ -70,15 +81,17 @@ class Registration(threading.Thread):
     def report(self) -> None:
         from w2s.stages import runtime_fingerprint, runtime_id
 
+        runtime = None if self.registered else (runtime_id(), runtime_fingerprint())
         try:
-            with session_scope() as session:
-                if not self.registered:
+            with FORK_GUARD, session_scope() as session:
+                if runtime is not None:
+                    runtime_key, versions = runtime
                     register_worker(
                         session,
                         name=self.worker_name,
                         queues=self.queues,
-                        runtime=runtime_id(),
-                        versions=runtime_fingerprint(),
+                        runtime=runtime_key,
+                        versions=versions,
                     )
                 seen(session, self.worker_name)
             if not self.registered:
@@ -105,7 +118,7 @@ class Registration(threading.Thread):
 
     def _drained(self) -> bool:
         try:
-            with session_scope(read_only=True) as session:
+            with FORK_GUARD, session_scope(read_only=True) as session:
                 return is_draining(session, self.worker_name)
         except DBAPIError:
             return False
