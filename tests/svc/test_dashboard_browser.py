@@ -32,6 +32,7 @@ if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium", allow_module_level=True)
 
 from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright  # noqa: E402
+from playwright.sync_api import TimeoutError as PlaywrightTimeout  # noqa: E402
 
 CHROMIUM_ARGS = [
     "--headless=new",
@@ -261,7 +262,10 @@ def test_dashboard_in_a_browser(
     page.click(f'tr[data-job-id="{job_id}"] a.row-link')
     page.wait_for_url(f"{base}/jobs/{job_id}")
     page.evaluate("window.__notReloaded = true")
-    page.wait_for_selector("#job-results table.results-table", timeout=150_000)
+    try:
+        page.wait_for_selector("#job-results table.results-table", timeout=150_000)
+    except PlaywrightTimeout:  # the job never finished: say where it stopped
+        pytest.fail(f"no results on the job's page after 150 s\n{stack.logs()}")
     assert page.evaluate("window.__notReloaded") is True
     # The curves are images the page reloads as points arrive, versioned by the newest point.
     assert re.search(
