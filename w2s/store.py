@@ -200,9 +200,13 @@ class ArtifactStore:
         return "/".join([self.root.rstrip("/"), *parts])
 
     def _write_atomic(self, path: str, data: bytes) -> None:
+        self._place_atomic(path, lambda tmp: self.fs.pipe_file(tmp, data))
+
+    def _place_atomic(self, path: str, write: Callable[[str], Any]) -> None:
+        """``write`` a temporary name beside ``path``, then move it there: readers never see a part."""
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        self.fs.pipe_file(tmp, data)
+        write(tmp)
         try:
             self.fs.mv(tmp, path)
         except FileNotFoundError:
@@ -224,14 +228,7 @@ class ArtifactStore:
         wrote the file), without reading it into memory; written once, atomically."""
         path = self._path("blobs", digest[:2], digest)
         if not self.fs.exists(path):
-            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            self.fs.put_file(local_path, tmp)
-            try:
-                self.fs.mv(tmp, path)
-            except FileNotFoundError:
-                if not self.fs.exists(path):
-                    raise
+            self._place_atomic(path, lambda tmp: self.fs.put_file(local_path, tmp))
         return digest
 
     def blob_size(self, digest: str) -> int:

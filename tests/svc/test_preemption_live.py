@@ -19,6 +19,7 @@ import torch
 from fault_support import wait_until
 from sqlalchemy import select
 from test_faults import Cluster, assert_complete_curves, assert_no_duplicate_rows, long_job
+from test_preemption import events as stage_events
 
 from service.auth import create_api_key, create_team
 from service.db import session_scope
@@ -59,13 +60,7 @@ def weak_stage(cluster: Cluster, job_id: str) -> dict[str, Any]:
 
 
 def events(stage_id: str) -> list[tuple[str, int | None]]:
-    with session_scope() as session:
-        rows = session.execute(
-            select(StageEvent.kind, StageEvent.step)
-            .where(StageEvent.stage_id == stage_id)
-            .order_by(StageEvent.id)
-        ).all()
-    return [(kind, step) for kind, step in rows if kind != StageEventKind.checkpoint]
+    return [(kind, step) for kind, step in stage_events(stage_id) if kind != StageEventKind.checkpoint]
 
 
 def all_events(stage_id: str) -> list[tuple[Any, ...]]:
