@@ -80,6 +80,7 @@ class Team(Base):
     storage_quota_mb: Mapped[int | None] = mapped_column(Integer)  # artifacts and uploads it may hold
     stage_time_limit_s: Mapped[int | None] = mapped_column(Integer)  # longest run of one stage attempt
     requests_per_minute: Mapped[int | None] = mapped_column(Integer)
+    max_uploads: Mapped[int | None] = mapped_column(Integer)  # uploaded datasets it may hold at once
     # Where the team's finished jobs are exported (service/exports.py); None = the setting. The
     # credentials are the names of environment variables on the control workers, never the secrets.
     mlflow_tracking_uri: Mapped[str | None] = mapped_column(String(500))
@@ -375,6 +376,27 @@ class Artifact(Base):
     # The team whose stage computed it; NULL: found already stored (computed outside the service).
     team_id: Mapped[str | None] = mapped_column(String(32))
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # A checkpoint no stage holds any more was removed from the store (service/checkpoints.py): no
+    # cached completion may name it again, until a new run of the stage key stores a new one.
+    removed_at: Mapped[dt.datetime | None]
+
+
+class CheckpointHold(Base):
+    """A stage (of any team) whose result names a saved checkpoint: the file is removed only when no
+    stage holds it. A team is charged for, and keeps its last N of, the checkpoints its stages hold."""
+
+    __tablename__ = "checkpoint_holds"
+    __table_args__ = (
+        Index("ix_checkpoint_holds_team_created", "team_id", "created_at"),
+        Index("ix_checkpoint_holds_stage_key", "stage_key"),
+    )
+
+    stage_id: Mapped[str] = mapped_column(ForeignKey("stages.id", ondelete="CASCADE"), primary_key=True)
+    team_id: Mapped[str] = mapped_column(String(32))
+    stage_key: Mapped[str] = mapped_column(String(64))
+    uri: Mapped[str] = mapped_column(Text)  # as artifacts.uri: <store>#files/checkpoints/<ref> (or #blobs/)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
 class LogLine(Base):
