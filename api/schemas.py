@@ -4,12 +4,30 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from service.jobs import UPLOAD_PREFIX
 from service.states import JobStatus, has_result
+from w2s.safe_text import check_name
+
+
+def _printable_name(value: str, info: ValidationInfo) -> str:
+    return check_name(value, str(info.field_name))
+
+
+# Every name a person gives (job, sweep, upload, key, columns, export targets): stored and printed in
+# other people's terminals and pages, so no control, bidi or invisible characters (w2s/safe_text.py).
+SafeName = Annotated[str, AfterValidator(_printable_name)]
 
 
 def body_location(dotted: str) -> list[str | int]:
@@ -72,7 +90,7 @@ class JobCreate(BaseModel):
         },
     )
 
-    name: str = Field("", max_length=200)
+    name: SafeName = Field("", max_length=200)
     priority: int = Field(0, ge=-100, le=100, description="higher runs first")
     stage_time_limit_s: int | None = Field(
         None,
@@ -312,13 +330,15 @@ class TeamUpdate(BaseModel):
     max_streams_per_team: int | None = Field(None, ge=1, le=100_000, description="live metric streams open")
     # Where its succeeded jobs are exported; credentials only as the names of the control workers'
     # environment variables (service/exports.py), never the secrets themselves.
-    mlflow_tracking_uri: str | None = Field(None, max_length=500, description="an MLflow tracking URI")
-    mlflow_token_env: str | None = Field(
+    mlflow_tracking_uri: SafeName | None = Field(None, max_length=500, description="an MLflow tracking URI")
+    mlflow_token_env: SafeName | None = Field(
         None, max_length=100, description="a variable name, e.g. TEAM_A_MLFLOW"
     )
-    wandb_project: str | None = Field(None, max_length=200)
-    wandb_entity: str | None = Field(None, max_length=200)
-    wandb_key_env: str | None = Field(None, max_length=100, description="a variable name, e.g. TEAM_A_WANDB")
+    wandb_project: SafeName | None = Field(None, max_length=200)
+    wandb_entity: SafeName | None = Field(None, max_length=200)
+    wandb_key_env: SafeName | None = Field(
+        None, max_length=100, description="a variable name, e.g. TEAM_A_WANDB"
+    )
     disabled: bool | None = Field(None, description="true: keys stop working and open jobs are cancelled")
 
 
@@ -364,7 +384,7 @@ class CheckupPublic(BaseModel):
 class ApiKeyCreate(BaseModel):
     model_config = ConfigDict(strict=True)
 
-    name: str = Field("", max_length=100)
+    name: SafeName = Field("", max_length=100, description="a label for listings")
 
 
 class ApiKeyCreated(BaseModel):
@@ -408,9 +428,9 @@ class UsagePublic(BaseModel):
 class DatasetUploadForm(BaseModel):
     """The form fields sent beside ``file`` in POST /v1/datasets."""
 
-    name: str = Field("", max_length=200, description="a label for listings (default: the file name)")
-    text_column: str = Field("text", min_length=1, max_length=100)
-    label_column: str = Field("label", min_length=1, max_length=100, description="0/1/true/false")
+    name: SafeName = Field("", max_length=200, description="a label for listings (default: the file name)")
+    text_column: SafeName = Field("text", min_length=1, max_length=100)
+    label_column: SafeName = Field("label", min_length=1, max_length=100, description="0/1/true/false")
     format: Literal["jsonl", "csv"] | None = Field(None, description="inferred from the file name")
 
     @field_validator("format", mode="before")
@@ -464,7 +484,7 @@ class SweepCreate(BaseModel):
         },
     )
 
-    name: str = Field("", max_length=200)
+    name: SafeName = Field("", max_length=200)
     priority: int = Field(0, ge=-100, le=100)
     dataset: dict[str, Any]
     weak_models: list[dict[str, Any] | str] = Field(

@@ -15,6 +15,7 @@ from service.errors import InvalidInput, NotFound
 from service.exports import EXPORT_FIELDS, check_export_fields
 from service.models import ApiKey, AuditEntry, Job, Team, utcnow
 from service.states import JobStatus
+from w2s.safe_text import check_name
 
 # What PATCH /v1/admin/teams/{id} may change.
 TEAM_FIELDS = (
@@ -63,7 +64,19 @@ def new_team(session: Session, *, actor: str = ADMIN, **fields: Any) -> tuple[Te
     return team, key
 
 
+def check_names(fields: dict[str, Any]) -> None:
+    """InvalidInput naming the field when a name given here holds control, bidi or invisible
+    characters (the API's schemas check the same; the admin CLI comes in here directly)."""
+    for field, value in fields.items():
+        if isinstance(value, str):
+            try:
+                check_name(value, field)
+            except ValueError as error:
+                raise InvalidInput(str(error)) from None
+
+
 def new_key(session: Session, *, team: Team, name: str = "", actor: str = ADMIN) -> tuple[ApiKey, str]:
+    check_names({"name": name})
     row, key = create_api_key(session, team=team, name=name)
     audit(session, actor=actor, action="create_key", target=team.id, details={"key_id": row.id, "name": name})
     return row, key
@@ -77,6 +90,7 @@ def update_team(session: Session, *, team: Team, changes: dict[str, Any], actor:
     unknown = set(changes) - set(TEAM_FIELDS)
     if unknown:
         raise InvalidInput(f"cannot change {', '.join(sorted(unknown))}; allowed: {', '.join(TEAM_FIELDS)}")
+    check_names(changes)
     check_export_fields(changes)
     for name, value in changes.items():
         setattr(team, name, value)

@@ -15,7 +15,9 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
+from w2s.safe_text import terminal_safe
 from w2s.settings import library_settings
 from w2s.tracking import CurveRecorder
 
@@ -122,8 +124,9 @@ def results_table(results: dict[str, Any]) -> Table:
     )
     for loss, figures in results["students"].items():
         name, _, params = loss.partition("(")  # parameters on their own line: logconf / (aux_coef=0.5,…)
+        label = f"student: {name}" + (f"\n({params.replace(',', ', ')}" if params else "")
         table.add_row(
-            f"student: {name}" + (f"\n({params.replace(',', ', ')}" if params else ""),
+            Text(terminal_safe(label, keep_newlines=True)),  # the spec's text
             figure(figures, "accuracy"),
             figure(figures, "auroc"),
             figure(figures, "pgr"),
@@ -146,7 +149,7 @@ def chain_tables(chain: dict[str, Any], seeds: int) -> list[Table]:
             table.add_column(column, no_wrap=True, justify="right", min_width=len("0.000 ± 0.000"))
         for hop in block["hops"]:
             table.add_row(
-                f"{short_model(hop['supervisor'])} → {short_model(hop['student'])}",
+                Text(terminal_safe(f"{short_model(hop['supervisor'])} → {short_model(hop['student'])}")),
                 figure(hop["supervisor_figures"], "accuracy"),
                 figure(hop["student_figures"], "accuracy"),
                 figure(hop["ceiling_figures"], "accuracy"),
@@ -158,7 +161,13 @@ def chain_tables(chain: dict[str, Any], seeds: int) -> list[Table]:
             ("chain: " + " → ".join(models), ends["chain"]),
             (f"direct: {models[0]} → {models[-1]}", ends["direct"]),
         ):
-            table.add_row(label, "weak", figure(figures, "accuracy"), "strong", figure(figures, "pgr"))
+            table.add_row(
+                Text(terminal_safe(label)),
+                "weak",
+                figure(figures, "accuracy"),
+                "strong",
+                figure(figures, "pgr"),
+            )
         tables.append(table)
     return tables
 
@@ -420,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except ValueError as error:  # SpecError and every input error: one readable message, no traceback
-        console.print(f"[red]error:[/] {error}")
+        # It may quote the input: escaped, and never read as rich markup.
+        console.print(Text("error: ", style="red") + Text(terminal_safe(error, keep_newlines=True)))
         return 2
     except KeyboardInterrupt:
         console.print("interrupted")

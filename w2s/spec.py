@@ -15,7 +15,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from w2s.safe_text import check_name
 
 Mode = Literal["full", "probe", "lora"]
 Optimizer = Literal["adam", "adafactor"]
@@ -182,6 +192,11 @@ class ModelSpec(TrainingOptions):
     )
     trust_remote_code: bool = Field(False, description="run model code from the hub; off unless asked")
 
+    @field_validator("model", "revision")
+    def _printable(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # Model ids end up in listings and terminals (w2s list, w2s-service jobs): no escapes in them.
+        return value if value is None else check_name(value, str(info.field_name))
+
     @field_validator("model")
     def _model_looks_like_a_model(cls, value: str) -> str:
         if is_local_model_name(value) and not _is_directory(value):
@@ -220,6 +235,10 @@ class CustomDatasetSpec(_Strict):
         None, max_length=4096, description="separate test file; else a seeded hold-out of path"
     )
     format: Literal["jsonl", "csv"] | None = Field(None, description="inferred from the file suffix")
+
+    @field_validator("text", "label")
+    def _printable(cls, value: str, info: ValidationInfo) -> str:
+        return check_name(value, str(info.field_name))
 
 
 class DatasetSpec(_Strict):

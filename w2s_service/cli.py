@@ -23,8 +23,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from w2s.safe_text import terminal_safe
+
 ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("w2s_service")
+
+
+def say(line: str = "", *, error: bool = False) -> None:
+    """Print one line to stdout (stderr: ``error``) with control, bidi and invisible characters
+    escaped: the lines hold names and messages from users and from rows written before names were
+    checked, which must not move the cursor, recolour or rewrite an administrator's terminal."""
+    print(terminal_safe(line), file=sys.stderr if error else sys.stdout)
 
 
 def wait_for_database(timeout_s: float) -> None:
@@ -66,7 +75,7 @@ def migrate(timeout_s: float = 60.0) -> None:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     migrate(args.wait)
-    print("database is at the latest schema")
+    say("database is at the latest schema")
     return 0
 
 
@@ -286,26 +295,26 @@ def cmd_dev(args: argparse.Namespace) -> int:
         *(([*me, "worker", "--queue", queue], env) for queue, env in workers),
     ]
     children = [subprocess.Popen(command, env={**os.environ, **env}) for command, env in commands]
-    print(f"w2s-service: API and dashboard on http://{args.host}:{args.port} (API docs at /docs)")
-    print(f"w2s-service: state in {settings.state_dir}; database {settings.database_url}")
-    print(f"w2s-service: admin key {settings.admin_key!r} (development only; production sets W2S_ADMIN_KEY)")
+    say(f"w2s-service: API and dashboard on http://{args.host}:{args.port} (API docs at /docs)")
+    say(f"w2s-service: state in {settings.state_dir}; database {settings.database_url}")
+    say(f"w2s-service: admin key {settings.admin_key!r} (development only; production sets W2S_ADMIN_KEY)")
     for line in keys:
-        print(f"w2s-service: {line}")
+        say(f"w2s-service: {line}")
     if settings.data_dir is None:
-        print(
+        say(
             "w2s-service: W2S_DATA_DIR is not set, so registry datasets (sst2, sciq, ...) load from the "
             "Hugging Face hub, which needs internet; offline, set W2S_DATA_DIR to a directory of "
             "<name>/<split>.jsonl files (this checkout's ../shared/data) and restart",
-            file=sys.stderr,
+            error=True,
         )
     else:
-        print(f"w2s-service: datasets from {settings.data_dir}")
-    print("w2s-service: running in the foreground; Ctrl-C stops every process")
+        say(f"w2s-service: datasets from {settings.data_dir}")
+    say("w2s-service: running in the foreground; Ctrl-C stops every process")
     stop = _stop_on_signals()
     try:
         while not stop.is_set():
             if any(child.poll() is not None for child in children):
-                print("a service process exited; stopping the others", file=sys.stderr)
+                say("a service process exited; stopping the others", error=True)
                 break
             stop.wait(1.0)
     finally:
@@ -333,8 +342,8 @@ def cmd_create_team(args: argparse.Namespace) -> int:
             gpu_quota=args.gpu_quota,
             allow_trust_remote_code=args.allow_trust_remote_code,
         )
-        print(f"team {team.name} ({team.id})")
-        print(f"api key (shown once): {key}")
+        say(f"team {team.name} ({team.id})")
+        say(f"api key (shown once): {key}")
     return 0
 
 
@@ -345,8 +354,8 @@ def cmd_create_key(args: argparse.Namespace) -> int:
     with session_scope() as session:
         team = admin.team_by_name_or_id(session, args.team)
         _, key = admin.new_key(session, team=team, name=args.name, actor="cli")
-        print(f"team {team.name} ({team.id})")
-        print(f"api key (shown once): {key}")  # as create-team prints it: one recipe reads both
+        say(f"team {team.name} ({team.id})")
+        say(f"api key (shown once): {key}")  # as create-team prints it: one recipe reads both
     return 0
 
 
@@ -395,7 +404,7 @@ def cmd_teams(args: argparse.Namespace) -> int:
             held = storage[team.id]
             used = f"storage {held.total_bytes / MB:,.1f}/{held.quota_bytes / MB:,.0f} MB"
             gave_way = f"preempted {preempted.get(team.id, 0)}x/{settings.fair_share_window_h:g}h"
-            print(f"{team.name:<24} {team.id}  {state}  {used}  {gave_way}  {limits}")
+            say(f"{terminal_safe(team.name):<24} {team.id}  {state}  {used}  {gave_way}  {limits}")
     return 0
 
 
@@ -415,9 +424,9 @@ def cmd_team_set(args: argparse.Namespace) -> int:
             cancelled = admin.set_team_disabled(session, team=team, disabled=args.disable, actor="cli")
             state = "disabled" if args.disable else "enabled"
             jobs = f"{cancelled} open job{'s' if cancelled != 1 else ''} cancelled" if args.disable else ""
-            print(f"team {team.name} {state}" + (f"; {jobs}" if jobs else ""))
+            say(f"team {team.name} {state}" + (f"; {jobs}" if jobs else ""))
         if changes or not (args.disable or args.enable):
-            print(
+            say(
                 f"team {team.name}: "
                 + (", ".join(f"{k}={v}" for k, v in changes.items()) or "no limits changed")
             )
@@ -432,7 +441,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
         team = admin.team_by_name_or_id(session, args.team)
         for key in admin.list_keys(session, team=team):
             state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "active"
-            print(f"{key.id}  {key.prefix}...  {key.name or '-':<16} {state}")
+            say(f"{key.id}  {key.prefix}...  {terminal_safe(key.name or '-'):<16} {state}")
     return 0
 
 
@@ -442,7 +451,7 @@ def cmd_revoke_key(args: argparse.Namespace) -> int:
 
     with session_scope() as session:
         admin.revoke_key(session, key_id=args.key_id, actor="cli")
-    print(f"key {args.key_id} revoked")
+    say(f"key {args.key_id} revoked")
     return 0
 
 
@@ -457,9 +466,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         teams = {team.id: team.name for team in admin.list_teams(session)}
         for row in rows:
             progress = f"{row.n_done}/{row.n_stages}"
-            owner = teams.get(row.team_id, row.team_id)
+            owner = terminal_safe(teams.get(row.team_id, row.team_id))  # escaped before padding
             created = f"{row.created_at:%Y-%m-%d %H:%M}"
-            print(f"{row.id}  {owner:<20} {row.status:<9} {progress:>9}  {created}  {row.name}")
+            say(f"{row.id}  {owner:<20} {row.status:<9} {progress:>9}  {created}  {row.name}")
     return 0
 
 
@@ -469,7 +478,7 @@ def cmd_cancel_job(args: argparse.Namespace) -> int:
 
     with session_scope() as session:
         admin.cancel_any_job(session, job_id=args.job_id, actor="cli")
-    print(f"job {args.job_id} cancelled")
+    say(f"job {args.job_id} cancelled")
     return 0
 
 
@@ -481,9 +490,10 @@ def cmd_workers(args: argparse.Namespace) -> int:
         workers = list_workers(session)
     for worker in workers:
         state = "draining" if worker["draining_since"] else "alive" if worker["alive"] else "gone"
-        print(f"{worker['name']:<48} {','.join(worker['queues']):<16} {state:<9} {worker['running']} running")
+        name, queues = terminal_safe(worker["name"]), ",".join(worker["queues"])  # escaped before padding
+        say(f"{name:<48} {queues:<16} {state:<9} {worker['running']} running")
     if not workers:
-        print("no worker reported itself in the last day")
+        say("no worker reported itself in the last day")
     return 0
 
 
@@ -497,9 +507,9 @@ def cmd_drain(args: argparse.Namespace) -> int:
         with session_scope() as session:
             asked = admin.drain_worker(session, name=args.worker, actor="cli")
     except NotFound as error:
-        print(f"error: {error}", file=sys.stderr)
+        say(f"error: {error}", error=True)
         return 1
-    print(
+    say(
         f"draining {args.worker}: {len(asked)} running stage(s) asked to write a checkpoint and hand "
         "themselves back; it takes no new stage and exits when they have (`w2s-service workers` shows it)"
     )
@@ -513,7 +523,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     with session_scope() as session:
         for entry in reversed(admin.audit_entries(session, limit=args.limit)):
             when = f"{entry.at:%Y-%m-%d %H:%M:%S}"
-            print(f"{when}  {entry.actor:<8} {entry.action:<14} {entry.target}  {entry.details or ''}")
+            say(f"{when}  {entry.actor:<8} {entry.action:<14} {entry.target}  {entry.details or ''}")
     return 0
 
 
@@ -526,6 +536,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     with session_scope(read_only=True) as session:
         result = doctor.checkup(session, get_settings(), grace_s=args.grace)
     if args.json:
+        # JSON escapes every control character and, with ensure_ascii, every non-ASCII one.
         print(
             json.dumps(
                 {
@@ -539,8 +550,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     else:
         for finding in result.findings:
             kind = "WEDGED " if finding.wedged else "overdue"
-            print(f"{kind}  {finding.job_id}  {finding.job_status:<9} {finding.problem}: {finding.detail}")
-        print(
+            say(f"{kind}  {finding.job_id}  {finding.job_status:<9} {finding.problem}: {finding.detail}")
+        say(
             f"{result.checked_jobs} jobs checked: "
             + ("every invariant holds" if result.healthy else f"{len(result.findings)} findings")
         )
@@ -655,9 +666,9 @@ def cmd_models_push(args: argparse.Namespace) -> int:
     reference = push_model(args.directory, store, name=args.name)
     files = model_manifest(reference, store)["files"]
     size = sum(entry["size"] for entry in files) / 2**20
-    print(f"pushed {args.directory} ({len(files)} files, {size:,.1f} MiB) to {store.uri}")
-    print(f"use it in a job spec as: {reference}")
-    print(reference)
+    say(f"pushed {args.directory} ({len(files)} files, {size:,.1f} MiB) to {store.uri}")
+    say(f"use it in a job spec as: {reference}")
+    say(reference)
     return 0
 
 
@@ -678,16 +689,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (ValueError, ServiceError, InvalidTransition) as error:
-        print(f"error: {error}", file=sys.stderr)
+        say(f"error: {error}", error=True)
         return 2
     except (OperationalError, ProgrammingError) as error:
         if _missing_table(error):
             from service.settings import get_settings
 
-            print(
+            say(
                 f"error: the database ({get_settings().database_url}) has no tables yet: run "
                 "`w2s-service migrate` first",
-                file=sys.stderr,
+                error=True,
             )
             return 2
         raise

@@ -44,6 +44,7 @@ from service.display import ago, distinct_model_names, duration, percent, short_
 from service.states import ExportStatus, JobStatus, StageStatus, has_result
 from w2s import cli as library_cli
 from w2s import plots
+from w2s.safe_text import terminal_safe
 from w2s_service.client import DEFAULT_URL, ApiError, W2SClient
 
 EXIT_OK = 0
@@ -82,9 +83,21 @@ def stdout() -> Console:
 
 
 def print_error(message: str) -> None:
-    """One line on stderr, whatever the message holds (newlines, rich markup, a long path)."""
-    line = " ".join(message.split())
+    """One line on stderr, whatever the message holds (newlines, rich markup, a long path, terminal
+    escapes: messages echo what was sent)."""
+    line = terminal_safe(" ".join(message.split()))
     stderr().print(Text("error: ", style="red") + Text(line), soft_wrap=True)
+
+
+def echo(line: str) -> None:
+    """One line on stdout with what came from the server (names, errors, links) escaped
+    (w2s.safe_text): a job's name cannot recolour, move or rewrite the reader's terminal."""
+    print(terminal_safe(line), flush=True)
+
+
+def plain(value: object) -> Text:
+    """A table cell from the server as it reads: escapes visible, no rich markup ("[link=...]")."""
+    return Text(terminal_safe(value))
 
 
 # -- inputs ---------------------------------------------------------------------------------------
@@ -143,20 +156,24 @@ def jobs_table(jobs: list[dict[str, Any]], now: dt.datetime | None = None, width
     models = distinct_model_names(
         model for job in jobs for model in (job.get("weak_model", ""), job.get("strong_model", ""))
     )
+    # Names, datasets and models are the users' (and old rows may hold escapes): plain() cells.
     cells: dict[str, list[str | Text]] = {
-        "id": [job["id"] for job in jobs],
+        "id": [plain(job["id"]) for job in jobs],
         # Sweeps name jobs "<sweep>: <weak model> -> <strong model>": paths by their last part.
-        "name": [" ".join(short_names(job.get("name") or "").split()) for job in jobs],
-        "dataset": [job.get("dataset", "") for job in jobs],
+        "name": [plain(" ".join(short_names(job.get("name") or "").split())) for job in jobs],
+        "dataset": [plain(job.get("dataset", "")) for job in jobs],
         "weak → strong": [
-            f"{models[job.get('weak_model', '')]} → {models[job.get('strong_model', '')]}" for job in jobs
+            plain(f"{models[job.get('weak_model', '')]} → {models[job.get('strong_model', '')]}")
+            for job in jobs
         ],
-        "status": [Text(job["status"], style=STATUS_STYLES.get(job["status"], "")) for job in jobs],
+        "status": [
+            Text(terminal_safe(job["status"]), style=STATUS_STYLES.get(job["status"], "")) for job in jobs
+        ],
         "progress": [percent(job.get("progress", 0.0)) for job in jobs],
         "age": [ago(parse_time(job.get("created_at")), now) for job in jobs],
         "run time": [duration(job.get("duration_s")) for job in jobs],
     }
-    longest_name = max((cell_len(name) for name in cells["name"]), default=0)
+    longest_name = max((cell_width(name) for name in cells["name"]), default=0)
     for dropped in (COLUMNS_DROPPED_FIRST[:count] for count in range(len(COLUMNS_DROPPED_FIRST) + 1)):
         shown = {column: values for column, values in cells.items() if column not in dropped}
         name_width = min(NAME_WIDTH, max(longest_name, NAME_MIN_WIDTH))
@@ -169,6 +186,10 @@ def jobs_table(jobs: list[dict[str, Any]], now: dt.datetime | None = None, width
         if excess <= 0:
             break
     return table  # if even the columns that always stay are too wide, rich squeezes them
+
+
+def cell_width(cell: str | Text) -> int:
+    return cell.cell_len if isinstance(cell, Text) else cell_len(cell)
 
 
 def natural_width(table: Table) -> int:
@@ -184,7 +205,7 @@ def _jobs_table(n_jobs: int, cells: dict[str, list[str | Text]], name_width: int
     for column in cells:
         # Cells wrap only where even the columns that always stay do not fit on a line; ids never.
         if column == "id":
-            table.add_column(column, no_wrap=True, min_width=max(map(cell_len, cells["id"]), default=0))
+            table.add_column(column, no_wrap=True, min_width=max(map(cell_width, cells["id"]), default=0))
         elif column == "name":
             table.add_column(column, no_wrap=True, overflow="ellipsis", max_width=name_width)
         else:
@@ -253,7 +274,7 @@ class StageBars:
             TextColumn("{task.description:<28}"),
             BarColumn(),
             TextColumn("{task.fields[steps]:>11}"),
-            TextColumn("{task.fields[status]}"),
+            TextColumn("{task.fields[status]}", markup=False),  # it quotes stage errors
             TextColumn("{task.fields[elapsed]}"),
             console=console,
         )
@@ -276,7 +297,7 @@ class StageBars:
                 "cached" if status == StageStatus.cached else "done"
             )
         if status == StageStatus.failed:
-            return f"failed: {' '.join((stage.get('error') or '').split())[:80]}"
+            return terminal_safe(f"failed: {' '.join((stage.get('error') or '').split())[:80]}")
         if status == StageStatus.running and metrics.get("phase") == "features":
             rate = metrics.get("rows_per_s")
             return f"features of {metrics.get('split', 'the texts')}" + (
@@ -371,7 +392,7 @@ class StageLines:
 
     def say(self, text: str) -> None:
         stamp = dt.datetime.now().strftime("%H:%M:%S")
-        self.console.print(f"{stamp} {text}", markup=False, highlight=False, soft_wrap=True)
+        self.console.print(f"{stamp} {terminal_safe(text)}", markup=False, highlight=False, soft_wrap=True)
         self.last_line_at = self.clock()
 
     def update(self, job: dict[str, Any], latest: dict[str, dict[str, float]]) -> None:
@@ -448,7 +469,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             spec, name=args.name, priority=args.priority, idempotency_key=args.idempotency_key
         )
         # Only the id on stdout, so JOB=$(w2s submit spec.json) works.
-        print(job["id"], flush=True)
+        echo(job["id"])
         if args.watch:
             return watch_job(client, job["id"], args.interval)
     return EXIT_OK
@@ -490,14 +511,14 @@ def cmd_results(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     with make_client(args) as client:
         job = client.cancel_job(args.id)
-    print(f"job {job['id']} {job['status']}")
+    echo(f"job {job['id']} {job['status']}")
     return EXIT_OK
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
     with make_client(args) as client:
         job = client.retry_job(args.id)
-    print(f"job {job['id']} {job['status']} again")
+    echo(f"job {job['id']} {job['status']} again")
     return EXIT_OK
 
 
@@ -512,17 +533,17 @@ def cmd_export(args: argparse.Namespace) -> int:
             time.sleep(1.0)
             export = next(e for e in client.job_exports(args.id) if e["target"] == args.to)
     if export["status"] == ExportStatus.succeeded:
-        print(f"job {args.id} exported to {args.to}: {export['run_url'] or export['run_id']}")
+        echo(f"job {args.id} exported to {args.to}: {export['run_url'] or export['run_id']}")
         return EXIT_OK
     if export["status"] == ExportStatus.failed:
         raise CommandError(f"export of job {args.id} to {args.to} failed: {export['error']}", EXIT_JOB_FAILED)
     if export.get("error"):
-        print(
+        echo(
             f"export of job {args.id} to {args.to}: try {export['attempts']} failed ({export['error']}); "
             f"the service tries again at {export['due_at']} (follow it: w2s export-status {args.id})"
         )
     else:
-        print(
+        echo(
             f"export of job {args.id} to {args.to} is {export['status']} "
             f"(follow it: w2s export-status {args.id})"
         )
@@ -533,13 +554,12 @@ def cmd_export_status(args: argparse.Namespace) -> int:
     with make_client(args) as client:
         exports = client.job_exports(args.id)
     if not exports:
-        print(f"job {args.id} has no exports (w2s export {args.id} --to mlflow|wandb)")
+        echo(f"job {args.id} has no exports (w2s export {args.id} --to mlflow|wandb)")
     for export in exports:
         where = export["run_url"] or export["run_id"] or "-"
-        line = f"{export['target']:<7} {export['status']:<10} tries {export['attempts']}  {where}"
+        echo(f"{export['target']:<7} {export['status']:<10} tries {export['attempts']}  {where}")
         if export["status"] != ExportStatus.succeeded and export.get("error"):
-            line += f"\n        last error: {export['error']}"
-        print(line)
+            echo(f"        last error: {export['error']}")
     return EXIT_OK
 
 
@@ -551,7 +571,7 @@ def cmd_sweep_submit(args: argparse.Namespace) -> int:
         grid["priority"] = args.priority
     with make_client(args) as client:
         sweep = client.submit_sweep(grid)
-    print(sweep["id"])
+    echo(sweep["id"])
     return EXIT_OK
 
 
