@@ -15,12 +15,15 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from service.auth import (
+    KNOWN_KEY_HASHES,
+    KeyOwner,
     cached_owner,
     hash_key,
     is_admin_key,
     key_of_disabled_team,
     owner_of_key_hash,
     team_for_key_hash,
+    unrevoked_key_hashes,
 )
 from service.db import run_transaction, session_scope
 from service.errors import LimitExceeded
@@ -114,20 +117,38 @@ def api_failure_sources(
     ]
 
 
-def refuse_if_throttled(request: Request, sources: list[tuple[FailurePolicy, str]]) -> None:
-    """Before a credential is looked at: a source over its failures waits (429 with Retry-After)."""
+def throttle_refusal(request: Request, sources: list[tuple[FailurePolicy, str]]) -> LimitExceeded | None:
+    """The 429 (with Retry-After) for a source over its failed authentications, or None."""
     throttle = failure_throttle(request)
     for policy, source in sources:
         wait = throttle.wait_s(policy, source)
         if wait is not None:
-            AUTH_THROTTLED.labels(policy.scope).inc()
             what = "address" if policy.scope.endswith("address") else "key prefix"
-            raise LimitExceeded(
+            AUTH_THROTTLED.labels(policy.scope).inc()
+            return LimitExceeded(
                 f"too many failed authentications from your {what}; retry in {wait} s with a valid key",
                 limit="auth_failures",
                 value=policy.free,
                 retry_after_s=wait,
             )
+    return None
+
+
+def known_key(key_hash: str) -> bool:
+    """Whether ``key_hash`` is an unrevoked key's, from this process's snapshot of the keys (no query
+    unless the snapshot is older than a few seconds: see service.auth.KnownKeyHashes)."""
+    return KNOWN_KEY_HASHES.contains(key_hash, lambda: run_transaction(unrevoked_key_hashes, read_only=True))
+
+
+def refuse_guess_if_throttled(
+    request: Request, sources: list[tuple[FailurePolicy, str]], key_hash: str
+) -> None:
+    """A source over its failed authentications gets 429 for any key that does not exist, before
+    the key is looked up; a key that exists goes on to the lookup. A correct key is never made to
+    wait for others' failures from its address (a shared NAT or proxy) or at its prefix."""
+    refusal = throttle_refusal(request, sources)
+    if refusal is not None and not known_key(key_hash):
+        raise refusal
 
 
 def record_failure(request: Request, kind: str, sources: list[tuple[FailurePolicy, str]]) -> None:
@@ -170,8 +191,8 @@ def current_team(
     if credentials is None:
         raise UNAUTHORIZED
     sources = api_failure_sources(request, settings, credentials.credentials)
-    refuse_if_throttled(request, sources)
     key_hash = hash_key(credentials.credentials)
+    refuse_guess_if_throttled(request, sources, key_hash)
     team = team_for_key_hash(session, key_hash)
     if team is None:
         if key_of_disabled_team(session, key_hash):
@@ -181,21 +202,32 @@ def current_team(
     return team
 
 
+def look_up_key(request: Request, sources: list[tuple[FailurePolicy, str]], key_hash: str) -> KeyOwner | None:
+    """The owner of a key not in the cache, unless its source is throttled and the key does not exist."""
+    refuse_guess_if_throttled(request, sources, key_hash)
+    return run_transaction(owner_of_key_hash, key_hash, read_only=True)
+
+
 async def current_team_id(request: Request, credentials: Credentials, settings: SettingsDep) -> str:
     """The caller's team id, for the read endpoints. A key checked in the last few seconds comes from
-    service.auth's cache: no query and no thread hand-off (revocation takes up to KEY_CACHE_TTL_S)."""
+    service.auth's cache: no query, no thread hand-off and no throttle to consult (it is correct;
+    revocation takes up to KEY_CACHE_TTL_S). Checked once per request: api.yaml_bodies checks the
+    key before it parses a YAML body, and the route's dependency then reuses the answer."""
+    checked: str | None = getattr(request.state, "api_team_id", None)
+    if checked is not None:
+        return checked
     if credentials is None:
         raise UNAUTHORIZED
     sources = api_failure_sources(request, settings, credentials.credentials)
-    refuse_if_throttled(request, sources)
     key_hash = hash_key(credentials.credentials)
-    owner = cached_owner(key_hash) or await in_session(owner_of_key_hash, key_hash, read_only=True)
+    owner = cached_owner(key_hash) or await run_in_threadpool(look_up_key, request, sources, key_hash)
     if owner is None:
         if await in_session(key_of_disabled_team, key_hash, read_only=True):
             raise TEAM_DISABLED
         await run_in_threadpool(record_failure, request, "api_key", sources)
         raise UNAUTHORIZED
     enforce_rate(settings, key_hash, owner.requests_per_minute)
+    request.state.api_team_id = owner.team_id
     return owner.team_id
 
 
@@ -225,11 +257,14 @@ def require_admin(request: Request, settings: SettingsDep, credentials: Credenti
         raise HTTPException(
             status.HTTP_403_FORBIDDEN, "admin endpoints are off: no admin key is configured (W2S_ADMIN_KEY)"
         )
+    if is_admin_key(credentials.credentials, settings.admin_key):
+        return  # compared in memory: the right key is never made to wait for others' failures
     sources = api_failure_sources(request, settings, credentials.credentials)
-    refuse_if_throttled(request, sources)
-    if not is_admin_key(credentials.credentials, settings.admin_key):
-        record_failure(request, "admin_key", sources)
-        raise HTTPException(status.HTTP_403_FORBIDDEN, "this endpoint needs the admin key")
+    refusal = throttle_refusal(request, sources)
+    if refusal is not None:
+        raise refusal
+    record_failure(request, "admin_key", sources)
+    raise HTTPException(status.HTTP_403_FORBIDDEN, "this endpoint needs the admin key")
 
 
 TeamDep = Annotated[Team, Depends(current_team)]

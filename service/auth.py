@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
 import threading
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from cachetools import TTLCache
@@ -72,6 +75,39 @@ class KeyCache:
 KEY_CACHE = KeyCache(KEY_CACHE_TTL_S)
 
 
+class KnownKeyHashes:
+    """The hashes of every unrevoked key, read from the database at most once per ``max_age_s``.
+
+    Asked only for a request from a source throttled for failed authentications (an address or a
+    key prefix over its limit): a correct key is looked up and served whoever else failed from its
+    address or at its prefix, a made-up one is refused from this set. So a flood of made-up keys
+    costs one query per ``max_age_s`` in each process, not one per key. A key created by another
+    process since the last read waits (429) for up to ``max_age_s`` if, and only if, its source is
+    throttled. Thread-safe: one thread reads the table, the others wait for its answer."""
+
+    def __init__(self, max_age_s: float) -> None:
+        self.max_age_s = max_age_s
+        self._hashes: frozenset[str] = frozenset()
+        self._read_at = -math.inf
+        self._lock = threading.Lock()
+
+    def contains(self, key_hash: str, read: Callable[[], Iterable[str]]) -> bool:
+        """Whether ``key_hash`` is an unrevoked key's; ``read()`` gives every such hash, and is
+        called only when the last read is older than ``max_age_s``."""
+        with self._lock:
+            if time.monotonic() - self._read_at > self.max_age_s:
+                self._hashes = frozenset(read())
+                self._read_at = time.monotonic()
+            return key_hash in self._hashes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._hashes, self._read_at = frozenset(), -math.inf
+
+
+KNOWN_KEY_HASHES = KnownKeyHashes(KEY_CACHE_TTL_S)
+
+
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -117,6 +153,11 @@ def team_for_key_hash(session: Session, key_hash: str) -> Team | None:
         .join(ApiKey, ApiKey.team_id == Team.id)
         .where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None), Team.disabled_at.is_(None))
     )
+
+
+def unrevoked_key_hashes(session: Session) -> list[str]:
+    """Every key that may still work (a disabled team's too: its holder is told why it is refused)."""
+    return list(session.scalars(select(ApiKey.key_hash).where(ApiKey.revoked_at.is_(None))))
 
 
 def key_of_disabled_team(session: Session, key_hash: str) -> bool:
@@ -182,10 +223,11 @@ def open_web_session(session: Session, *, team: Team, key_hash: str) -> str:
     return session_id
 
 
-def team_for_web_session(session: Session, session_id: str) -> Team | None:
-    """The team of an open session whose key still works (not revoked, team enabled)."""
-    return session.scalar(
-        select(Team)
+def team_for_web_session(session: Session, session_id: str) -> tuple[Team, str] | None:
+    """The team of an open session whose key still works (not revoked, team enabled), and the
+    key's listed prefix (the dashboard shows which key signed in; the cookie never holds any of it)."""
+    row = session.execute(
+        select(Team, ApiKey.prefix)
         .join(WebSession, WebSession.team_id == Team.id)
         .join(ApiKey, ApiKey.key_hash == WebSession.key_hash)
         .where(
@@ -194,7 +236,8 @@ def team_for_web_session(session: Session, session_id: str) -> Team | None:
             ApiKey.revoked_at.is_(None),
             Team.disabled_at.is_(None),
         )
-    )
+    ).first()
+    return (row[0], row[1]) if row is not None else None
 
 
 def close_web_session(session: Session, session_id: str) -> None:

@@ -28,7 +28,7 @@ from tenacity import (
     wait_random,
 )
 
-from service.auth import KEY_CACHE
+from service.auth import KEY_CACHE, KNOWN_KEY_HASHES
 from service.settings import get_settings
 
 logger = logging.getLogger(__name__)
@@ -239,6 +239,7 @@ def retry_database(action: Callable[[], T], what: str, budget_s: float) -> T:
 def reset_caches() -> None:
     """Forget the cached settings, engine, sessions and checked API keys (tests switch databases)."""
     KEY_CACHE.clear()
+    KNOWN_KEY_HASHES.clear()
     get_settings.cache_clear()
     if get_engine.cache_info().currsize:
         get_engine().dispose()

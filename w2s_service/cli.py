@@ -115,6 +115,8 @@ def cmd_api(args: argparse.Namespace) -> int:
         loop="auto",
         http="auto",
         timeout_keep_alive=settings.api_keep_alive_s,
+        proxy_headers=True,
+        forwarded_allow_ips=args.forwarded_allow_ips,
         log_level="info",
     )
     return 0
@@ -577,6 +579,13 @@ def build_parser() -> argparse.ArgumentParser:
     api = commands.add_parser("api", help="serve the REST API")
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", type=int, default=8000)
+    api.add_argument(
+        "--forwarded-allow-ips",
+        default=None,
+        help="addresses of the reverse proxies whose X-Forwarded-For names the client (comma-separated, "
+        "'*' for any); others' headers are ignored. Default: $FORWARDED_ALLOW_IPS, else 127.0.0.1. "
+        "Failed authentications are counted per client address, so behind a proxy set this to its address",
+    )
     api.set_defaults(handler=cmd_api)
     worker = commands.add_parser("worker", help="one worker process consuming one queue")
     worker.add_argument("--queue", required=True, help="cpu, gpu-24g, gpu-80g, ...")

@@ -33,6 +33,7 @@ from api.deps import (
     SettingsDep,
     client_address,
     failure_throttle,
+    known_key,
     record_failure,
     signin_policy,
 )
@@ -61,6 +62,7 @@ from api.web.session import (
 from service import exports as export_service
 from service import jobs as job_service
 from service import sweeps as sweep_service
+from service.auth import hash_key
 from service.errors import NotFound, ServiceError
 from service.metrics import job_series, latest_point_id
 from service.models import Job, Sweep, Team
@@ -132,7 +134,7 @@ def _context(request: Request, **context: Any) -> dict[str, Any]:
     return {
         "request": request,
         "team": team,
-        "key_prefix": request.session.get("key_prefix", "") if team else "",
+        "key_prefix": getattr(request.state, "key_prefix", "") if team else "",
         "csrf": csrf_token(request),
         "base_url": str(request.base_url).rstrip("/"),
         "nav": "",
@@ -235,7 +237,9 @@ def login(
         return render(request, "login.html", status_code=400, next=target, error=error)
     sources = [(signin_policy(settings), client_address(request))]
     wait = failure_throttle(request).wait_s(*sources[0])
-    if wait is not None:
+    # A correct key signs in whoever else failed from this address (a shared NAT or proxy); a wrong
+    # one is refused from a snapshot of the keys, without a lookup (api.deps.known_key).
+    if wait is not None and not known_key(hash_key(api_key.strip())):
         error = f"Too many failed sign-ins from your address: wait {wait} s, then paste your key again."
         page = render(request, "login.html", status_code=429, next=target, error=error)
         page.headers["Retry-After"] = str(wait)

@@ -1,9 +1,11 @@
 """Dashboard sign-in: the session cookie's contents, the signed-in team, and CSRF tokens.
 
-The cookie (Starlette's SessionMiddleware: signed, httponly, same-site lax) holds the id of a
-server-side session (``web_sessions``), never the key: the cookie is signed but not encrypted.
-Every request looks the session up again: signing out revokes it on the server (a copied cookie
-stops working too), and revoking the key or disabling the team signs its sessions out.
+The cookie (Starlette's SessionMiddleware: signed, httponly, same-site lax) is signed but not
+encrypted: anyone holding it can read it. So it holds only random tokens: the id of a server-side
+session (``web_sessions``) and the CSRF token (and, for one page, a flash message), never the key
+nor any part of it (issue 28: it showed the key's first 10 characters). Every request looks the
+session up again: signing out revokes it on the server (a copied cookie stops working too), and
+revoking the key or disabling the team signs its sessions out.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from service.models import Team
 
 CSRF_FIELD = "csrf"
 CSRF_HEADER = "X-CSRF-Token"
+# What cookies set before issue 28 also held (the key's first characters, the team's id): dropped
+# from a browser's cookie at its next request.
+STALE_FIELDS = ("key_prefix", "team_id")
 
 
 class LoginRequired(Exception):
@@ -58,8 +63,6 @@ def sign_in(request: Request, session: Session, key: str) -> Team | None:
     request.session.update(
         {
             "session_id": open_web_session(session, team=team, key_hash=hash_key(key)),
-            "team_id": team.id,
-            "key_prefix": key[:10],
             CSRF_FIELD: secrets.token_urlsafe(32),
         }
     )
@@ -74,14 +77,18 @@ def sign_out(request: Request, session: Session) -> None:
 
 
 def session_team(request: Request, session: Session) -> Team | None:
+    """The signed-in team; the signing key's listed prefix goes to ``request.state.key_prefix``."""
     data: dict[str, Any] = request.session
-    session_id, team_id = data.get("session_id"), data.get("team_id")
-    if not isinstance(session_id, str) or not isinstance(team_id, str):
+    for stale in STALE_FIELDS:
+        data.pop(stale, None)
+    session_id = data.get("session_id")
+    if not isinstance(session_id, str):
         return None
-    team = team_for_web_session(session, session_id)
-    if team is None or team.id != team_id:
+    signed_in = team_for_web_session(session, session_id)
+    if signed_in is None:
         request.session.clear()  # signed out, revoked key, disabled team or stale cookie
         return None
+    team, request.state.key_prefix = signed_in
     return team
 
 

@@ -140,15 +140,19 @@ class Steps:
 
 
 @contextlib.contextmanager
-def live_api_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
-    """A real uvicorn serving the API with ``env``; its base URL."""
+def live_api_server(
+    env: dict[str, str], log_path: Path, command: list[str] | None = None
+) -> Iterator[str]:
+    """A real uvicorn serving the API with ``env``; its base URL. ``command``: how to start it (it is
+    given ``--host`` and ``--port``); by default uvicorn itself, logging warnings only."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     log = open(log_path, "wb")  # noqa: SIM115 (closed below)
-    command = [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory"]
+    if command is None:
+        command = [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--log-level", "warning"]
     process = subprocess.Popen(
-        [*command, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+        [*command, "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT,
         env={**os.environ, **env},
         stdout=log,
