@@ -18,6 +18,7 @@ from pydantic import (
 
 from service.jobs import UPLOAD_PREFIX
 from service.states import JobStatus, has_result
+from service.team_names import TEAM_NAME_MAX, check_team_name
 from w2s.safe_text import check_name
 
 
@@ -264,7 +265,13 @@ class LogsPublic(BaseModel):
 class TeamCreate(BaseModel):
     model_config = ConfigDict(strict=True)  # a JSON 0 is not false, nor "1" a weight
 
-    name: str = Field(..., min_length=1, max_length=100)
+    name: Annotated[str, AfterValidator(check_team_name)] = Field(
+        ...,
+        min_length=1,
+        max_length=100,
+        description=f"ASCII letters, digits, '-', '_' and '.', 1 to {TEAM_NAME_MAX}, starting with a letter "
+        "or digit (NFKC-normalised and stripped first); unique ignoring case",
+    )
     weight: float = Field(1.0, gt=0, le=1000, description="fair-share weight")
     gpu_quota: int | None = Field(
         None, ge=0, le=10000, description="concurrent GPU stages (default from settings)"

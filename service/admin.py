@@ -15,6 +15,7 @@ from service.errors import InvalidInput, NotFound
 from service.exports import EXPORT_FIELDS, check_export_fields
 from service.models import ApiKey, AuditEntry, Job, Team, utcnow
 from service.states import JobStatus
+from service.team_names import team_name_key
 from w2s.safe_text import check_name
 
 # What PATCH /v1/admin/teams/{id} may change.
@@ -50,10 +51,16 @@ def team_by_id(session: Session, team_id: str) -> Team:
 
 
 def team_by_name_or_id(session: Session, name_or_id: str) -> Team:
-    team = session.scalar(select(Team).where((Team.name == name_or_id) | (Team.id == name_or_id)))
-    if team is None:
+    """A team by its exact name, its id, or its name as uniqueness compares names ("ALPHA" finds
+    "alpha"), in that order of preference."""
+    found = session.scalars(
+        select(Team).where(
+            (Team.name == name_or_id) | (Team.id == name_or_id) | (Team.name_key == team_name_key(name_or_id))
+        )
+    ).all()
+    if not found:
         raise NotFound(f"no team named {name_or_id!r}; list them with `w2s-service teams`")
-    return team
+    return min(found, key=lambda team: (team.name != name_or_id, team.id != name_or_id))
 
 
 def new_team(session: Session, *, actor: str = ADMIN, **fields: Any) -> tuple[Team, str]:

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from service.errors import Conflict
 from service.models import ApiKey, Team, WebSession, utcnow
+from service.team_names import check_team_name, team_name_key
 
 KEY_PREFIX = "w2s_"
 # How long an API process trusts a key it has checked (see KeyCache).
@@ -120,15 +121,27 @@ def create_team(
     gpu_quota: int | None = None,
     allow_trust_remote_code: bool = False,
 ) -> Team:
-    """A new team. The name's unique constraint decides a race between two requests for it."""
+    """A new team, its name checked and normalised (service/team_names.py: InvalidInput naming what
+    to fix). The unique index on the case-folded name decides a race between two requests for one
+    name, whatever their case: the second is a Conflict."""
+    given, name = name, check_team_name(name)
+    key = team_name_key(name)
     team = Team(
-        name=name, weight=weight, gpu_quota=gpu_quota, allow_trust_remote_code=allow_trust_remote_code
+        name=name,
+        name_key=key,
+        weight=weight,
+        gpu_quota=gpu_quota,
+        allow_trust_remote_code=allow_trust_remote_code,
     )
     try:
         with session.begin_nested():
             session.add(team)
     except IntegrityError:
-        raise Conflict(f"team name {name!r} is taken; choose another") from None
+        holder = session.scalar(select(Team.name).where(Team.name_key == key)) or name
+        raise Conflict(
+            f"team name {given!r} is taken by team {holder!r} (names are compared NFKC-normalised, "
+            "stripped and ignoring case); choose another"
+        ) from None
     return team
 
 

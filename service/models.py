@@ -25,6 +25,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 from service.states import JOB_FINISH_DUE, JOB_PLAN_DUE, STAGE_READY, JobStatus, StageStatus
+from service.team_names import team_name_key
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 # SQLite only auto-increments INTEGER primary keys.
@@ -64,6 +65,15 @@ class Team(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(100), unique=True)
+    # The name as uniqueness compares it (service/team_names.py): "Alpha" and "alpha" cannot both be.
+    # Filled on every insert; nullable in the schema only because SQLite cannot add NOT NULL in place.
+    name_key: Mapped[str] = mapped_column(
+        String(100),
+        nullable=True,
+        unique=True,
+        index=True,
+        default=lambda context: team_name_key(context.get_current_parameters()["name"]),
+    )
     weight: Mapped[float] = mapped_column(Float, default=1.0)  # fair-share weight
     gpu_quota: Mapped[int | None] = mapped_column(Integer)  # concurrent GPU stages; None = default
     allow_trust_remote_code: Mapped[bool] = mapped_column(Boolean, default=False)
