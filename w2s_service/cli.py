@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -296,7 +295,12 @@ def cmd_dev(args: argparse.Namespace) -> int:
         ([*me, "worker", "--queue", CONTROL_QUEUE], {"CUDA_VISIBLE_DEVICES": ""}),
         *(([*me, "worker", "--queue", queue], env) for queue, env in workers),
     ]
-    children = [subprocess.Popen(command, env={**os.environ, **env}) for command, env in commands]
+    from w2s_service.supervise import Supervisor
+
+    # Each process that exits is started again; the log lines name it by its arguments.
+    children = Supervisor(
+        [(" ".join(command[len(me) :]), command, {**os.environ, **env}) for command, env in commands]
+    )
     say(f"w2s-service: API and dashboard on http://{args.host}:{args.port} (API docs at /docs)")
     say(f"w2s-service: state in {settings.state_dir}; database {settings.database_url}")
     say(f"w2s-service: admin key {settings.admin_key!r} (development only; production sets W2S_ADMIN_KEY)")
@@ -314,20 +318,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
     say("w2s-service: running in the foreground; Ctrl-C stops every process")
     stop = _stop_on_signals()
     try:
-        while not stop.is_set():
-            if any(child.poll() is not None for child in children):
-                say("a service process exited; stopping the others", error=True)
-                break
-            stop.wait(1.0)
+        children.run(stop)
     finally:
-        for child in children:
-            if child.poll() is None:
-                child.terminate()
-        for child in children:
-            try:
-                child.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        children.stop_all()
     return 0
 
 

@@ -14,6 +14,7 @@ from celery import Celery
 from kombu import Queue
 
 from service.settings import Settings, get_settings
+from worker import embedded_broker
 
 STAGE_TASK = "w2s.run_stage"
 PLAN_TASK = "w2s.plan_job"
@@ -26,14 +27,17 @@ CONTROL_QUEUE = "control"
 def broker_options(settings: Settings) -> dict[str, object]:
     if settings.embedded_broker:
         folder = settings.broker_dir
-        for sub in ("queue", "processed", "control"):
+        for sub in ("queue", "processed", "control", "claimed", "broken"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
-        # Producer and consumer share one folder: what the API writes, the worker reads.
+        # Producer and consumer share one folder: what the API writes, the worker reads. Messages
+        # are written whole and claimed by rename (worker/embedded_broker.py), so no reader tears one.
         return {
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
             "processed_folder": str(folder / "processed"),
             "control_folder": str(folder / "control"),
+            "claim_folder": str(folder / "claimed"),
+            "broken_folder": str(folder / "broken"),
             "store_processed": False,
             # How often a worker lists the queue folder (kombu's default: 1 s, which set the pace of
             # a stream of short stages: one per second however fast each ran).
@@ -55,9 +59,9 @@ def queue_names(settings: Settings) -> list[str]:
 
 def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
-    app = Celery(
-        "w2s", broker=settings.broker_url, include=["worker.tasks", "worker.control", "worker.exports"]
-    )
+    # filesystem:// means the embedded broker: kombu's filesystem transport with atomic writes.
+    broker = f"{embedded_broker.ALIAS}://" if settings.embedded_broker else settings.broker_url
+    app = Celery("w2s", broker=broker, include=["worker.tasks", "worker.control", "worker.exports"])
     limit = settings.control_timeout_s
     app.conf.update(
         task_routes={name: {"queue": CONTROL_QUEUE} for name in (PLAN_TASK, FINISH_TASK, EXPORT_TASK)},
