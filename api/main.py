@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import web
 from api.deps import Credentials, SettingsDep, require_admin
+from api.docs import install_docs
 from api.routes import admin, datasets, jobs, sweeps, teams
 from api.schemas import body_location, error_responses
 from api.streams import StreamHub
@@ -45,6 +46,7 @@ from service.models import Job, Stage
 from service.settings import Settings, get_settings
 from service.states import InvalidTransition
 from w2s.spec import SpecError
+from w2s.store import StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +105,8 @@ def create_app() -> FastAPI:
         version="0.1.0",
         description="Weak-to-strong generalization experiments as a shared service. "
         "Authenticate with `Authorization: Bearer <API key>`.",
+        docs_url=None,  # FastAPI's /docs and /redoc load their scripts from a CDN: api/docs.py instead
+        redoc_url=None,
     )
     v1 = APIRouter(prefix="/v1")
     for module in (jobs, sweeps, datasets, teams, admin):
@@ -119,6 +123,7 @@ def create_app() -> FastAPI:
     # The dashboard. Its session cookie is read by api/web only: /v1 stays bearer-only.
     app.include_router(web.router)
     app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
+    install_docs(app)
     app.add_middleware(
         SessionMiddleware,
         # Unset, start-up refuses to serve (see _lifespan); the app itself can still be built to read
@@ -316,6 +321,17 @@ def _install_error_handlers(app: FastAPI) -> None:
                 headers={"Retry-After": "5"},
             )
         return _internal_error(request, error)
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store_unavailable(_: Request, error: StoreUnavailable) -> JSONResponse:
+        # The log names the store and the error; the answer names neither (a bucket is no user's
+        # business).
+        logger.warning("artifact store unavailable: %s", str(error).splitlines()[0])
+        return JSONResponse(
+            {"detail": "the artifact store is unavailable; nothing was lost, retry in a few seconds"},
+            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+            headers={"Retry-After": "5"},
+        )
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, error: Exception) -> JSONResponse:
