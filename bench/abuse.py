@@ -15,11 +15,17 @@ jobs here stay queued, which keeps their streams open). Two teams: a hostile one
 3. **A million-step curve.** The worker's progress writer is fed one million training steps of a stage
    (four curves) exactly as a training run feeds it; then ``GET /v1/jobs/{id}/metrics`` is read 50
    times (goal p99 < 100 ms), with the rows stored and points returned.
-4. **Guessed keys**, last (the throttle then refuses this address for a minute, valid keys too):
-   2,000 requests with made-up keys from one address; the first 429 comes within the first 100
-   (goal), and how many of the 2,000 were refused.
+4. **Guessed keys**, last (the throttle then refuses this address's made-up keys for a minute;
+   a valid key from it is still served): 2,000 requests with made-up keys from one address; the
+   first 429 comes within the first 100 (goal), and how many of the 2,000 were refused.
+6. **Hostile YAML** (on phase 1's API, before phase 4): for ``--seconds``, three clients post YAML
+   bodies to ``/v1/jobs`` in turn, one without a key, one with a made-up key, one with the hostile
+   team's key (its rate limit raised): ``a: [[[...]]]`` 5,000 and 10,000 levels deep (10 and 20 KB)
+   and a flat list of 1 MiB. Meanwhile ``/healthz`` and the reader's job list are read ten times a
+   second. Goals: ``/healthz`` p99 < 100 ms during the attack, every refusal p99 < 100 ms, no 5xx.
 
     python bench/abuse.py
+    python bench/abuse.py --yaml-only        # phase 6 alone
     python bench/abuse.py --quick            # 100 streams, 1e5 steps, 8 s of reads
     python bench/abuse.py --json /tmp/abuse.json
 """
@@ -356,6 +362,110 @@ def million_step_curves(
     }
 
 
+# -- 6. hostile YAML ------------------------------------------------------------------------------
+
+MIB = 1024 * 1024
+HOSTILE_YAML = {
+    "depth 5,000": b"a: " + b"[" * 5_000 + b"]" * 5_000,
+    "depth 10,000": b"a: " + b"[" * 10_000 + b"]" * 10_000,
+    "flat 1 MiB list": b"[" + b"1," * ((MIB - 100) // 2) + b"1]",  # just under the 1 MiB body limit
+}
+YAML_HEADERS = {"Content-Type": "application/yaml"}
+
+
+def post_yaml_loop(base_url: str, headers: dict[str, str], seconds: float, out: dict[str, Any]) -> None:
+    """Post each of HOSTILE_YAML's bodies in turn for ``seconds``; per body, statuses and times."""
+    with httpx.Client(base_url=base_url, timeout=120, headers=headers) as client:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            for name, body in HOSTILE_YAML.items():
+                record = out.setdefault(name, {"statuses": {}, "times": []})
+                started_at = time.perf_counter()
+                try:
+                    status = str(client.post("/v1/jobs", content=body, headers=YAML_HEADERS).status_code)
+                except httpx.HTTPError as error:
+                    status = type(error).__name__
+                record["times"].append(time.perf_counter() - started_at)
+                record["statuses"][status] = record["statuses"].get(status, 0) + 1
+
+
+def hostile_yaml(
+    base_url: str, reader: tuple[str, str], hostile: tuple[str, str], seconds: float
+) -> dict[str, Any]:
+    """/healthz and a reader, quiet and then while three clients post hostile YAML (no key, a
+    made-up key, a valid key) for ``seconds``."""
+    reader_key, (hostile_id, hostile_key) = reader[1], hostile
+    _set_team(hostile_id, requests_per_minute=1_000_000)  # its refusals timed, not its rate limit
+    reader_headers = {"Authorization": f"Bearer {reader_key}"}
+
+    def readers(duration: float) -> dict[str, Any]:
+        healthz: list[float] = []
+        jobs: list[float] = []
+        failures: list[str] = []
+        threads = [
+            threading.Thread(target=read_loop, args=(f"{base_url}/healthz", {}, duration, healthz, failures)),
+            threading.Thread(
+                target=read_loop, args=(f"{base_url}/v1/jobs", reader_headers, duration, jobs, failures)
+            ),
+        ]
+        for thread in threads:
+            thread.start()
+        return {"threads": threads, "healthz": healthz, "jobs": jobs, "failures": failures}
+
+    quiet = readers(3.0)
+    for thread in quiet["threads"]:
+        thread.join()
+    attackers = {
+        "no key": {},
+        "made-up key": {"Authorization": f"Bearer w2s_{uuid.uuid4().hex}"},
+        "valid key": {"Authorization": f"Bearer {hostile_key}"},
+    }
+    answers: dict[str, dict[str, Any]] = {who: {} for who in attackers}
+    attack = [
+        threading.Thread(target=post_yaml_loop, args=(base_url, headers, seconds, answers[who]))
+        for who, headers in attackers.items()
+    ]
+    for thread in attack:
+        thread.start()
+    during = readers(seconds)
+    for thread in [*attack, *during["threads"]]:
+        thread.join()
+    refusals = {
+        who: {
+            name: {"statuses": record["statuses"], **ms(record["times"])} for name, record in bodies.items()
+        }
+        for who, bodies in answers.items()
+    }
+    return {
+        "healthz_quiet": ms(quiet["healthz"]),
+        "healthz_during": ms(during["healthz"]),
+        "reader_jobs_quiet": ms(quiet["jobs"]),
+        "reader_jobs_during": ms(during["jobs"]),
+        "reader_failures": during["failures"][:5],
+        "refusals": refusals,
+    }
+
+
+def yaml_goals(figures: dict[str, Any]) -> dict[str, bool]:
+    refusals = [body for bodies in figures["refusals"].values() for body in bodies.values()]
+    statuses = {status for body in refusals for status in body["statuses"]}
+    return {
+        "/healthz p99 < 100 ms while hostile YAML arrives": figures["healthz_during"]["p99_ms"] is not None
+        and figures["healthz_during"]["p99_ms"] < 100,
+        "hostile YAML refused, p99 < 100 ms": bool(refusals)
+        and all(body["p99_ms"] is not None and body["p99_ms"] < 100 for body in refusals),
+        "hostile YAML: no 5xx, every answer a 4xx": bool(statuses)
+        and all(s.startswith("4") for s in statuses),
+    }
+
+
+def run_hostile_yaml(base_url: str, reader: tuple[str, str], hostile: tuple[str, str], seconds: float) -> Any:
+    print(f"6. hostile YAML bodies for {seconds:.0f} s (no key, a made-up key, a valid key)", flush=True)
+    figures = hostile_yaml(base_url, reader, hostile, seconds)
+    print(f"    {json.dumps(figures)}", flush=True)
+    return figures
+
+
 # -- the run ---------------------------------------------------------------------------------------
 
 
@@ -370,6 +480,7 @@ def main() -> int:
     parser.add_argument("--keys", type=int, default=2_000)
     parser.add_argument("--steps", type=int, default=1_000_000)
     parser.add_argument("--quick", action="store_true", help="100 streams, 1e5 steps, 8 s of reads")
+    parser.add_argument("--yaml-only", action="store_true", help="run phase 6 (hostile YAML) alone")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.quick:
@@ -382,6 +493,21 @@ def main() -> int:
     models = build_tiny_bert(folder / "models" / "tiny-bert")
     env = {"W2S_MODEL_ROOTS": json.dumps([str(folder / "models")]), "W2S_API_WORKERS": "1"}
     figures: dict[str, Any] = {"quick": args.quick}
+    if args.yaml_only:
+        with ApiOnlyStack(data_dir=data_dir, extra_env=env) as stack:
+            hostile, reader = make_team("hostile"), make_team("reader")
+            httpx.post(
+                f"{stack.base_url}/v1/jobs",
+                headers={"Authorization": f"Bearer {reader[1]}"},
+                json=tiny_job_body(models),
+                timeout=60,
+            ).raise_for_status()
+            figures["hostile_yaml"] = run_hostile_yaml(stack.base_url, reader, hostile, args.seconds)
+        figures["goals"] = yaml_goals(figures["hostile_yaml"])
+        print(json.dumps(figures["goals"], indent=2))
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=2))
+        return 0 if all(figures["goals"].values()) else 1
     with ApiOnlyStack(data_dir=data_dir, extra_env=env) as stack:
         hostile_id, hostile_key = make_team("hostile")
         reader_id, reader_key = make_team("reader")
@@ -430,7 +556,11 @@ def main() -> int:
         )
         print(f"    {figures['metrics']}", flush=True)
 
-        # Last: the throttle then refuses every request from this address, valid keys too, for a minute.
+        figures["hostile_yaml"] = run_hostile_yaml(
+            stack.base_url, (reader_id, reader_key), (hostile_id, hostile_key), args.seconds
+        )
+
+        # Last: the throttle then refuses this address's made-up keys for a minute.
         print(f"4. {args.keys} made-up keys", flush=True)
         figures["guessed_keys"] = asyncio.run(guess_keys(stack.base_url, args.keys))
         print(f"    {figures['guessed_keys']}", flush=True)
@@ -448,6 +578,7 @@ def main() -> int:
         "oversized sweep refused < 50 ms": figures["oversized_sweep"]["statuses"] == {"422": 20}
         and figures["oversized_sweep"]["refusal"]["p99_ms"] < 50,
         "metric GET of a 1M-step stage < 100 ms": figures["metrics"]["get"]["p99_ms"] < 100,
+        **yaml_goals(figures["hostile_yaml"]),
     }
     print(json.dumps(figures["goals"], indent=2))
     if args.json:

@@ -1003,8 +1003,58 @@ def render_abuse(figures: Figures) -> list[str]:
             f"request {num(keys['first_429_at'])} of {keys['attempts']:,} ({keys['refused_429']:,} refused "
             f"with 429, {keys['answered_401']} answered 401)",
         ],
+        *_hostile_yaml_rows(figures.get("hostile_yaml")),
     ]
     return table(["figure", "value"], rows)
+
+
+def _hostile_yaml_rows(yaml: dict[str, Any] | None) -> list[list[str]]:
+    """Phase 6: hostile YAML bodies, without a key, with a made-up one and with a valid one."""
+    if not yaml:
+        return []
+    rows = [
+        [
+            "`/healthz` while hostile YAML arrives: p50 / p99 / max",
+            f"{_latency(yaml['healthz_during'])} (quiet: {_latency(yaml['healthz_quiet'])})",
+        ],
+        [
+            "reader team's job list meanwhile: p50 / p99 / max",
+            f"{_latency(yaml['reader_jobs_during'])} (quiet: {_latency(yaml['reader_jobs_quiet'])})",
+        ],
+    ]
+    for who, bodies in yaml["refusals"].items():
+        for body, answer in bodies.items():
+            statuses = ", ".join(f"{code}: {n}" for code, n in sorted(answer["statuses"].items()))
+            rows.append([f"YAML {body}, {who}: refusal p50 / p99 / max", f"{_latency(answer)} ({statuses})"])
+    return rows
+
+
+def _hostile_yaml_checks(yaml: dict[str, Any] | None) -> list[Check]:
+    if not yaml:
+        return []
+    answers = [answer for bodies in yaml["refusals"].values() for answer in bodies.values()]
+    worst = max((answer["p99_ms"] or 0.0 for answer in answers), default=None)
+    statuses = sorted({code for answer in answers for code in answer["statuses"]})
+    return [
+        Check(
+            HOSTILE_YAML_TARGETS[0],
+            f"{yaml['healthz_during']['p99_ms']} ms",
+            yaml["healthz_during"]["p99_ms"] is not None and yaml["healthz_during"]["p99_ms"] < 100,
+        ),
+        Check(HOSTILE_YAML_TARGETS[1], f"worst p99 {worst} ms", worst is not None and worst < 100),
+        Check(
+            HOSTILE_YAML_TARGETS[2],
+            ", ".join(statuses),
+            bool(statuses) and all(code.startswith("4") for code in statuses),
+        ),
+    ]
+
+
+HOSTILE_YAML_TARGETS = [
+    "hostile YAML: /healthz p99 < 100 ms meanwhile",
+    "hostile YAML refused, p99 < 100 ms",
+    "hostile YAML: no 5xx",
+]
 
 
 def abuse_checks(figures: Figures) -> list[Check]:
@@ -1039,6 +1089,7 @@ def abuse_checks(figures: Figures) -> list[Check]:
             f"p99 {metrics['get']['p99_ms']} ms",
             metrics["get"]["p99_ms"] < 100,
         ),
+        *_hostile_yaml_checks(figures.get("hostile_yaml")),
     ]
 
 
@@ -1480,6 +1531,7 @@ UNMEASURED_TARGETS = {
         "2,000 made-up keys: 429 within the first 100",
         "oversized sweep refused < 50 ms",
         "metric GET of a 1,000,000-step stage < 100 ms",
+        *HOSTILE_YAML_TARGETS,
     ],
     "race_storm": [
         "stuck jobs = 0",
