@@ -1446,7 +1446,11 @@ BENCHMARKS.append(
             "Postgres' `pg_stat_activity` is sampled every 0.1 s. Then a sweep of 20 × 20 models, 50 "
             "losses and 20 seeds is sent 20 times; the worker's progress writer is fed a million training "
             "steps of a stage as training feeds it and the stage's curves are read 50 times; last, 2,000 "
-            "requests with made-up keys come from one address. All clients run on the same 2-core machine "
+            "requests with made-up keys come from one address. Before them, phase 6 (`--yaml-only` runs it "
+            "alone): for 20 s, three clients post YAML bodies 5,000 and 10,000 levels deep and a flat 1 MiB "
+            "list to `/v1/jobs`, one without a key, one with a made-up key, one with a valid key, while "
+            "`/healthz` and another team's job list are read ten times a second. All clients run on the "
+            "same 2-core machine "
             "as the API."
         ),
         render=render_abuse,
