@@ -140,9 +140,7 @@ class Steps:
 
 
 @contextlib.contextmanager
-def live_api_server(
-    env: dict[str, str], log_path: Path, command: list[str] | None = None
-) -> Iterator[str]:
+def live_api_server(env: dict[str, str], log_path: Path, command: list[str] | None = None) -> Iterator[str]:
     """A real uvicorn serving the API with ``env``; its base URL. ``command``: how to start it (it is
     given ``--host`` and ``--port``); by default uvicorn itself, logging warnings only."""
     with socket.socket() as probe:
@@ -150,7 +148,8 @@ def live_api_server(
         port = probe.getsockname()[1]
     log = open(log_path, "wb")  # noqa: SIM115 (closed below)
     if command is None:
-        command = [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--log-level", "warning"]
+        command = [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory"]
+        command += ["--log-level", "warning"]
     process = subprocess.Popen(
         [*command, "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT,
