@@ -299,6 +299,7 @@ class TeamAdminPublic(TeamPublic):
     max_stages_per_job: int | None
     max_stages_per_sweep: int | None
     upload_quota_mb: int | None
+    max_uploads: int | None = None
     storage_quota_mb: int | None
     stage_time_limit_s: int | None
     requests_per_minute: int | None
@@ -329,6 +330,7 @@ class TeamUpdate(BaseModel):
     max_stages_per_job: int | None = Field(None, ge=1, le=1_000_000)
     max_stages_per_sweep: int | None = Field(None, ge=1, le=10_000_000)
     upload_quota_mb: int | None = Field(None, ge=1, le=10_000_000)
+    max_uploads: int | None = Field(None, ge=1, le=1_000_000, description="uploaded datasets kept at once")
     storage_quota_mb: int | None = Field(
         None, ge=1, le=1_000_000_000, description="artifact store and uploads together, MB"
     )

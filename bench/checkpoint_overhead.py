@@ -72,7 +72,7 @@ def timed_run(plan: Any, policy: CheckpointPolicy) -> dict[str, Any]:
         started = time.perf_counter()
         result = run_stage(plan, store, callback=watch, checkpoint_policy=policy)
         wall = time.perf_counter() - started
-        weights = torch.load(io.BytesIO(store.get_bytes(result.checkpoint)), weights_only=True)
+        weights = torch.load(io.BytesIO(store.get_checkpoint(result.checkpoint)), weights_only=True)
     return {
         "train_s": result.train_seconds,
         "wall_s": wall,

@@ -28,6 +28,7 @@ TEAM_FIELDS = (
     "max_stages_per_job",
     "max_stages_per_sweep",
     "upload_quota_mb",
+    "max_uploads",
     "storage_quota_mb",
     "stage_time_limit_s",
     "requests_per_minute",

@@ -8,6 +8,7 @@ the hub answers is checked with a short request, remembered for a minute.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -16,6 +17,8 @@ from typing import Any
 
 from service.settings import Settings
 from w2s.spec import is_local_model_name
+
+logger = logging.getLogger(__name__)
 
 HUB_CHECK_TTL_S = 60.0
 _hub: dict[str, tuple[bool, float]] = {}
@@ -69,8 +72,9 @@ def availability_errors(spec: Any, settings: Settings) -> list[tuple[str, str]]:
         if settings.data_url:
             try:
                 problem = missing_splits(name, settings)
-            except StoreUnavailable as error:
-                problem = f"W2S_DATA_URL cannot be read now ({error}); try again shortly"
+            except StoreUnavailable as error:  # logged with its cause; the answer names no URL
+                logger.warning("W2S_DATA_URL unreadable while checking %s: %s", name, error)
+                problem = "the service's data store cannot be read now; try again shortly"
             if problem:
                 errors.append(("dataset.name", problem))
         elif settings.data_dir is not None:

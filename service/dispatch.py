@@ -444,12 +444,14 @@ def admit_ready_stages(session: Session, settings: Settings, report: RoundReport
             among(session, Stage.stage_key, keys), Stage.status.in_([*DONE, *ACTIVE])
         )
     ):
-        if status in DONE:
-            computed[key] = result
-        else:
+        if status not in DONE:
             busy.add(key)
+        elif not (result or {}).get("checkpoint_removed"):  # weights asked for and removed: it runs
+            computed[key] = result
     for candidate in [c for c in candidates if c.stage_key in computed]:
-        report.cached += complete_cached(session, candidate.stage_id, computed[candidate.stage_key])
+        report.cached += complete_cached(
+            session, candidate.stage_id, computed[candidate.stage_key], settings.store_uri
+        )
     candidates = [c for c in candidates if c.stage_key not in computed]
     candidates = _runnable_somewhere(session, candidates)
     chosen = admit(candidates, teams, free, busy)

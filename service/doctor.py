@@ -12,6 +12,10 @@ Two kinds of finding:
   running stage whose heartbeat went silent. The dispatcher's round repairs each of these; finding
   them means it is not running (or not reaching the database or the broker).
 
+And, given the artifact store, **missing outputs** (wedged): a finished stage whose result names a
+blob or a checkpoint that is not in the store. Checkpoints are removed only once no stage holds them
+(service/checkpoints.py), so none should ever be found; one found means the store lost data.
+
 ``w2s-service doctor`` and ``GET /v1/admin/doctor`` print this. With the dispatcher running, both
 stay empty.
 """
@@ -72,9 +76,10 @@ class Checkup:
         return not self.findings
 
 
-def checkup(session: Session, settings: Settings, *, grace_s: float = 60.0) -> Checkup:
+def checkup(session: Session, settings: Settings, *, grace_s: float = 60.0, outputs: bool = False) -> Checkup:
     """Every invariant, over every open job (and the ended jobs that still hold waiting stages).
-    Set-based queries: the cost grows with the open jobs, not with the history."""
+    Set-based queries: the cost grows with the open jobs, not with the history. With ``outputs``,
+    also every finished stage's outputs against the artifact store (one listing of the store)."""
     now = utcnow()
     findings: list[Finding] = []
     jobs = {
@@ -235,8 +240,37 @@ def checkup(session: Session, settings: Settings, *, grace_s: float = 60.0) -> C
             "consuming its queue?",
             wedged=False,
         )
+    if outputs:
+        from w2s.store import ArtifactStore
+
+        for finding in missing_outputs(session, ArtifactStore(settings.store_uri)):
+            jobs.setdefault(finding.job_id, (finding.team_id, finding.job_status))
+            findings.append(finding)
     findings.sort(key=lambda finding: (not finding.wedged, finding.job_id, finding.problem))
     return Checkup(checked_jobs=len(jobs), findings=findings)
+
+
+OUTPUT_BLOBS = ("test_probs", "soft_labels")
+
+
+def missing_outputs(session: Session, store: Any) -> list[Finding]:
+    """Finished stages whose result names a blob or a checkpoint the store does not hold."""
+    blobs, checkpoints = set(store.blob_digests()), set(store.checkpoint_refs())
+    found = []
+    for job_id, team_id, job_status, stage_id, kind, result in session.execute(
+        select(Job.id, Job.team_id, Job.status, Stage.id, Stage.kind, Stage.result)
+        .join(Stage, Stage.job_id == Job.id)
+        .where(Stage.status.in_(DONE), Stage.result.is_not(None))
+        .order_by(Job.id, Stage.id)
+    ).all():
+        missing = [name for name in OUTPUT_BLOBS if result.get(name) and result[name] not in blobs]
+        ref = result.get("checkpoint")
+        if ref and ref not in (checkpoints if "/" in ref else blobs):
+            missing.append("checkpoint")
+        if missing:
+            detail = f"stage {stage_id} ({kind}) names {', '.join(missing)}, not in the artifact store"
+            found.append(Finding(job_id, team_id, job_status, "missing_output", detail, wedged=True))
+    return found
 
 
 def _aware(moment: dt.datetime) -> dt.datetime:

@@ -35,6 +35,7 @@ from typing import Any
 from sqlalchemy import and_, case, delete, exists, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
+from service import checkpoints
 from service.db import insert_ignoring_duplicates, upsert
 from service.limits import StageTimeLimit, stage_time_limit
 from service.models import (
@@ -479,11 +480,13 @@ def mark_planned(
     planned: dict[str, PlannedStage],
     cached: dict[str, dict[str, Any]],
     *,
+    store_uri: str,
     token: int | None = None,
 ) -> bool:
     """Write each stage's plan, key, memory estimate and queue, complete those whose key already has a
-    result (``cached``: stage id -> result record), and mark the job planned. Nothing is written if
-    the planning task holding ``token`` is no longer current, or the job ended (returns False)."""
+    result (``cached``: stage id -> result record, found in the store at ``store_uri``), and mark the
+    job planned. Nothing is written if the planning task holding ``token`` is no longer current, or
+    the job ended (returns False)."""
     lock_jobs(session, [job_id])
     if token is not None and not control_current(session, job_id, "plan", token):
         return False
@@ -509,8 +512,10 @@ def mark_planned(
             )
             .execution_options(synchronize_session=False)
         )
-    for stage_id, record in cached.items():
-        _complete_cached(session, stage_id, record)
+    completed = sum(
+        _complete_cached(session, stage_id, record, store_uri) is not None
+        for stage_id, record in cached.items()
+    )
     refresh_job(session, job_id)
     if session.scalar(select(Job.stages_left).where(Job.id == job_id)) == 0:
         move_job(session, job_id, JobStatus.running, only_from=(JobStatus.queued,))
@@ -518,7 +523,7 @@ def mark_planned(
         session,
         job_id=job_id,
         message=f"planned {len(planned)} stages"
-        + (f", {len(cached)} already computed" if cached else "")
+        + (f", {completed} already computed" if completed else "")
         + ": "
         + ", ".join(sorted({plan.gpu_class for plan in planned.values()})),
     )
@@ -569,29 +574,49 @@ def unadmit_stage(session: Session, stage_id: str) -> None:
         refresh_job(session, job_id)
 
 
-def _complete_cached(session: Session, stage_id: str, record: dict[str, Any]) -> MovedStage | None:
-    return move_stage(
+def _complete_cached(
+    session: Session, stage_id: str, record: dict[str, Any], store_uri: str
+) -> MovedStage | None:
+    """Complete a waiting stage from a result another stage computed: None if the stage moved on, or
+    the result may no longer be reused (its checkpoint was removed meanwhile: the stage runs)."""
+    if not checkpoints.reusable(session, record, store_uri):
+        logger.info("stage %s: the stored result names a removed checkpoint; it runs", stage_id)
+        return None
+    team_id = session.scalar(select(Stage.team_id).where(Stage.id == stage_id))
+    moved = move_stage(
         session,
         stage_id,
         StageStatus.cached,
         only_from=(StageStatus.pending, StageStatus.queued),
         result=record,
-        metrics={
-            "accuracy": record.get("accuracy"),
-            "auroc": record.get("auroc"),
-            "original_seconds": record.get("seconds"),  # what the run that computed it took
-        },
+        metrics={"accuracy": record.get("accuracy"), "auroc": record.get("auroc")}
+        | _reuse_figures(session, team_id, record),
         message="cached result",
     )
+    if moved is not None:
+        checkpoints.hold(session, stage_id, moved.team_id, record)
+    return moved
 
 
-def complete_cached(session: Session, stage_id: str, record: dict[str, Any]) -> bool:
-    """Complete a waiting stage from a result another stage already computed."""
+def _reuse_figures(session: Session, team_id: str | None, record: dict[str, Any]) -> dict[str, Any]:
+    """What a reused result may tell its new stage about the run that computed it: its run time,
+    and only when the same team computed it. Another team's run is never revealed (its time, its
+    id, that it was another team's): the stage just says it was reused."""
+    computed_by = session.scalar(
+        select(Artifact.team_id).where(Artifact.stage_key == record["key"], Artifact.name == "result")
+    )
+    if team_id is None or computed_by != team_id:
+        return {}
+    return {"original_seconds": record.get("seconds")}  # what the team's own run that computed it took
+
+
+def complete_cached(session: Session, stage_id: str, record: dict[str, Any], store_uri: str) -> bool:
+    """Complete a waiting stage from a result another stage already computed (see _complete_cached)."""
     job_id = job_of_stage(session, stage_id)
     if job_id is None:
         return False
     lock_jobs(session, [job_id])
-    moved = _complete_cached(session, stage_id, record)
+    moved = _complete_cached(session, stage_id, record, store_uri)
     if moved is None:
         return False
     refresh_job(session, job_id)
@@ -792,6 +817,11 @@ def _current_start(session: Session, stage_id: str, fence: int) -> dt.datetime |
     )
 
 
+class ReusedResultGone(Exception):
+    """The stored result an attempt found names a checkpoint that was removed after the attempt read
+    it (no stage held it any more): the stage must be computed again, not completed from it."""
+
+
 def finish_stage(
     session: Session,
     stage_id: str,
@@ -806,19 +836,24 @@ def finish_stage(
     """Write an attempt's outcome, if that attempt is still current (False: it was requeued, retried
     or cancelled meanwhile, and its outcome is discarded). ``stored_bytes``: the size of each output
     the attempt wrote to the store (result, test_probs, soft_labels, checkpoint), charged to its
-    team; None for a result found already stored."""
+    team; None for a result found already stored (``status`` cached), which raises
+    ReusedResultGone if its checkpoint was removed since."""
     job_id = job_of_stage(session, stage_id)
     if job_id is None:
         return False
     lock_jobs(session, [job_id])
+    reused = status == StageStatus.cached and record is not None
+    if reused and not checkpoints.reusable(session, record, store_uri):  # type: ignore[arg-type]
+        raise ReusedResultGone(f"stage {stage_id}: the stored result's checkpoint was removed meanwhile")
     started_at = _current_start(session, stage_id, fence)
+    team_id = session.scalar(select(Stage.team_id).where(Stage.id == stage_id))
     values: dict[str, Any] = {"error": error}
     if record is not None:
         metrics = session.scalar(select(Stage.metrics).where(Stage.id == stage_id)) or {}
         values |= {
             "result": record,
             "metrics": {**metrics, "accuracy": record["accuracy"], "auroc": record["auroc"]}
-            | ({"original_seconds": record.get("seconds")} if status == StageStatus.cached else {}),
+            | (_reuse_figures(session, team_id, record) if reused else {}),
         }
     moved = move_stage(
         session,
@@ -835,7 +870,12 @@ def finish_stage(
         return False
     record_usage(session, stage_id, started_at)
     if record is not None:
-        _remember_artifacts(session, record, store_uri, moved.team_id if stored_bytes else None, stored_bytes)
+        computed_by = moved.team_id if stored_bytes else None
+        _remember_artifacts(session, record, store_uri, computed_by, stored_bytes)
+        if record.get("checkpoint") and computed_by:
+            size = (stored_bytes or {}).get("checkpoint", 0)
+            checkpoints.record_computed(session, record, store_uri, computed_by, size)
+        checkpoints.hold(session, stage_id, moved.team_id, record)
         # Its result is stored: the library removed the resume checkpoint, so nobody is charged for it.
         session.execute(delete(Artifact).where(Artifact.stage_key == record["key"], Artifact.name == RESUME))
     refresh_job(session, job_id)
@@ -851,17 +891,25 @@ def _remember_artifacts(
     stored_bytes: dict[str, int] | None,
 ) -> None:
     """Where a stage key's outputs are (waiting stages with the same key complete as cached from it),
-    who computed them and their size (the team's storage, service/storage.py)."""
+    who computed them and their size (the team's storage, service/storage.py). Its checkpoint has
+    rows of its own (service/checkpoints.py)."""
     rows = [{"stage_key": record["key"], "name": "result", "uri": f"{store_uri}#stages/{record['key']}"}]
     rows += [
         {"stage_key": record["key"], "name": name, "uri": f"{store_uri}#blobs/{record[name]}"}
-        for name in ("test_probs", "soft_labels", "checkpoint")
+        for name in ("test_probs", "soft_labels")
         if record.get(name)
     ]
     now = utcnow()
     sizes = stored_bytes or {}
+    # A stage that computed them names the run the store now holds (a key computed again after its
+    # checkpoint was removed is the new run's); a reused result leaves the rows as they are.
+    statement = (
+        upsert(session, Artifact.__table__, ("stage_key", "name"))
+        if team_id
+        else insert_ignoring_duplicates(session, Artifact.__table__)
+    )
     session.execute(
-        insert_ignoring_duplicates(session, Artifact.__table__),
+        statement,
         [
             row | {"created_at": now, "team_id": team_id, "size_bytes": sizes.get(row["name"], 0)}
             for row in rows

@@ -121,9 +121,19 @@ def check_backlog(session: Session, team: Team, settings: Settings, adding: int)
 
 
 def check_upload_quota(session: Session, team: Team, settings: Settings, adding_bytes: int) -> None:
-    """The team's uploads plus ``adding_bytes`` within upload_quota_mb (422), counted under the
-    team's lock: the caller inserts the upload in the same transaction."""
+    """The team's uploads plus this one within max_uploads, and plus ``adding_bytes`` within
+    upload_quota_mb (422), counted under the team's lock: the caller inserts the upload in the same
+    transaction."""
     lock_team(session, team.id)
+    most = limit_of(team, settings, "max_uploads")
+    held = session.scalar(select(func.count()).select_from(Dataset).where(Dataset.team_id == team.id)) or 0
+    if held + 1 > most:
+        raise LimitExceeded(
+            f"your team keeps {held:,} uploaded datasets and the limit (max_uploads) is {most:,}: delete "
+            "uploads you no longer need (DELETE /v1/datasets/<id>) or ask an admin to raise it",
+            limit="max_uploads",
+            value=most,
+        )
     quota_mb = limit_of(team, settings, "upload_quota_mb")
     used = session.scalar(
         select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(Dataset.team_id == team.id)

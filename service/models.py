@@ -389,6 +389,7 @@ class Artifact(Base):
     # A checkpoint no stage holds any more was removed from the store (service/checkpoints.py): no
     # cached completion may name it again, until a new run of the stage key stores a new one.
     removed_at: Mapped[dt.datetime | None]
+    files_removed_at: Mapped[dt.datetime | None]  # ... and its file is gone from the store too
 
 
 class CheckpointHold(Base):

@@ -27,6 +27,7 @@ from service.scheduler import ROUTING_FILL, gpu_queues, route_queue
 from service.settings import Settings
 from service.states import JOB_OPEN, StageStatus
 from service.upload_files import local_copy
+from w2s.model_store import is_store_model
 from w2s.spec import is_local_model_name
 
 logger = logging.getLogger(__name__)
@@ -86,9 +87,26 @@ def experiment_data(spec: Any, settings: Settings, seeds: list[int] | None = Non
     return {seed: _seed_data(spec_json, seed, data_dir) for seed in (seeds or spec.seeds)}
 
 
-def stage_plans(spec: Any, settings: Settings, seeds: list[int] | None = None) -> dict[tuple[str, int], Any]:
+def result_scope(spec: dict[str, Any], team_id: str) -> str | None:
+    """Who may reuse the results of a job's stages (w2s.stages.StagePlan.scope). The sharing rule:
+    results computed from a team's private inputs (an uploaded dataset, a custom data file, a model
+    pushed to the store) are reused only by that team; results computed only from public inputs
+    (registry datasets, hub models, models under the operator's model roots) are shared by every
+    team. So another team can never learn, through the stage cache, that a team trained on given
+    private data or weights."""
+    models = [spec.get("weak") or {}, spec.get("strong") or {}, *(spec.get("chain") or [])]
+    names = [model.get("model") if isinstance(model, dict) else model for model in models]
+    dataset = (spec.get("dataset") or {}).get("name")
+    private_data = not isinstance(dataset, str) or dataset.startswith(UPLOAD_PREFIX)
+    private_model = any(isinstance(name, str) and is_store_model(name) for name in names)
+    return f"team:{team_id}" if private_data or private_model else None
+
+
+def stage_plans(
+    spec: Any, settings: Settings, seeds: list[int] | None = None, *, scope: str | None = None
+) -> dict[tuple[str, int], Any]:
     """The w2s plans of a job's stages (of ``seeds`` only, if given), keyed by (kind, seed), for the
-    device kind this deployment's workers run on."""
+    device kind this deployment's workers run on; ``scope``: :func:`result_scope`."""
     from w2s.pipeline import plan_experiment
 
     data = experiment_data(spec, settings, seeds)
@@ -98,6 +116,7 @@ def stage_plans(spec: Any, settings: Settings, seeds: list[int] | None = None) -
         data,
         device_kind=settings.device_kind,
         probe_head_device_kind=settings.probe_head_device_kind,
+        scope=scope,
     )
     return {(plan.kind, plan.seed): plan for plan in plans}
 
@@ -142,7 +161,7 @@ def plan_job(session: Session, job_id: str, settings: Settings, store: Any, toke
     pinned = pin_revisions(job.spec)
     spec = library_spec(session, spec=pinned, team_id=job.team_id, settings=settings, store=store)
     data = experiment_data(spec, settings)
-    plans = stage_plans(spec, settings)
+    plans = stage_plans(spec, settings, scope=result_scope(job.spec, job.team_id))
     stages = session.execute(
         select(Stage.id, Stage.kind, Stage.seed, Stage.status).where(Stage.job_id == job_id)
     ).all()
@@ -177,7 +196,7 @@ def plan_job(session: Session, job_id: str, settings: Settings, store: Any, toke
     job.data_summary = summary
     job.runtime = runtime_id()  # workers that compute these keys have the same (service/workers.py)
     session.flush()
-    return mark_planned(session, job_id, planned, cached, token=token)
+    return mark_planned(session, job_id, planned, cached, store_uri=settings.store_uri, token=token)
 
 
 def route_stage(plan: Any, settings: Settings, too_large: dict[str, str]) -> tuple[str, float | None]:

@@ -156,6 +156,9 @@ class Settings(LibrarySettings):
     max_stages_per_job: int = Field(2_000, ge=1, description="stages one job may have")
     max_stages_per_sweep: int = Field(25_000, ge=1, description="stages one sweep may have")
     upload_quota_mb: int = Field(2_048, ge=1, description="uploaded data a team may keep")
+    max_uploads: int = Field(
+        200, ge=1, description="uploaded datasets a team may keep at once (whatever their size)"
+    )
     storage_quota_mb: int = Field(
         51_200,
         ge=1,
@@ -163,7 +166,10 @@ class Settings(LibrarySettings):
         "checkpoints, uploaded datasets); a job or upload that would go over it is refused",
     )
     checkpoints_kept: int = Field(
-        5, ge=1, description="saved checkpoints (save_checkpoint: true) a team keeps; older ones are deleted"
+        5,
+        ge=1,
+        description="saved checkpoints (save_checkpoint: true) of a team's stages it keeps, newest first; "
+        "its stages let go of older ones, which are deleted once no team's stage holds them",
     )
     stage_time_limit_s: int = Field(
         6 * 3600,

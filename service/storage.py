@@ -1,13 +1,13 @@
 """What a team holds in storage, held to its quota: the stage outputs its stages computed (results,
-test probabilities, soft labels), the checkpoints they saved, and its uploaded datasets.
+test probabilities, soft labels), the checkpoints its stages hold, its resume checkpoints and its
+uploaded datasets.
 
-Bytes are counted when written (``artifacts.size_bytes``, ``datasets.size_bytes``) and summed here,
-so a usage read is one query, not a walk of the store. Each team is charged for what its own stages
-computed; a stage completed from another team's result costs nothing. Content addressing may store
-two teams' identical bytes once; each is still charged, as with any shared storage.
-
-Checkpoints are the large part (a full model's weights per stage): a team keeps its last
-``W2S_CHECKPOINTS_KEPT``; older ones are removed from the store after each new one is recorded.
+Bytes are counted when written (``artifacts.size_bytes``, ``checkpoint_holds.size_bytes``,
+``datasets.size_bytes``) and summed here, so a usage read is one query per kind, not a walk of the
+store. Outputs are charged to the team whose stage computed them; a stage completed from another
+team's result costs nothing for them. Checkpoints are the large part (a full model's weights per
+stage): a team is charged for each checkpoint its own stages hold, whoever computed it, and keeps
+its last ``W2S_CHECKPOINTS_KEPT`` (service/checkpoints.py).
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from sqlalchemy import case, delete, func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
+from service.checkpoints import CHECKPOINT, held_bytes
 from service.errors import LimitExceeded
 from service.limits import limit_of
 from service.models import Artifact, Dataset, Team
@@ -26,7 +27,6 @@ from service.settings import Settings
 logger = logging.getLogger(__name__)
 
 MB = 2**20  # as upload_quota_mb counts
-CHECKPOINT = "checkpoint"
 # A stage's resume checkpoint (w2s/resume.py), charged to the team whose attempt wrote it until the
 # stage's result is stored (then the file is removed, and the row with it).
 RESUME = "resume"
@@ -45,18 +45,23 @@ class StorageUsage:
 
 
 def _artifact_bytes(session: Session, team_ids: list[str]) -> dict[str, tuple[int, int]]:
-    """Per team: (output bytes, checkpoint bytes)."""
-    is_checkpoint = Artifact.name.in_([CHECKPOINT, RESUME])
+    """Per team: (output bytes its stages computed, bytes of the checkpoints it holds and of its
+    resume checkpoints)."""
+    is_resume = Artifact.name == RESUME
     rows = session.execute(
         select(
             Artifact.team_id,
-            func.coalesce(func.sum(case((is_checkpoint, 0), else_=Artifact.size_bytes)), 0),
-            func.coalesce(func.sum(case((is_checkpoint, Artifact.size_bytes), else_=0)), 0),
+            func.coalesce(func.sum(case((is_resume, 0), else_=Artifact.size_bytes)), 0),
+            func.coalesce(func.sum(case((is_resume, Artifact.size_bytes), else_=0)), 0),
         )
-        .where(Artifact.team_id.in_(team_ids))
+        .where(Artifact.team_id.in_(team_ids), Artifact.name != CHECKPOINT)
         .group_by(Artifact.team_id)
     ).all()
-    return {team_id: (int(outputs), int(checkpoints)) for team_id, outputs, checkpoints in rows}
+    held = held_bytes(session, team_ids)
+    usage = {team_id: (int(outputs), int(resume) + held.get(team_id, 0)) for team_id, outputs, resume in rows}
+    for team_id, size in held.items():
+        usage.setdefault(team_id, (0, size))
+    return usage
 
 
 def _upload_bytes(session: Session, team_ids: list[str]) -> dict[str, int]:
@@ -111,27 +116,6 @@ def check_storage(
         limit="storage_quota_mb",
         value=usage.quota_bytes // MB,
     )
-
-
-def retire_old_checkpoints(session: Session, team_id: str, keep: int) -> list[str]:
-    """Forget the team's checkpoints beyond its ``keep`` newest; return the store URIs that no
-    artifact refers to any more (the caller removes them from the store after committing)."""
-    old = session.execute(
-        select(Artifact.stage_key, Artifact.uri)
-        .where(Artifact.team_id == team_id, Artifact.name == CHECKPOINT)
-        .order_by(Artifact.created_at.desc(), Artifact.stage_key.desc())
-        .offset(keep)
-    ).all()
-    if not old:
-        return []
-    session.execute(
-        delete(Artifact).where(
-            Artifact.name == CHECKPOINT, Artifact.stage_key.in_([stage_key for stage_key, _ in old])
-        )
-    )
-    uris = sorted({uri for _, uri in old})
-    still_used = set(session.scalars(select(Artifact.uri).where(Artifact.uri.in_(uris))))
-    return [uri for uri in uris if uri not in still_used]
 
 
 def blob_digest(uri: str) -> str | None:

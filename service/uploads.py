@@ -30,7 +30,7 @@ from service.planning import UPLOAD_PREFIX
 from service.settings import Settings
 from service.states import JobStatus
 from service.storage import check_storage
-from service.upload_files import STORED, stored_path
+from service.upload_files import STORED, delete_upload, store_upload, stored_path
 from w2s.datasets import infer_format as library_infer_format
 from w2s.datasets import parse_label
 from w2s.store import ArtifactStore
@@ -255,8 +255,8 @@ def create_dataset(
     label_column: str = "label",
     format: str | None = None,
 ) -> Dataset:
-    """Validate an uploaded file, store it in the artifact store (a blob named by its sha256, which
-    every host reads: service/upload_files.py) and record it.
+    """Validate an uploaded file, store it in the artifact store (in the team's place, which every
+    host reads: service/upload_files.py) and record it.
 
     Raises :class:`UploadTooLarge`, :class:`InvalidUpload` (line-numbered errors) or ``ValueError``.
     The bytes are spooled to a local temporary file (``uploads_dir/<team>/.<id>.*.part``) while they
@@ -280,8 +280,8 @@ def create_dataset(
             raise InvalidUpload(scan.errors)
         check_upload_quota(session, team, settings, copied.size)
         check_storage(session, team, settings, adding_bytes=copied.size, what="this upload")
-        lock_blob(session, copied.sha256)  # a delete of the same bytes waits for this upload's commit
-        ArtifactStore(settings.store_uri).put_file(str(temp), copied.sha256)
+        lock_upload(session, team.id, copied.sha256)  # a delete of these bytes waits for this commit
+        store_upload(ArtifactStore(settings.store_uri), team.id, copied.sha256, str(temp))
     finally:
         temp.unlink(missing_ok=True)
     dataset = Dataset(
@@ -289,7 +289,7 @@ def create_dataset(
         team_id=team.id,
         name=display_name(name, filename, dataset_id),
         format=fmt,
-        path=stored_path(copied.sha256),
+        path=stored_path(team.id, copied.sha256),
         text_column=text_column,
         label_column=label_column,
         n_rows=scan.n_rows,
@@ -339,12 +339,12 @@ def remove_stale_parts(uploads_dir: Path, max_age_s: float) -> int:
     return removed
 
 
-def lock_blob(session: Session, sha256: str) -> None:
-    """Serialise the uploads and deletes of one blob until the transaction ends (Postgres; SQLite's
-    single writer serialises them already)."""
+def lock_upload(session: Session, team_id: str, sha256: str) -> None:
+    """Serialise a team's uploads and deletes of the same bytes until the transaction ends (Postgres;
+    SQLite's single writer serialises them already)."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(
-            text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"upload-blob:{sha256}"}
+            text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"upload:{team_id}:{sha256}"}
         )
 
 
@@ -381,10 +381,10 @@ def delete_dataset(session: Session, *, dataset: Dataset, settings: Settings) ->
     if not path.startswith(STORED):  # an upload from before uploads were stored
         Path(path).unlink(missing_ok=True)
         return
-    # Content-addressed: another upload of the same bytes (any team's) shares the blob. Under the
-    # blob's lock, an upload of the same bytes either committed before (and is seen here) or writes
-    # the blob again after this delete.
-    lock_blob(session, sha256)
+    # The team's uploads of the same bytes share one file (other teams have their own). Under its
+    # lock, an upload of the same bytes either committed before (and is seen here) or writes the
+    # file again after this delete.
+    lock_upload(session, dataset.team_id, sha256)
     shared = session.scalar(select(Dataset.id).where(Dataset.sha256 == sha256, Dataset.path == path).limit(1))
     if shared is None:
-        ArtifactStore(settings.store_uri).delete_blob(sha256)
+        delete_upload(ArtifactStore(settings.store_uri), path)

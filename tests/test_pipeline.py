@@ -231,7 +231,7 @@ def test_checkpoint_is_stored_and_loads(tiny_bert: Path, sst2_dir: Path, tmp_pat
     store = ArtifactStore(str(tmp_path / "store"))
     result = run_stage(plan_weak(spec, 0, prepare_seed_data(spec, 0, sst2_dir), device_kind="cpu"), store)
     assert result.checkpoint is not None
-    state = torch.load(io.BytesIO(store.get_bytes(result.checkpoint)))
+    state = torch.load(io.BytesIO(store.get_checkpoint(result.checkpoint)))
     assert "head.weight" in state and any("lora" in name for name in state)
     assert not any(name.endswith("base_layer.weight") for name in state)  # frozen weights left out
 

@@ -41,7 +41,7 @@ def student_plan(tiny_bert: Path, sst2_dir: Path, store: ArtifactStore, mode: st
 
 def weights(store: ArtifactStore, result: StageResult) -> dict[str, torch.Tensor]:
     assert result.checkpoint is not None
-    return torch.load(io.BytesIO(store.get_bytes(result.checkpoint)), weights_only=True)
+    return torch.load(io.BytesIO(store.get_checkpoint(result.checkpoint)), weights_only=True)
 
 
 def assert_identical(store_a: ArtifactStore, a: StageResult, store_b: ArtifactStore, b: StageResult) -> None:

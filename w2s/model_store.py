@@ -81,8 +81,9 @@ def model_manifest(name: str, store: ArtifactStore) -> dict[str, Any]:
     record = store.get_record(MODELS, store_digest(name))
     if record is None:
         raise ValueError(
-            f"model: {name!r} is not in the artifact store ({store.uri}); push the model directory with "
-            "`w2s-service models push DIR` and use the reference it prints"
+            f"model: {name!r} is not in the artifact store: check the reference, or push the model "
+            "directory with `w2s-service models push DIR` (an administrator's command) and use the "
+            "reference it prints"
         )
     for entry in record["files"]:
         relative = PurePosixPath(entry["path"])

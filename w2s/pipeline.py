@@ -70,9 +70,10 @@ def plan_experiment(
     device_kind: str,
     models: Models | None = None,
     probe_head_device_kind: str | None = None,
+    scope: str | None = None,
 ) -> list[StagePlan]:
     """Every stage in run order: per seed, weak, ceiling, then one student per loss (see
-    w2s.stages.plan_seed for ``probe_head_device_kind``)."""
+    w2s.stages.plan_seed for ``probe_head_device_kind`` and ``scope``)."""
     models = models or resolved_models(spec)
     return [
         plan
@@ -83,6 +84,7 @@ def plan_experiment(
             device_kind=device_kind,
             models=models,
             probe_head_device_kind=probe_head_device_kind,
+            scope=scope,
         )
     ]
 

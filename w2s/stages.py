@@ -196,6 +196,10 @@ class StagePlan:
     # (features on a GPU, the head on a CPU worker): the features' device kind. None: the same.
     feature_device_kind: str | None = None
     features_from: str | None = None  # then: the kind of the stage that computes those features
+    # Who may reuse this result: None, anyone with the same inputs; else an opaque owner (a service
+    # team whose private data or model it was computed from). Part of the key, so a result computed
+    # from one owner's private inputs is never served to another, nor is its existence revealed.
+    scope: str | None = None
 
     @property
     def features_device_kind(self) -> str:
@@ -226,7 +230,13 @@ class StagePlan:
                 "versions": library_versions(),
                 "code": library_code_hash(),
             }
+            | scoped(self.scope)
         )
+
+
+def scoped(scope: str | None) -> dict[str, str]:
+    """The key's part for a scope: nothing for a public result (its keys stay as they were)."""
+    return {"scope": scope} if scope else {}
 
 
 def put_rows(store: ArtifactStore, rows: LabeledTexts, memo: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -267,6 +277,7 @@ def plan_record(plan: StagePlan, store: ArtifactStore, memo: dict[str, Any] | No
         "weak_key": plan.weak_key,
         "feature_device_kind": plan.feature_device_kind,
         "features_from": plan.features_from,
+        "scope": plan.scope,
         "key": plan.key,
     }
 
@@ -291,6 +302,7 @@ def plan_from_record(record: dict[str, Any], store: ArtifactStore) -> StagePlan:
         weak_key=record.get("weak_key"),
         feature_device_kind=record.get("feature_device_kind"),
         features_from=record.get("features_from"),
+        scope=record.get("scope"),
     )
     if plan.key != record["key"]:
         raise PlanMismatch(
@@ -413,10 +425,11 @@ def plan_seed(
     device_kind: str,
     models: Models | None = None,
     probe_head_device_kind: str | None = None,
+    scope: str | None = None,
 ) -> list[StagePlan]:
     """One seed's stage plans, in :func:`stage_layout`'s order. ``probe_head_device_kind``: where
     probe heads train when their features come from an earlier stage (a CPU worker in a deployment
-    whose GPUs compute features), if not on ``device_kind``."""
+    whose GPUs compute features), if not on ``device_kind``. ``scope``: see StagePlan.scope."""
     models = models or resolved_models(spec)
     roles = {slot.kind: slot.role for slot in stage_layout(spec)}
     plans: dict[str, StagePlan] = {}
@@ -451,6 +464,7 @@ def plan_seed(
             weak_key=plans[slot.supervisor].key if slot.supervisor else None,
             feature_device_kind=device_kind if head_elsewhere else None,
             features_from=slot.features_from if head_elsewhere else None,
+            scope=scope,
         )
     return list(plans.values())
 
@@ -544,6 +558,7 @@ def feature_space_key(plan: StagePlan) -> str:
             "versions": library_versions(),
             "code": library_code_hash(),
         }
+        | scoped(plan.scope)  # private texts' features are neither shared nor found by another owner
     )
 
 
@@ -720,7 +735,7 @@ def _compute(
             auroc=metrics.auroc(test_probs, test_labels),
             test_probs=store.put_array(test_probs),
             soft_labels=store.put_array(probabilities(predict_data)) if predict_data is not None else None,
-            checkpoint=_save_checkpoint(model, store) if config.save_checkpoint else None,
+            checkpoint=_save_checkpoint(model, store, key) if config.save_checkpoint else None,
             seconds=time.perf_counter() - started,
             train_seconds=outcome.seconds,
             steps=outcome.steps,
@@ -733,10 +748,11 @@ def _compute(
     return result
 
 
-def _save_checkpoint(model: torch.nn.Module, store: ArtifactStore) -> str:
-    """The trained tensors (everything in full mode; the head and adapters otherwise) and buffers."""
+def _save_checkpoint(model: torch.nn.Module, store: ArtifactStore, key: str) -> str:
+    """The trained tensors (everything in full mode; the head and adapters otherwise) and buffers,
+    as a file of their own (``ArtifactStore.put_checkpoint``); its reference."""
     frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
     state = {name: t.detach().cpu() for name, t in model.state_dict().items() if name not in frozen}
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    return store.put_bytes(buffer.getvalue())
+    return store.put_checkpoint(key, buffer.getvalue())

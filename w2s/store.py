@@ -4,6 +4,8 @@ Layout under the root::
 
     blobs/<sha[:2]>/<sha256>            immutable bytes, named by their own hash
     index/<namespace>/<key[:2]>/<key>.json   a small JSON record per key (stage results, feature refs)
+    files/<namespace>/<name>            files replaced in place (resume checkpoints) or written once
+                                        under a fresh name (saved checkpoints: files/checkpoints/<key>/<id>)
 
 Every write goes to a temporary name first and is then renamed, so a reader never sees half a file
 and a crashed writer leaves nothing behind that looks complete.
@@ -60,6 +62,9 @@ def _report(event: str) -> None:
             hook(event)
         except Exception:  # a metric must never break a store call
             logger.debug("store hook failed", exc_info=True)
+
+
+CHECKPOINTS = "checkpoints"  # saved weights (save_checkpoint): files/checkpoints/<stage key>/<id>
 
 
 class StoreUnavailable(Exception):
@@ -245,6 +250,18 @@ class ArtifactStore:
             return False
         return True
 
+    def blob_digests(self) -> list[str]:
+        """Every blob's digest (one listing: for checks, not for the hot path)."""
+        return self._names_under(self._path("blobs"), lambda name: "." not in name)
+
+    def _names_under(self, folder: str, keep: Callable[[str], bool]) -> list[str]:
+        try:
+            paths = self.fs.find(folder)
+        except FileNotFoundError:
+            return []
+        names = (str(path).rsplit("/", 1)[-1] for path in paths)
+        return [name for name in names if keep(name)]
+
     def get_bytes(self, digest: str) -> bytes:
         return self.fs.cat_file(self._path("blobs", digest[:2], digest))
 
@@ -285,6 +302,62 @@ class ArtifactStore:
 
     def has_record(self, namespace: str, key: str) -> bool:
         return self.fs.exists(self._record_path(namespace, key))
+
+    # -- saved checkpoints: a fresh file per computation ---------------------------------------------
+    # Not content-addressed: a checkpoint can be removed once nothing holds it (the service's
+    # retention), and a later run that trains the same weights must never find its new file
+    # removed by that. A fresh name per computation makes the removal of one never touch another.
+    def put_checkpoint(self, key: str, data: bytes) -> str:
+        """Store a stage's trained weights; return their reference (``<key>/<id>``)."""
+        ref = f"{key}/{uuid.uuid4().hex}"
+        self._write_atomic(self._file_path(CHECKPOINTS, ref), data)
+        return ref
+
+    def _checkpoint_path(self, ref: str) -> str:
+        # A reference without a "/" is a checkpoint stored as a blob, as stores did before.
+        if "/" in ref:
+            return self._file_path(CHECKPOINTS, ref)
+        return self._path("blobs", ref[:2], ref)
+
+    def get_checkpoint(self, ref: str) -> bytes:
+        return self.fs.cat_file(self._checkpoint_path(ref))
+
+    def checkpoint_size(self, ref: str) -> int:
+        return int(self.fs.size(self._checkpoint_path(ref)))
+
+    def has_checkpoint(self, ref: str) -> bool:
+        return bool(self.fs.exists(self._checkpoint_path(ref)))
+
+    def delete_checkpoint(self, ref: str) -> bool:
+        """Remove a checkpoint nothing holds any more; False if it was not there."""
+        path = self._checkpoint_path(ref)
+        if not self.fs.exists(path):  # S3 answers a delete of a missing key with success
+            return False
+        try:
+            self.fs.rm_file(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def checkpoint_refs(self) -> list[str]:
+        """Every saved checkpoint's reference (one listing: for checks, not for the hot path)."""
+        folder = self._file_path(CHECKPOINTS, "")
+        try:
+            paths = self.fs.find(folder)
+        except FileNotFoundError:
+            return []
+        refs = ("/".join(str(path).rsplit("/", 2)[-2:]) for path in paths)  # <stage key>/<id>
+        return [ref for ref in refs if ".tmp-" not in ref]
+
+    def delete_record(self, namespace: str, key: str) -> bool:
+        path = self._record_path(namespace, key)
+        if not self.fs.exists(path):
+            return False
+        try:
+            self.fs.rm_file(path)
+        except FileNotFoundError:
+            return False
+        return True
 
     # -- named files, overwritten in place (resume checkpoints) ------------------------------------
     def _file_path(self, namespace: str, name: str) -> str:

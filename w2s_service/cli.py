@@ -373,6 +373,7 @@ EXPORT_FLAGS = (
     ("--mlflow-uri", "mlflow_tracking_uri", "export its jobs to this MLflow tracking server"),
     ("--mlflow-token-env", "mlflow_token_env", "the workers' environment variable holding its MLflow token"),
     ("--wandb-project", "wandb_project", "export its jobs to this Weights & Biases project"),
+    "max_uploads",
     ("--wandb-entity", "wandb_entity", "the W&B entity of that project"),
     ("--wandb-key-env", "wandb_key_env", "the workers' environment variable holding its W&B API key"),
 )
@@ -529,7 +530,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from service.settings import get_settings
 
     with session_scope(read_only=True) as session:
-        result = doctor.checkup(session, get_settings(), grace_s=args.grace)
+        result = doctor.checkup(session, get_settings(), grace_s=args.grace, outputs=True)
     if args.json:
         # JSON escapes every control character and, with ensure_ascii, every non-ASCII one.
         print(

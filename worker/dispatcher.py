@@ -93,6 +93,37 @@ def observe_round(report: RoundReport | None, seconds: float) -> None:
 _queues_seen: set[str] = set()
 
 
+# How often the dispatcher sweeps checkpoints (service/checkpoints.py): a team over its "last N"
+# through cached completions, and files of checkpoints no stage holds left by an interrupted sweep.
+CHECKPOINT_SWEEP_S = 60.0
+
+
+class CheckpointSweeper:
+    """Runs ``checkpoints.sweep`` every CHECKPOINT_SWEEP_S in a thread of its own: it talks to the
+    artifact store, which may be slow or down, and the rounds never wait for it."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.due = time.monotonic() + CHECKPOINT_SWEEP_S
+        self.thread: threading.Thread | None = None
+
+    def maybe_start(self) -> None:
+        if time.monotonic() < self.due or (self.thread is not None and self.thread.is_alive()):
+            return
+        self.due = time.monotonic() + CHECKPOINT_SWEEP_S
+        self.thread = threading.Thread(target=self._sweep, name="checkpoint-sweep", daemon=True)
+        self.thread.start()
+
+    def _sweep(self) -> None:
+        from service import checkpoints
+        from w2s.store import ArtifactStore
+
+        try:
+            checkpoints.sweep(ArtifactStore(self.settings.store_uri), self.settings.checkpoints_kept)
+        except Exception as error:  # the store or the database is down: the next sweep does it
+            logger.warning("checkpoint sweep failed: %s", str(error).splitlines()[0] if str(error) else error)
+
+
 # How often the dispatcher looks at the wake file on SQLite: a stat, so a stage follows another
 # within this much instead of the dispatch interval.
 WAKE_FILE_POLL_S = 0.02
@@ -188,6 +219,7 @@ def run_dispatcher(
         celery_app = make_celery(settings)
     stop = stop or threading.Event()
     wakeup = Wakeup(settings, stop)
+    sweeper = CheckpointSweeper(settings)
     logger.info("dispatcher: queues %s", settings.queue_slots)
     telemetry.serve(settings.metrics_port)
     while not stop.is_set():
@@ -215,5 +247,6 @@ def run_dispatcher(
                 logger.exception("dispatch round failed")
         except Exception:
             logger.exception("dispatch round failed")
+        sweeper.maybe_start()
         wakeup.wait(settings.dispatch_interval_s)
     wakeup.close()

@@ -472,33 +472,43 @@ def stored_sizes(record: dict[str, Any], settings: Settings) -> dict[str, int]:
     sizes: dict[str, int] = {}
     try:
         sizes["result"] = store.record_size(STAGES, record["key"])
-        for name in ("test_probs", "soft_labels", "checkpoint"):
+        for name in ("test_probs", "soft_labels"):
             if record.get(name):
                 sizes[name] = store.blob_size(record[name])
+        if record.get("checkpoint"):
+            sizes["checkpoint"] = store.checkpoint_size(record["checkpoint"])
     except (OSError, StoreUnavailable) as error:  # the result is kept all the same; its charge is short
         logger.warning("sizes of stage %s's outputs not read: %s", record["key"][:16], _first_line(error))
     return sizes
 
 
 def prune_checkpoints(stage_id: str, settings: Settings) -> None:
-    """Keep the team's last ``checkpoints_kept`` checkpoints: forget older ones, then remove from the
-    store the blobs nothing refers to any more. A failure only leaves storage to a later prune."""
-    from service.storage import blob_digest, retire_old_checkpoints
+    """The stage's team now holds one more checkpoint: keep its last ``checkpoints_kept``, and remove
+    from the store those no stage of any team holds (service/checkpoints.py). A failure only leaves
+    the removal to a later sweep."""
+    from service import checkpoints
     from worker.stage_cache import process_store
 
     try:
         with session_scope() as session:
             team_id = session.scalar(select(Stage.team_id).where(Stage.id == stage_id))
-            unused = retire_old_checkpoints(session, team_id, settings.checkpoints_kept) if team_id else []
         store = process_store(settings.store_uri, settings.stage_cache_mb)
-        for uri in unused:
-            digest = blob_digest(uri)
-            if digest:
-                store.delete_blob(digest)
-        if unused:
-            logger.info("team %s: %d old checkpoint(s) removed", team_id, len(unused))
+        if team_id:
+            checkpoints.sweep(store, settings.checkpoints_kept, team_id=team_id)
     except (DBAPIError, OSError, StoreUnavailable) as error:
         logger.warning("old checkpoints not pruned after stage %s: %s", stage_id, _first_line(error))
+
+
+def forget_reused_result(record: dict[str, Any], settings: Settings) -> None:
+    """The stored result an attempt found names a checkpoint removed since: remove it from the store
+    (if it still names that checkpoint), so that the next attempt computes the stage again."""
+    from w2s.stages import STAGES
+    from worker.stage_cache import process_store
+
+    store = process_store(settings.store_uri, settings.stage_cache_mb)
+    stored = store.get_record(STAGES, record["key"])
+    if stored is not None and stored.get("checkpoint") == record.get("checkpoint"):
+        store.delete_record(STAGES, record["key"])
 
 
 def persist_out_of_memory(stage_id: str, *, fence: int, error: BaseException, settings: Settings) -> str:
@@ -699,10 +709,16 @@ def _attempt(
         outcome = StageStatus.cached if result.cached else StageStatus.succeeded
         record = result.to_record()
         sizes = None if result.cached else stored_sizes(record, settings)
-        persist_outcome(
-            stage_id, outcome, fence=claim.fence, record=record, stored_bytes=sizes, settings=settings
-        )
-        if record.get("checkpoint") and not result.cached:
+        try:
+            persist_outcome(
+                stage_id, outcome, fence=claim.fence, record=record, stored_bytes=sizes, settings=settings
+            )
+        except lifecycle.ReusedResultGone as gone:
+            # Another team's retention removed the checkpoint after this attempt read the result:
+            # computed again by the next attempt, which gives its attempt back.
+            forget_reused_result(record, settings)
+            requeue(claim, gone, "computing it again: " + str(gone), settings, retries, spend_attempt=False)
+        if record.get("checkpoint"):
             prune_checkpoints(stage_id, settings)
         return outcome
     finally:

@@ -118,7 +118,7 @@ def read_doctor(
     """The jobs that break a lifecycle invariant, and why: wedged ones first (no dispatch round can
     move them), then overdue work (due for longer than its lease plus ``grace_s``: is the dispatcher
     running?). Empty while the dispatcher runs."""
-    result = doctor.checkup(session, settings, grace_s=grace_s)
+    result = doctor.checkup(session, settings, grace_s=grace_s, outputs=True)
     return CheckupPublic(
         healthy=result.healthy,
         checked_jobs=result.checked_jobs,

@@ -3,9 +3,10 @@
 ``checkpoint_holds``: one row per stage whose result names a saved checkpoint (computed or completed
 from the cache, any team's). A checkpoint file is removed only when no stage holds it; a team's
 "last N checkpoints" rule releases only its own stages' holds, and a team is charged for the
-checkpoints its own stages hold. ``artifacts.removed_at``: a checkpoint that was removed (no cached
-completion may name it again). ``teams.max_uploads``: an admin's per-team override of
-W2S_MAX_UPLOADS.
+checkpoints its own stages hold. ``artifacts.removed_at``: a checkpoint no stage holds, removed (no
+cached completion may name it again); ``artifacts.files_removed_at``: its file and stored result are
+gone from the store too (until then a sweep removes them). ``teams.max_uploads``: an admin's
+per-team override of W2S_MAX_UPLOADS.
 
 Existing checkpoints get a hold for every finished stage whose result names them.
 
@@ -44,6 +45,7 @@ def upgrade() -> None:
     op.create_index("ix_checkpoint_holds_stage_key", "checkpoint_holds", ["stage_key"])
     with op.batch_alter_table("artifacts") as batch:  # batch: SQLite, the embedded default, alters by copy
         batch.add_column(sa.Column("removed_at", sa.DateTime(timezone=True), nullable=True))
+        batch.add_column(sa.Column("files_removed_at", sa.DateTime(timezone=True), nullable=True))
     with op.batch_alter_table("teams") as batch:
         batch.add_column(sa.Column("max_uploads", sa.Integer(), nullable=True))
     _hold_existing_checkpoints()
@@ -55,9 +57,7 @@ def _hold_existing_checkpoints() -> None:
     checkpoints = {
         key: (uri, size, created)
         for key, uri, size, created in bind.execute(
-            sa.text(
-                "SELECT stage_key, uri, size_bytes, created_at FROM artifacts WHERE name = 'checkpoint'"
-            )
+            sa.text("SELECT stage_key, uri, size_bytes, created_at FROM artifacts WHERE name = 'checkpoint'")
         )
     }
     if not checkpoints:
@@ -91,6 +91,7 @@ def downgrade() -> None:
     with op.batch_alter_table("teams") as batch:
         batch.drop_column("max_uploads")
     with op.batch_alter_table("artifacts") as batch:
+        batch.drop_column("files_removed_at")
         batch.drop_column("removed_at")
     op.drop_index("ix_checkpoint_holds_stage_key", table_name="checkpoint_holds")
     op.drop_index("ix_checkpoint_holds_team_created", table_name="checkpoint_holds")

@@ -39,11 +39,12 @@ def messages(response: Any) -> list[str]:
 
 
 def uploads_left(service_env: dict[str, str]) -> list[Path]:
-    """Upload bytes kept anywhere: blobs in the artifact store (where uploads live), and any file,
-    temporary or not, in the API host's uploads folder."""
+    """Upload bytes kept anywhere: the artifact store (uploads live in its files/uploads/<team>/), and
+    any file, temporary or not, in the API host's uploads folder."""
     found = []
     for root in (
         Path(service_env["W2S_ARTIFACT_STORE"]) / "blobs",
+        Path(service_env["W2S_ARTIFACT_STORE"]) / "files" / "uploads",
         Path(service_env["W2S_STATE_DIR"]) / "uploads",
     ):
         found += [path for path in root.rglob("*") if path.is_file()] if root.exists() else []
@@ -73,8 +74,9 @@ def test_upload_jsonl(client: TestClient, make_team, service_env: dict[str, str]
     assert dataset["size_bytes"] == len(content)
     assert dataset["sha256"] == hashlib.sha256(content).hexdigest()
     assert "path" not in dataset  # server paths stay private
-    [stored] = uploads_left(service_env)  # one blob in the store, named by its hash; nothing on disk
-    assert stored.name == dataset["sha256"] and stored.read_bytes() == content
+    [stored] = uploads_left(service_env)  # one file in the team's place in the store; nothing on disk
+    assert stored.name == dataset["sha256"] and stored.parent.name == team.team_id
+    assert stored.read_bytes() == content
     # The ML library reads what the upload accepted, from a worker's copy.
     copy = worker_copy(dataset["id"])
     assert copy.suffix == ".jsonl" and copy.read_bytes() == content

@@ -97,10 +97,10 @@ def test_probe_students_train_their_heads_on_a_cpu_worker_after_the_ceiling_comp
 
     record = {"key": "k", "accuracy": 0.5, "auroc": 0.5, "test_probs": "x", "seconds": 1.0}
     with session_scope() as session:
-        lifecycle.complete_cached(session, weak.id, record | {"key": weak.stage_key})
+        lifecycle.complete_cached(session, weak.id, record | {"key": weak.stage_key}, "mem")
     assert not any(stages_of(job_id)[s.kind].ready for s in students)  # its features are not there yet
     with session_scope() as session:
-        lifecycle.complete_cached(session, ceiling.id, record | {"key": ceiling.stage_key})
+        lifecycle.complete_cached(session, ceiling.id, record | {"key": ceiling.stage_key}, "mem")
     assert all(stages_of(job_id)[s.kind].ready for s in students)
 
 

@@ -148,8 +148,8 @@ def test_a_stage_stopped_by_sigterm_a_drain_and_kill_9_resumes_each_time_and_end
     )
     assert store.get_bytes(result["test_probs"]) == reference_store.get_bytes(reference.test_probs)
     assert store.get_bytes(result["soft_labels"]) == reference_store.get_bytes(reference.soft_labels)
-    ours = torch.load(io.BytesIO(store.get_bytes(result["checkpoint"])), weights_only=True)
-    theirs = torch.load(io.BytesIO(reference_store.get_bytes(reference.checkpoint)), weights_only=True)
+    ours = torch.load(io.BytesIO(store.get_checkpoint(result["checkpoint"])), weights_only=True)
+    theirs = torch.load(io.BytesIO(reference_store.get_checkpoint(reference.checkpoint)), weights_only=True)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[name], theirs[name]) for name in ours)
 
 

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from service.db import reset_caches, session_scope
-from service.models import Artifact, Stage
+from service.models import CheckpointHold, Stage
 from service.settings import get_settings
 from service.storage import MB
 from svc_support import login, queued_weak, tiny_job
@@ -40,6 +40,11 @@ def store_blob(digest: str) -> Path:
     return Path(get_settings().store_uri) / "blobs" / digest[:2] / digest
 
 
+def checkpoint_file(ref: str) -> Path:
+    """Where a stage result's ``checkpoint`` lives in the (local) store: a file of its own."""
+    return Path(get_settings().store_uri) / "files" / "checkpoints" / ref
+
+
 def usage(client: TestClient, team: Any) -> dict[str, int]:
     return client.get("/v1/teams/me/usage", headers=team.headers).json()["storage"]
 
@@ -50,7 +55,7 @@ def test_a_teams_stages_are_charged_what_they_wrote(client: TestClient, make_tea
     with session_scope() as session:
         result = session.get_one(Stage, weak).result
     assert result is not None
-    checkpoint = store_blob(result["checkpoint"]).stat().st_size
+    checkpoint = checkpoint_file(result["checkpoint"]).stat().st_size
     outputs = (
         store_blob(result["test_probs"]).stat().st_size + store_blob(result["soft_labels"]).stat().st_size
     )
@@ -76,20 +81,23 @@ def test_a_team_keeps_its_last_checkpoints(
     two_checkpoints_kept: int, client: TestClient, make_team, tiny_bert: Path
 ) -> None:  # type: ignore[no-untyped-def]
     team = make_team()
-    digests = []
+    refs, weaks = [], []
     for lr in (1e-3, 2e-3, 3e-3):  # three different stage keys, so three checkpoints
         _, weak = run_weak(client, team, tiny_bert, save_checkpoint=True, lr=lr)
+        weaks.append(weak)
         with session_scope() as session:
-            digests.append(session.get_one(Stage, weak).result["checkpoint"])  # type: ignore[index]
+            refs.append(session.get_one(Stage, weak).result["checkpoint"])  # type: ignore[index]
     with session_scope() as session:
-        kept = session.scalars(
-            select(Artifact.uri).where(Artifact.team_id == team.team_id, Artifact.name == "checkpoint")
-        ).all()
-    assert sorted(uri.rsplit("/", 1)[-1] for uri in kept) == sorted(digests[1:])
-    assert not store_blob(digests[0]).exists()  # removed from the store, not only forgotten
-    assert all(store_blob(digest).exists() for digest in digests[1:])
+        kept = session.scalars(select(CheckpointHold.stage_id).where(CheckpointHold.team_id == team.team_id))
+        assert sorted(kept) == sorted(weaks[1:])
+        oldest = session.get_one(Stage, weaks[0]).result
+    assert not checkpoint_file(refs[0]).exists()  # removed from the store, not only forgotten
+    assert all(checkpoint_file(ref).exists() for ref in refs[1:])
+    # The oldest stage's result no longer names a file that is gone: it says what happened.
+    assert oldest is not None and oldest["checkpoint"] is None
+    assert "last 2" in oldest["checkpoint_removed"]
     held = usage(client, team)
-    assert held["checkpoints_bytes"] == sum(store_blob(d).stat().st_size for d in digests[1:])
+    assert held["checkpoints_bytes"] == sum(checkpoint_file(ref).stat().st_size for ref in refs[1:])
 
 
 def test_over_its_quota_a_team_is_refused_new_work_with_the_reason(
@@ -97,14 +105,12 @@ def test_over_its_quota_a_team_is_refused_new_work_with_the_reason(
 ) -> None:  # type: ignore[no-untyped-def]
     team, other = make_team(), make_team()
     client.patch(f"/v1/admin/teams/{team.team_id}", json={"storage_quota_mb": 1}, headers=ADMIN_HEADERS)
-    with session_scope() as session:  # a checkpoint of 2 MiB its stages wrote earlier
+    first = client.post("/v1/jobs", json=tiny_job(tiny_bert, tiny_bert), headers=team.headers).json()["id"]
+    with session_scope() as session:  # a checkpoint of 2 MiB one of its stages holds
+        weak = session.scalars(select(Stage.id).where(Stage.job_id == first, Stage.kind == "weak")).one()
         session.add(
-            Artifact(
-                stage_key="k" * 64,
-                name="checkpoint",
-                uri="mem#blobs/x",
-                team_id=team.team_id,
-                size_bytes=2 * MB,
+            CheckpointHold(
+                stage_id=weak, team_id=team.team_id, stage_key="k" * 64, uri="mem#blobs/x", size_bytes=2 * MB
             )
         )
     refused = client.post("/v1/jobs", json=tiny_job(tiny_bert, tiny_bert), headers=team.headers)

@@ -93,10 +93,10 @@ def test_a_planning_bug_of_any_type_fails_that_job_alone(
 
     real = planning.stage_plans
 
-    def buggy(spec: Any, settings: Any, seeds: Any = None) -> Any:
+    def buggy(spec: Any, settings: Any, seeds: Any = None, **options: Any) -> Any:
         if 7 in spec.seeds:
             raise KeyError("boom")  # not a type anyone anticipated
-        return real(spec, settings, seeds)
+        return real(spec, settings, seeds, **options)
 
     monkeypatch.setattr(planning, "stage_plans", buggy)
     outcome = steps.run(fine)

@@ -65,7 +65,7 @@ def test_a_job_on_an_upload_is_planned_and_run_on_another_host(
         assert session.get_one(Job, job_id).planned
     weak_id = queued_weak(job_id)
     assert execute_stage(weak_id, worker="worker-host", settings=get_settings()) == "succeeded"
-    assert list((tmp_path / "worker-host" / "cache" / "uploads").glob("*.jsonl"))  # its own cached copy
+    assert list((tmp_path / "worker-host" / "cache" / "uploads").glob("*/*.jsonl"))  # its own cached copy
 
 
 def test_deleting_an_upload_removes_its_bytes_from_the_store_unless_shared(
@@ -82,13 +82,18 @@ def test_deleting_an_upload_removes_its_bytes_from_the_store_unless_shared(
     alice, bob = make_team(), make_team()
     content = rows(20)
     first = client.post("/v1/datasets", files={"file": ("a.jsonl", content)}, headers=alice.headers).json()
-    second = client.post("/v1/datasets", files={"file": ("b.jsonl", content)}, headers=bob.headers).json()
+    again = client.post("/v1/datasets", files={"file": ("b.jsonl", content)}, headers=alice.headers).json()
+    bobs = client.post("/v1/datasets", files={"file": ("c.jsonl", content)}, headers=bob.headers).json()
     store = ArtifactStore(get_settings().store_uri)
-    blob = store._path("blobs", first["sha256"][:2], first["sha256"])
+    alices_file = store._file_path("uploads", f"{alice.team_id}/{first['sha256']}")
+    bobs_file = store._file_path("uploads", f"{bob.team_id}/{bobs['sha256']}")
+    assert store.fs.exists(alices_file) and store.fs.exists(bobs_file)  # each team's bytes its own
     assert client.delete(f"/v1/datasets/{first['id']}", headers=alice.headers).status_code == 204
-    assert store.fs.exists(blob)  # bob's upload of the same bytes still needs them
-    assert client.delete(f"/v1/datasets/{second['id']}", headers=bob.headers).status_code == 204
-    assert not store.fs.exists(blob)
+    assert store.fs.exists(alices_file)  # alice's second upload of the same bytes still needs them
+    assert client.delete(f"/v1/datasets/{again['id']}", headers=alice.headers).status_code == 204
+    assert not store.fs.exists(alices_file) and store.fs.exists(bobs_file)
+    assert client.delete(f"/v1/datasets/{bobs['id']}", headers=bob.headers).status_code == 204
+    assert not store.fs.exists(bobs_file)
 
 
 def test_a_model_pushed_once_is_validated_without_weights_and_trained_on_another_host(
