@@ -43,11 +43,11 @@ def upgrade() -> None:
     )
     op.create_index("ix_checkpoint_holds_team_created", "checkpoint_holds", ["team_id", "created_at"])
     op.create_index("ix_checkpoint_holds_stage_key", "checkpoint_holds", ["stage_key"])
-    with op.batch_alter_table("artifacts") as batch:  # batch: SQLite, the embedded default, alters by copy
-        batch.add_column(sa.Column("removed_at", sa.DateTime(timezone=True), nullable=True))
-        batch.add_column(sa.Column("files_removed_at", sa.DateTime(timezone=True), nullable=True))
-    with op.batch_alter_table("teams") as batch:
-        batch.add_column(sa.Column("max_uploads", sa.Integer(), nullable=True))
+    # Plain ALTER TABLE, never a rebuild: on SQLite (the embedded default, foreign keys on) rebuilding
+    # ``teams`` would cascade-delete every team's keys and jobs.
+    op.add_column("artifacts", sa.Column("removed_at", sa.DateTime(timezone=True), nullable=True))
+    op.add_column("artifacts", sa.Column("files_removed_at", sa.DateTime(timezone=True), nullable=True))
+    op.add_column("teams", sa.Column("max_uploads", sa.Integer(), nullable=True))
     _hold_existing_checkpoints()
 
 
@@ -88,11 +88,9 @@ def _hold_existing_checkpoints() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("teams") as batch:
-        batch.drop_column("max_uploads")
-    with op.batch_alter_table("artifacts") as batch:
-        batch.drop_column("files_removed_at")
-        batch.drop_column("removed_at")
+    op.drop_column("teams", "max_uploads")  # ALTER TABLE ... DROP COLUMN: SQLite 3.35+, no rebuild
+    op.drop_column("artifacts", "files_removed_at")
+    op.drop_column("artifacts", "removed_at")
     op.drop_index("ix_checkpoint_holds_stage_key", table_name="checkpoint_holds")
     op.drop_index("ix_checkpoint_holds_team_created", table_name="checkpoint_holds")
     op.drop_table("checkpoint_holds")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -113,4 +115,62 @@ def test_team_name_keys_for_existing_teams_up_and_down(any_database: str) -> Non
     command.upgrade(config, "0014")
     with engine.connect() as connection:
         assert dict(connection.execute(text("SELECT id, name_key FROM teams")).all()) == rows
+    engine.dispose()
+
+
+def insert_row(connection: Any, table: str, values: dict[str, Any]) -> None:
+    """Insert ``values``, filling every other NOT NULL column without a default with a plain value of
+    its type (the schema as of the revision the database is at)."""
+    row = dict(values)
+    for column in inspect(connection).get_columns(table):
+        if column["name"] in row or column["nullable"] or column.get("default") is not None:
+            continue
+        kind = str(column["type"]).upper()
+        if "INT" in kind:
+            row[column["name"]] = 0
+        elif any(word in kind for word in ("FLOAT", "DOUBLE", "REAL", "NUMERIC")):
+            row[column["name"]] = 0.0
+        elif "BOOL" in kind:
+            row[column["name"]] = False
+        elif "TIME" in kind:
+            row[column["name"]] = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+        else:
+            row[column["name"]] = "{}" if "JSON" in kind else "x"
+    names = ", ".join(f'"{name}"' for name in row)
+    connection.execute(text(f"INSERT INTO {table} ({names}) VALUES ({', '.join(':' + n for n in row)})"), row)
+
+
+def test_existing_checkpoints_are_held_by_the_stages_that_name_them(any_database: str) -> None:
+    """0013: a hold for every finished stage whose result names a recorded checkpoint, whichever team
+    computed it, so no team's retention removes a checkpoint another team's stage names."""
+    config = alembic_config(any_database)
+    command.upgrade(config, "0012")
+    engine = create_engine(any_database)
+    key = "k" * 64
+    with engine.begin() as connection:
+        for team in ("alpha", "beta"):
+            insert_row(connection, "teams", {"id": team, "name": team})
+            insert_row(connection, "jobs", {"id": f"job-{team}", "team_id": team, "status": "succeeded"})
+        result = json.dumps({"key": key, "checkpoint": "c" * 64, "accuracy": 0.5})
+        for stage_id, team, status in (("s-a", "alpha", "succeeded"), ("s-b", "beta", "cached")):
+            insert_row(
+                connection,
+                "stages",
+                {"id": stage_id, "job_id": f"job-{team}", "team_id": team, "kind": "weak", "seed": 0}
+                | {"order": 0, "stage_key": key, "status": status, "result": result},
+            )
+        insert_row(
+            connection,
+            "artifacts",
+            {"stage_key": key, "name": "checkpoint", "uri": "store#blobs/" + "c" * 64, "team_id": "alpha"}
+            | {"size_bytes": 1234},
+        )
+    command.upgrade(config, "0013")
+    with engine.connect() as connection:
+        holds = connection.execute(text("SELECT stage_id, team_id, size_bytes FROM checkpoint_holds")).all()
+    assert sorted(holds) == [("s-a", "alpha", 1234), ("s-b", "beta", 1234)]
+    command.downgrade(config, "0012")
+    with engine.connect() as connection:  # no table was rebuilt: SQLite's cascades deleted nothing
+        assert connection.execute(text("SELECT count(*) FROM stages")).scalar() == 2
+        assert connection.execute(text("SELECT count(*) FROM teams")).scalar() == 2
     engine.dispose()
