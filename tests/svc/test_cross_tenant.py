@@ -158,6 +158,28 @@ def test_a_completion_that_loses_the_race_with_a_removal_runs_the_stage_instead(
     assert missing_outputs() == []
 
 
+def test_a_team_that_only_reuses_checkpoints_keeps_its_last_n_too(
+    one_checkpoint_kept: None, client: TestClient, make_team, tiny_bert: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Checkpoints a team holds only through cached completions (no stage of its own ran, so no worker
+    pruned) are released by the dispatcher's periodic sweep."""
+    from service import checkpoints
+
+    alpha, gamma, beta = make_team(), make_team(), make_team()
+    run(client, alpha, checkpointed(tiny_bert, seed=0))
+    run(client, gamma, checkpointed(tiny_bert, seed=1))
+    betas = [run(client, beta, checkpointed(tiny_bert, seed=seed)) for seed in (0, 1)]  # both cached
+    with session_scope() as session:
+        assert checkpoints.teams_over(session, 1) == [beta.team_id]
+    checkpoints.sweep(store(), 1)
+    released = weak_stage(betas[0]).result
+    assert released["checkpoint"] is None and "last 1" in released["checkpoint_removed"]  # type: ignore[index]
+    assert store().has_checkpoint(weak_stage(betas[1]).result["checkpoint"])  # type: ignore[index]
+    with session_scope() as session:
+        assert checkpoints.teams_over(session, 1) == []
+    assert missing_outputs() == []
+
+
 def test_doctor_reports_a_result_that_names_a_missing_file(
     client: TestClient, make_team, tiny_bert: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:  # type: ignore[no-untyped-def]
