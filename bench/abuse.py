@@ -18,6 +18,12 @@ jobs here stay queued, which keeps their streams open). Two teams: a hostile one
 4. **Guessed keys**, last (the throttle then refuses this address's made-up keys for a minute;
    a valid key from it is still served): 2,000 requests with made-up keys from one address; the
    first 429 comes within the first 100 (goal), and how many of the 2,000 were refused.
+5. **A dead tracking server**, on a stack of its own with the production workers (CPU, control,
+   exports, dispatcher): one team's MLflow URI accepts connections and never answers, and
+   ``--dead-exports`` (50) of its jobs (free: cached duplicates) finish, each with an export to it.
+   Another team's new job: its time to planning (goal < 5 s) and to its end, beside those exports
+   and on the quiet stack before; the most connections to the dead server at once (goal: at most
+   ``W2S_EXPORTS_PER_TEAM``).
 6. **Hostile YAML** (on phase 1's API, before phase 4): for ``--seconds``, three clients post YAML
    bodies to ``/v1/jobs`` in turn, one without a key, one with a made-up key, one with the hostile
    team's key (its rate limit raised): ``a: [[[...]]]`` 5,000 and 10,000 levels deep (10 and 20 KB)
@@ -25,6 +31,7 @@ jobs here stay queued, which keeps their streams open). Two teams: a hostile one
    second. Goals: ``/healthz`` p99 < 100 ms during the attack, every refusal p99 < 100 ms, no 5xx.
 
     python bench/abuse.py
+    python bench/abuse.py --exports-only     # phase 5 alone
     python bench/abuse.py --yaml-only        # phase 6 alone
     python bench/abuse.py --quick            # 100 streams, 1e5 steps, 8 s of reads
     python bench/abuse.py --json /tmp/abuse.json
@@ -50,7 +57,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 import httpx  # noqa: E402
 from race_storm import StormStack, percentile  # noqa: E402
-from real_stack import PG_ADMIN_URL  # noqa: E402
+from real_stack import PG_ADMIN_URL, RealStack  # noqa: E402
 
 
 class ApiOnlyStack(StormStack):
@@ -362,6 +369,104 @@ def million_step_curves(
     }
 
 
+# -- 5. a dead tracking server --------------------------------------------------------------------
+
+
+class ExportsStack(RealStack):
+    """The production workers: a CPU worker, the control worker (planning, finishing), the exports
+    worker and the dispatcher as processes; the API in this process."""
+
+    def _start(self) -> None:
+        super()._start()
+        self._spawn("worker", "--queue", "exports")
+        self._wait(self._workers_ready, 120, "the exports worker to be ready")
+
+
+def job_in(team_key: str, base_url: str, body: dict[str, Any]) -> str:
+    response = httpx.post(
+        f"{base_url}/v1/jobs", headers={"Authorization": f"Bearer {team_key}"}, json=body, timeout=60
+    )
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+def time_to_plan_and_finish(base_url: str, team_key: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Submit a job; seconds until it is planned (its stages known) and until it ends."""
+    from service.db import session_scope
+    from service.models import Job
+
+    started_at = time.perf_counter()
+    job_id = job_in(team_key, base_url, body)
+    planned_s: float | None = None
+    while time.perf_counter() - started_at < 600:
+        with session_scope() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            if planned_s is None and job.planned:
+                planned_s = time.perf_counter() - started_at
+            if job.status in ("succeeded", "failed", "cancelled"):
+                return {
+                    "status": job.status,
+                    "planned_s": round(planned_s or time.perf_counter() - started_at, 2),
+                    "finished_s": round(time.perf_counter() - started_at, 2),
+                }
+        time.sleep(0.02)
+    return {"status": "timed out", "planned_s": planned_s, "finished_s": None}
+
+
+def dead_tracking_server(models: Path, data_dir: Path, exports: int) -> dict[str, Any]:
+    """One team's MLflow server accepts connections and never answers; that team's ``exports`` free
+    (cached) jobs finish, each with an export to it. Another team's new job: its time to planning and
+    to its end, on the quiet stack first and then beside the stuck exports."""
+    from sqlalchemy import func, select
+
+    from export_support import silent_server
+    from service.db import session_scope
+    from service.models import Job, JobExport
+
+    env = {"W2S_MODEL_ROOTS": json.dumps([str(models.parent)]), "W2S_API_WORKERS": "1"}
+    body = tiny_job_body(models)
+    body["weak"]["mode"] = body["strong"]["mode"] = "probe"
+    with ExportsStack(data_dir=data_dir, extra_env=env) as stack, silent_server() as server:
+        alpha_id, alpha_key = make_team("alpha")
+        _beta_id, beta_key = make_team("beta")
+        warm_up = time_to_plan_and_finish(stack.base_url, beta_key, body)  # computes what alpha reuses
+        quiet = time_to_plan_and_finish(stack.base_url, beta_key, {**body, "seeds": [1]})
+
+        _set_team(alpha_id, mlflow_tracking_uri=server.uri)
+        flood_started = time.perf_counter()
+        flood = [job_in(alpha_key, stack.base_url, body) for _ in range(exports)]
+
+        def flood_done() -> bool:
+            with session_scope() as session:
+                done = session.scalar(
+                    select(func.count()).where(Job.id.in_(flood), Job.status == "succeeded")
+                )
+            return done == exports
+
+        stack._wait(flood_done, 600, f"alpha's {exports} jobs")
+        flood_s = time.perf_counter() - flood_started
+        beside = time_to_plan_and_finish(stack.base_url, beta_key, {**body, "seeds": [2]})
+        with session_scope() as session:
+            rows = session.execute(
+                select(JobExport.attempts, JobExport.token).where(JobExport.team_id == alpha_id)
+            ).all()
+        return {
+            "exports_to_dead_server": len(rows),
+            "exports_per_team": _setting("exports_per_team"),
+            "export_request_timeout_s": _setting("export_request_timeout_s"),
+            "alpha_jobs_all_succeeded_s": round(flood_s, 1),
+            "dead_server_connections_open": server.open,
+            "dead_server_connections_most_at_once": server.most,
+            "dead_server_tries_ended": server.accepted - server.open,
+            "alpha_exports_in_flight": sum(token is not None for _, token in rows),
+            "alpha_exports_never_tried": sum(attempts == 0 for attempts, _ in rows),
+            "beta_warm_up": warm_up,
+            "beta_quiet": quiet,
+            "beta_beside_dead_exports": beside,
+        }
+
+
 # -- 6. hostile YAML ------------------------------------------------------------------------------
 
 MIB = 1024 * 1024
@@ -480,6 +585,12 @@ def main() -> int:
     parser.add_argument("--keys", type=int, default=2_000)
     parser.add_argument("--steps", type=int, default=1_000_000)
     parser.add_argument("--quick", action="store_true", help="100 streams, 1e5 steps, 8 s of reads")
+    parser.add_argument(
+        "--dead-exports", type=int, default=50, help="exports to the dead tracking server (phase 5)"
+    )
+    parser.add_argument(
+        "--exports-only", action="store_true", help="run phase 5 (dead tracking server) alone"
+    )
     parser.add_argument("--yaml-only", action="store_true", help="run phase 6 (hostile YAML) alone")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -493,6 +604,15 @@ def main() -> int:
     models = build_tiny_bert(folder / "models" / "tiny-bert")
     env = {"W2S_MODEL_ROOTS": json.dumps([str(folder / "models")]), "W2S_API_WORKERS": "1"}
     figures: dict[str, Any] = {"quick": args.quick}
+    if args.exports_only:
+        print(f"5. {args.dead_exports} exports to a tracking server that never answers", flush=True)
+        figures["dead_tracking_server"] = dead_tracking_server(models, data_dir, args.dead_exports)
+        print(f"    {json.dumps(figures['dead_tracking_server'])}", flush=True)
+        figures["goals"] = dead_server_goals(figures["dead_tracking_server"])
+        print(json.dumps(figures["goals"], indent=2))
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=2))
+        return 0 if all(figures["goals"].values()) else 1
     if args.yaml_only:
         with ApiOnlyStack(data_dir=data_dir, extra_env=env) as stack:
             hostile, reader = make_team("hostile"), make_team("reader")
@@ -565,6 +685,10 @@ def main() -> int:
         figures["guessed_keys"] = asyncio.run(guess_keys(stack.base_url, args.keys))
         print(f"    {figures['guessed_keys']}", flush=True)
 
+    print(f"5. {args.dead_exports} exports to a tracking server that never answers", flush=True)
+    figures["dead_tracking_server"] = dead_tracking_server(models, data_dir, args.dead_exports)
+    print(f"    {json.dumps(figures['dead_tracking_server'])}", flush=True)
+
     streams, keys = figures["streams"], figures["guessed_keys"]
     figures["goals"] = {
         "other teams' read p99 < 200 ms": streams["reader_all"]["p99_ms"] is not None
@@ -579,11 +703,22 @@ def main() -> int:
         and figures["oversized_sweep"]["refusal"]["p99_ms"] < 50,
         "metric GET of a 1M-step stage < 100 ms": figures["metrics"]["get"]["p99_ms"] < 100,
         **yaml_goals(figures["hostile_yaml"]),
+        **dead_server_goals(figures["dead_tracking_server"]),
     }
     print(json.dumps(figures["goals"], indent=2))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
     return 0 if all(figures["goals"].values()) else 1
+
+
+def dead_server_goals(dead: dict[str, Any]) -> dict[str, bool]:
+    beside = dead["beta_beside_dead_exports"]
+    return {
+        "another team's job planned < 5 s beside exports to a dead server": beside["status"] == "succeeded"
+        and beside["planned_s"] < 5,
+        "exports to the dead server at once ≤ the per-team cap": dead["dead_server_connections_most_at_once"]
+        <= dead["exports_per_team"],
+    }
 
 
 def _setting(name: str) -> Any:

@@ -1004,8 +1004,29 @@ def render_abuse(figures: Figures) -> list[str]:
             f"with 429, {keys['answered_401']} answered 401)",
         ],
         *_hostile_yaml_rows(figures.get("hostile_yaml")),
+        *_dead_server_rows(figures.get("dead_tracking_server")),
     ]
     return table(["figure", "value"], rows)
+
+
+def _dead_server_rows(dead: dict[str, Any] | None) -> list[list[str]]:
+    """Phase 5: another team's job beside exports stuck on a tracking server that never answers."""
+    if not dead:
+        return []
+    quiet, beside = dead["beta_quiet"], dead["beta_beside_dead_exports"]
+    return [
+        [
+            f"{dead['exports_to_dead_server']} exports to a server that never answers: at once / never tried",
+            f"{dead['dead_server_connections_most_at_once']} (cap {dead['exports_per_team']}) / "
+            f"{dead['alpha_exports_never_tried']}; that team's {dead['exports_to_dead_server']} jobs all "
+            f"succeeded in {dead['alpha_jobs_all_succeeded_s']} s",
+        ],
+        [
+            "another team's new job beside them: planned / finished",
+            f"{beside['planned_s']} / {beside['finished_s']} s (quiet stack: {quiet['planned_s']} / "
+            f"{quiet['finished_s']} s)",
+        ],
+    ]
 
 
 def _hostile_yaml_rows(yaml: dict[str, Any] | None) -> list[list[str]]:
@@ -1090,6 +1111,20 @@ def abuse_checks(figures: Figures) -> list[Check]:
             metrics["get"]["p99_ms"] < 100,
         ),
         *_hostile_yaml_checks(figures.get("hostile_yaml")),
+        *_dead_server_checks(figures.get("dead_tracking_server")),
+    ]
+
+
+def _dead_server_checks(dead: dict[str, Any] | None) -> list[Check]:
+    if not dead:
+        return []
+    beside, n = dead["beta_beside_dead_exports"], dead["exports_to_dead_server"]
+    return [
+        Check(
+            f"another team's job planned < 5 s beside {n} exports to a dead server",
+            f"{beside['planned_s']} s",
+            beside["status"] == "succeeded" and beside["planned_s"] < 5,
+        )
     ]
 
 
@@ -1451,7 +1486,12 @@ BENCHMARKS.append(
             "list to `/v1/jobs`, one without a key, one with a made-up key, one with a valid key, while "
             "`/healthz` and another team's job list are read ten times a second. All clients run on the "
             "same 2-core machine "
-            "as the API."
+            "as the API. Phase 5 (`--exports-only` runs it alone) has a stack of its own with the production "
+            "workers (CPU, control, exports, dispatcher): one team's MLflow URI accepts connections and "
+            "never answers, 50 of its jobs (cached duplicates) finish, each with an export to it, and "
+            "another team submits a new job; its time to planning and to its end, beside those exports "
+            "and on the quiet stack before them, with the defaults (W2S_EXPORTS_PER_TEAM 2, "
+            "W2S_EXPORT_REQUEST_TIMEOUT_S 30)."
         ),
         render=render_abuse,
         timeout_s=1800,
@@ -1536,6 +1576,7 @@ UNMEASURED_TARGETS = {
         "oversized sweep refused < 50 ms",
         "metric GET of a 1,000,000-step stage < 100 ms",
         *HOSTILE_YAML_TARGETS,
+        "another team's job planned < 5 s beside 50 exports to a dead server",
     ],
     "race_storm": [
         "stuck jobs = 0",

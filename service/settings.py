@@ -272,6 +272,30 @@ class Settings(LibrarySettings):
     export_lease_s: float = Field(
         900.0, ge=120, description="an export task not done within this long (its worker lost) is sent again"
     )
+    # Exports run on a queue and worker of their own (`w2s-service worker --queue exports`): a tracking
+    # server that accepts connections and never answers holds export slots, never planning or finishing.
+    exports_per_team: int = Field(
+        2,
+        ge=1,
+        description="exports of one team in flight at once; the dispatcher leases no more, so one team's "
+        "dead tracking server holds at most this many of the export worker's processes",
+    )
+    export_concurrency: int = Field(
+        4, ge=1, description="processes of the exports worker (keep it above exports_per_team)"
+    )
+    export_request_timeout_s: int = Field(
+        30,
+        ge=1,
+        description="connect and read timeout of each request an export makes to MLflow or W&B (set for "
+        "the export's call only; MLFLOW_HTTP_REQUEST_TIMEOUT in the environment does not change it)",
+    )
+    export_request_retries: int = Field(
+        2,
+        ge=0,
+        le=10,
+        description="retries of one such request within a try; the export's own back-off "
+        "(export_retry_s) is the patient one",
+    )
     # `w2s-service api`: a process uses one core (about 900 reads/s); run one per core it may use.
     api_workers: int = Field(1, ge=1, description="API server processes (uvicorn workers)")
     api_keep_alive_s: int = Field(

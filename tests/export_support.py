@@ -7,7 +7,8 @@ is w2s.results' own, built from made-up test probabilities. ``reused=False`` giv
 that computed the reused stage.
 
 :func:`mlflow_server` starts a real MLflow tracking server (scripts/install.sh installs it);
-:func:`read_run` reads a W&B offline run back from its files.
+:func:`silent_server` is one that accepts connections and never answers, :func:`recording_server`
+one that records what it was sent; :func:`read_run` reads a W&B offline run back from its files.
 """
 
 from __future__ import annotations
@@ -250,6 +251,105 @@ def mlflow_server(folder: Path, timeout_s: float = 120.0, port: int | None = Non
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGKILL)  # whatever of the group is left (uvicorn's worker)
         server.wait(timeout=15)
+
+
+class SilentServer:
+    """A tracking server whose host accepts every connection, reads what is sent and never answers
+    (a hung process behind a live port). It counts the connections open now, the most open at once,
+    and all it accepted; closing it resets every connection, so whoever waits on one fails at once."""
+
+    def __init__(self) -> None:
+        import selectors
+        import threading
+
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=256)
+        self.listener.setblocking(False)
+        self.uri = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.open = self.most = self.accepted = 0
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self.listener, selectors.EVENT_READ)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="silent-server", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        import selectors
+
+        while not self._stop.is_set():
+            for key, _ in self._selector.select(timeout=0.1):
+                sock = key.fileobj
+                if sock is self.listener:
+                    with contextlib.suppress(BlockingIOError):
+                        connection, _ = self.listener.accept()
+                        connection.setblocking(False)
+                        self._selector.register(connection, selectors.EVENT_READ)
+                        self.accepted += 1
+                        self.open += 1
+                        self.most = max(self.most, self.open)
+                    continue
+                try:
+                    data = sock.recv(65536)  # type: ignore[union-attr]
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    data = b""
+                if not data:  # the client gave up on it
+                    self._selector.unregister(sock)
+                    sock.close()  # type: ignore[union-attr]
+                    self.open -= 1
+        for key in list(self._selector.get_map().values()):
+            with contextlib.suppress(OSError):
+                key.fileobj.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # type: ignore[union-attr]
+            key.fileobj.close()  # type: ignore[union-attr]
+        self._selector.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def silent_server() -> Iterator[SilentServer]:
+    """A :class:`SilentServer` for the block; every connection is reset when it ends."""
+    server = SilentServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@contextlib.contextmanager
+def recording_server() -> Iterator[tuple[str, list[dict[str, str]]]]:
+    """An HTTP server that records each request's headers and answers every one with 503; yields
+    its URI and the list of recorded header dicts (what a tracking server would have been sent)."""
+    import http.server
+    import threading
+
+    seen: list[dict[str, str]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            seen.append({name.lower(): value for name, value in self.headers.items()})
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self.rfile.read(length)
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _answer
+
+        def log_message(self, *args: Any) -> None:  # quiet
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, name="recording-server", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # The run file (run-<id>.wandb): a 7-byte header, then LevelDB-log framing of protobuf Records in

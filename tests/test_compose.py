@@ -35,6 +35,7 @@ SECRETS = {
 }
 QUEUES = {"gpu-80g", "gpu-24g", "cpu"}
 CONTROL = "control"  # planning and finishing jobs: no slots, no GPU
+EXPORTS = "exports"  # exports of finished jobs to MLflow / W&B: no slots, no GPU
 EXPECTED_SERVICES = {
     "postgres",
     "redis",
@@ -45,10 +46,19 @@ EXPECTED_SERVICES = {
     "worker-gpu1",
     "worker-cpu",
     "worker-control",
+    "worker-exports",
     "flower",
 }
 # Our long-running services: they share settings and volumes.
-APP_SERVICES = {"api", "dispatcher", "worker-gpu0", "worker-gpu1", "worker-cpu", "worker-control"}
+APP_SERVICES = {
+    "api",
+    "dispatcher",
+    "worker-gpu0",
+    "worker-gpu1",
+    "worker-cpu",
+    "worker-control",
+    "worker-exports",
+}
 NAMED_VOLUMES = {"artifacts", "models-cache", "pgdata", "redisdata"}
 
 _VARIABLE = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
@@ -112,11 +122,11 @@ def queues_of(service: dict) -> list[str]:
 
 
 def workers(services: dict) -> dict[str, dict]:
-    """The stage workers (the control worker is not one: it holds no slot)."""
+    """The stage workers (the control and exports workers are not: they hold no slot)."""
     return {
         name: svc
         for name, svc in services.items()
-        if command_of(svc)[:2] == ["w2s-service", "worker"] and queues_of(svc) != [CONTROL]
+        if command_of(svc)[:2] == ["w2s-service", "worker"] and queues_of(svc) not in ([CONTROL], [EXPORTS])
     }
 
 
@@ -125,6 +135,14 @@ def test_one_control_worker_plans_and_finishes_jobs(services):
     assert control == ["worker-control"]
     assert not gpu_devices(services["worker-control"])
     assert "cpu" in services["worker-control"]["build"]["args"]["TORCH_VARIANT"]
+
+
+def test_one_exports_worker_sends_finished_jobs_to_tracking_tools(services):
+    exporters = [name for name, svc in services.items() if queues_of(svc) == [EXPORTS]]
+    assert exporters == ["worker-exports"]  # exports never wait behind planning, nor it behind them
+    assert not gpu_devices(services["worker-exports"])
+    assert "cpu" in services["worker-exports"]["build"]["args"]["TORCH_VARIANT"]
+    assert "worker_healthcheck.py" in " ".join(services["worker-exports"]["healthcheck"]["test"])
 
 
 def gpu_devices(service: dict) -> list[dict]:

@@ -192,3 +192,22 @@ def test_w2s_run_refuses_an_unreachable_server_before_training(
     assert time.monotonic() - started < 30  # one try, not MLflow's minutes of retries
     assert f"MLflow at {nowhere} cannot be used" in capsys.readouterr().err
     assert not (tmp_path / "store").exists()  # nothing trained
+
+
+def test_a_server_that_never_answers_fails_the_export_after_one_bounded_request() -> None:
+    from mlflow.exceptions import MlflowException
+
+    with fixture.silent_server() as server:
+        with pytest.raises(MlflowException, match="timed out"):
+            export_to_mlflow(
+                fixture.build_job("job-silent"),
+                server.uri,
+                "w2s-silent",
+                request_timeout_s=1,
+                request_retries=0,
+            )
+        assert server.accepted == 1  # one request, no retries of MLflow's own (7 by default)
+        deadline = time.monotonic() + 5
+        while server.open and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.open == 0  # the client gave up on it

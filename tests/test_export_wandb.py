@@ -152,3 +152,16 @@ def test_w2s_run_writes_offline_wandb_runs(
     assert (
         "student.xent.accuracy" in by_type["results"].summary and "results.json" in by_type["results"].files
     )
+
+
+def test_online_requests_and_a_runs_end_are_bounded() -> None:
+    import wandb
+
+    from w2s.export_wandb import request_bounds
+
+    settings = wandb.Settings(mode="online", **request_bounds(30, 2))
+    assert settings.x_graphql_timeout_seconds == settings.x_file_stream_timeout_seconds == 30
+    assert settings.x_graphql_retry_max == settings.x_file_transfer_retry_max == 2
+    assert 0 < settings.init_timeout <= 100 and 0 < settings.finish_timeout <= 180
+    assert settings.finish_timeout_raises  # a run's end past its bound fails the try: it is tried again
+    assert request_bounds(None, None) == {}

@@ -91,7 +91,7 @@ def test_worker_replicas_match_the_slots_the_dispatcher_fills() -> None:
     replicas: dict[str, int] = {}
     for deployment in of_kind("Deployment"):
         queue = queue_of(deployment)
-        if queue and queue != "control":
+        if queue and queue not in ("control", "exports"):  # these hold no slot
             replicas[queue] = replicas.get(queue, 0) + deployment["spec"]["replicas"]
             limits = deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
             if queue in classes:  # one GPU per worker pod, on a node of its class
@@ -100,6 +100,15 @@ def test_worker_replicas_match_the_slots_the_dispatcher_fills() -> None:
             else:
                 assert "nvidia.com/gpu" not in limits
     assert replicas == slots
+
+
+def test_planning_and_exports_have_workers_of_their_own() -> None:
+    queues = [queue_of(deployment) for deployment in of_kind("Deployment")]
+    assert queues.count("control") == 1 and queues.count("exports") == 1
+    [exports] = [d for d in of_kind("Deployment") if queue_of(d) == "exports"]
+    limits = exports["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert "nvidia.com/gpu" not in limits
+    assert exports["spec"]["template"]["spec"]["containers"][0]["image"] == "w2s-service:cpu"
 
 
 def test_the_api_is_probed_and_the_dispatchers_and_api_survive_a_drain() -> None:

@@ -43,7 +43,13 @@ RUN_STATUS = {"succeeded": "FINISHED", "cached": "FINISHED", "failed": "FAILED",
 
 
 def export_to_mlflow(
-    export: JobExport, tracking_uri: str, experiment: str, *, existing_run_id: str | None = None
+    export: JobExport,
+    tracking_uri: str,
+    experiment: str,
+    *,
+    existing_run_id: str | None = None,
+    request_timeout_s: int | None = None,
+    request_retries: int | None = None,
 ) -> ExportedRun:
     """Send one job to MLflow at ``tracking_uri`` (http(s)://, file:, sqlite:, databricks ...) into
     ``experiment`` (created if missing); returns the parent run's id and, for an http(s) server, the
@@ -59,6 +65,10 @@ def export_to_mlflow(
 
     Credentials come from MLflow's own environment variables (MLFLOW_TRACKING_TOKEN,
     MLFLOW_TRACKING_USERNAME/PASSWORD), never from arguments that could be logged.
+
+    ``request_timeout_s`` (connect and read) and ``request_retries`` bound each request to the
+    server, for this call only (MLflow reads them from its environment variables at each request;
+    its defaults, 120 s and 7 retries with back-off, hold a dead server's caller for many minutes).
     """
     try:
         from mlflow.tracking import MlflowClient
@@ -67,7 +77,12 @@ def export_to_mlflow(
             "exporting to MLflow needs its client: pip install '.[mlflow]' (or pip install mlflow-skinny)"
         ) from error
 
-    with environment({SUPPRESS_URL_PRINTING: "true"}):
+    bounds = {SUPPRESS_URL_PRINTING: "true"}
+    if request_timeout_s is not None:
+        bounds[TIMEOUT] = str(int(max(1, request_timeout_s)))
+    if request_retries is not None:
+        bounds[RETRIES] = str(int(max(0, request_retries)))
+    with environment(bounds):
         return _export(
             MlflowClient(tracking_uri=tracking_uri), export, tracking_uri, experiment, existing_run_id
         )

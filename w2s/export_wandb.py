@@ -43,6 +43,8 @@ def export_to_wandb(
     mode: Literal["online", "offline"],
     directory: Path,
     api_key: str | None,
+    request_timeout_s: float | None = None,
+    request_retries: int | None = None,
 ) -> ExportedRun:
     """Send one job to W&B ``entity``/``project`` as one run per stage and a results run, grouped by
     the job; returns the results run's id and link (online) and every run's folder under
@@ -51,7 +53,10 @@ def export_to_wandb(
     With a job id, run ids are derived from it, so exporting the job again online resumes the same
     runs (W&B keeps history steps it already has, and config and summary take the new values)
     instead of adding copies. ``api_key`` is handed to W&B's settings for online mode only; it is
-    never printed, logged or written to ``directory``.
+    never printed, logged or written to ``directory``. Online, ``request_timeout_s`` and
+    ``request_retries`` bound each request to W&B (GraphQL, file stream, file uploads) and a run's
+    start and end, so a server that never answers fails this call in bounded time instead of
+    holding it (W&B's own defaults retry for many minutes, and a run's end waits for its uploads).
     """
     try:
         import wandb
@@ -65,6 +70,7 @@ def export_to_wandb(
     directory.mkdir(parents=True, exist_ok=True)
     # Process-wide settings, read by W&B's own telemetry: offline, it must not probe the server.
     wandb.setup(settings=wandb.Settings(mode=mode, silent=True))
+    bounds = request_bounds(request_timeout_s, request_retries) if mode == "online" else {}
 
     config = _nested(export.params)
     common_tags = _wandb_tags(
@@ -86,6 +92,7 @@ def export_to_wandb(
             entity=entity,
             directory=directory,
             api_key=api_key,
+            bounds=bounds,
             run_key=stage.stage_id,
             name=f"{export.name} · {stage.name}",
             job_type=stage.kind,
@@ -109,6 +116,7 @@ def export_to_wandb(
         entity=entity,
         directory=directory,
         api_key=api_key,
+        bounds=bounds,
         run_key="results",
         name=f"{export.name} · results",
         job_type="results",
@@ -135,6 +143,7 @@ def _init(
     entity: str | None,
     directory: Path,
     api_key: str | None,
+    bounds: dict[str, Any],
     run_key: str,
     name: str,
     job_type: str,
@@ -155,6 +164,7 @@ def _init(
         "disable_job_creation": True,
         "x_save_requirements": False,
         **({"api_key": api_key} if api_key and mode == "online" else {}),
+        **bounds,
     }
     # Older clients lack some of these switches (and refuse unknown ones): set those they have.
     known = getattr(wandb.Settings, "model_fields", wanted)
@@ -174,6 +184,28 @@ def _init(
         reinit="create_new",
         settings=settings,
     )
+
+
+def request_bounds(timeout_s: float | None, retries: int | None) -> dict[str, Any]:
+    """W&B settings that bound each request (GraphQL, file stream, file uploads: connect and read
+    timeout, retries) and so a run's start and its end, which otherwise waits for every upload; a
+    run's end past its bound raises instead of leaving the export half sent and called done."""
+    bounds: dict[str, Any] = {}
+    if retries is not None:
+        for name in ("x_graphql_retry_max", "x_file_stream_retry_max", "x_file_transfer_retry_max"):
+            bounds[name] = retries
+    if timeout_s is not None:
+        for name in (
+            "x_graphql_timeout_seconds",
+            "x_file_stream_timeout_seconds",
+            "x_file_transfer_timeout_seconds",
+        ):
+            bounds[name] = float(timeout_s)
+        one_request = float(timeout_s) * ((retries or 0) + 1)
+        bounds.update(
+            init_timeout=one_request + 10, finish_timeout=2 * one_request, finish_timeout_raises=True
+        )
+    return bounds
 
 
 def _run_id(export: JobExport, run_key: str) -> str | None:

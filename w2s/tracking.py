@@ -613,15 +613,21 @@ class CurveRecorder:
 
 
 @contextlib.contextmanager
-def environment(values: Mapping[str, str], defaults: Mapping[str, str] | None = None) -> Iterator[None]:
-    """Set ``values`` (and ``defaults`` where the variable is unset) in the process environment for
-    the block, restored after as the caller had them: trackers' clients read their switches and
-    credentials from the environment at each call."""
+def environment(
+    values: Mapping[str, str | None], defaults: Mapping[str, str] | None = None
+) -> Iterator[None]:
+    """Set ``values`` (None: remove the variable) and ``defaults`` where the variable is unset in the
+    process environment for the block, restored after as the caller had them: trackers' clients read
+    their switches and credentials from the environment at each call."""
     defaults = defaults or {}
     saved = {name: os.environ.get(name) for name in [*defaults, *values]}
     for name, value in defaults.items():
         os.environ.setdefault(name, value)
-    os.environ.update(values)
+    for name, given in values.items():
+        if given is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = given
     try:
         yield
     finally:

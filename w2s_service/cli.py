@@ -1,6 +1,6 @@
 """``w2s-service``: run the service's processes and administer teams.
 
-    w2s-service dev                      # migrate, then API + workers + control worker + dispatcher
+    w2s-service dev                      # migrate, then API + workers + control + exports + dispatcher
     w2s-service migrate | api | worker --queue Q | dispatcher
     w2s-service create-team NAME         # prints the team's first API key (shown once)
     w2s-service create-key TEAM_NAME
@@ -121,15 +121,20 @@ def cmd_api(args: argparse.Namespace) -> int:
     return 0
 
 
-def worker_argv(queue: str, embedded: bool, control_concurrency: int = 2) -> list[str]:
+def worker_argv(
+    queue: str, embedded: bool, control_concurrency: int = 2, export_concurrency: int = 4
+) -> list[str]:
     """Celery's worker arguments beyond the app's config (worker/celery_app.py): the queue, a host
     name, and for the control queue a child that serves many tasks (planning is light on memory and
-    its caches of datasets and tokenizers are worth keeping)."""
-    from worker.celery_app import CONTROL_QUEUE
+    its caches of datasets and tokenizers are worth keeping); the exports queue likewise, with as many
+    processes as exports may wait on tracking servers at once."""
+    from worker.celery_app import CONTROL_QUEUE, EXPORTS_QUEUE
 
     argv = ["worker", "--queues", queue, "--hostname", f"{queue}-{os.getpid()}@%h", "--loglevel", "INFO"]
     if queue == CONTROL_QUEUE:
         argv += ["--max-tasks-per-child", "100", "--concurrency", str(control_concurrency)]
+    if queue == EXPORTS_QUEUE:
+        argv += ["--max-tasks-per-child", "100", "--concurrency", str(export_concurrency)]
     if embedded:
         # The filesystem transport has no broadcast: skip the worker-to-worker chatter.
         argv += ["--without-mingle", "--without-gossip", "--without-heartbeat"]
@@ -147,16 +152,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
         telemetry.serve(settings.metrics_port)
     from worker import tasks
-    from worker.celery_app import CONTROL_QUEUE, app
+    from worker.celery_app import CONTROL_QUEUE, EXPORTS_QUEUE, app
 
-    tasks.RUNS_STAGES = set(args.queue.split(",")) != {CONTROL_QUEUE}
+    # Control and export workers run no stage: no fork server, no registration as a stage worker.
+    tasks.RUNS_STAGES = bool(set(args.queue.split(",")) - {CONTROL_QUEUE, EXPORTS_QUEUE})
     if tasks.RUNS_STAGES:  # the dispatcher routes stages to workers that compute the planner's keys
         import socket
 
         from worker.registration import Registration
 
         Registration(f"{args.queue}-{os.getpid()}@{socket.gethostname()}", args.queue.split(",")).start()
-    app.worker_main(worker_argv(args.queue, settings.embedded_broker, settings.control_concurrency))
+    app.worker_main(
+        worker_argv(
+            args.queue, settings.embedded_broker, settings.control_concurrency, settings.export_concurrency
+        )
+    )
     return 0
 
 
@@ -273,7 +283,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     os.environ.setdefault("W2S_ENVIRONMENT", "development")
     from service.db import reset_caches
     from service.settings import get_settings
-    from worker.celery_app import CONTROL_QUEUE
+    from worker.celery_app import CONTROL_QUEUE, EXPORTS_QUEUE
 
     reset_caches()
     settings = get_settings()
@@ -293,6 +303,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         ([*me, "api", "--host", args.host, "--port", str(args.port)], {}),
         ([*me, "dispatcher"], {}),
         ([*me, "worker", "--queue", CONTROL_QUEUE], {"CUDA_VISIBLE_DEVICES": ""}),
+        ([*me, "worker", "--queue", EXPORTS_QUEUE], {"CUDA_VISIBLE_DEVICES": ""}),
         *(([*me, "worker", "--queue", queue], env) for queue, env in workers),
     ]
     from w2s_service.supervise import Supervisor
@@ -582,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     api.set_defaults(handler=cmd_api)
     worker = commands.add_parser("worker", help="one worker process consuming one queue")
-    worker.add_argument("--queue", required=True, help="cpu, gpu-24g, gpu-80g, ...")
+    worker.add_argument("--queue", required=True, help="cpu, gpu-80g, ..., control or exports")
     worker.set_defaults(handler=cmd_worker)
     commands.add_parser("dispatcher", help="the scheduling loop").set_defaults(handler=cmd_dispatcher)
     team = commands.add_parser("create-team", help="create a team and its first API key")

@@ -22,6 +22,10 @@ FINISH_TASK = "w2s.finish_job"
 EXPORT_TASK = "w2s.export_job"  # a succeeded job to MLflow or W&B (worker/exports.py)
 # Planning and finishing jobs (worker/control.py) run on their own queue and worker.
 CONTROL_QUEUE = "control"
+# Exports (worker/exports.py) too: a tracking server that never answers holds export processes
+# only, never planning or finishing. The control worker still runs an export sent to its queue by
+# a dispatcher from before this queue existed (every worker knows every task).
+EXPORTS_QUEUE = "exports"
 
 
 def broker_options(settings: Settings) -> dict[str, object]:
@@ -54,7 +58,8 @@ def broker_options(settings: Settings) -> dict[str, object]:
 
 
 def queue_names(settings: Settings) -> list[str]:
-    return sorted(set(settings.queue_slots) | set(settings.gpu_classes) | {"cpu", CONTROL_QUEUE})
+    fixed = {"cpu", CONTROL_QUEUE, EXPORTS_QUEUE}
+    return sorted(set(settings.queue_slots) | set(settings.gpu_classes) | fixed)
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
@@ -64,7 +69,11 @@ def make_celery(settings: Settings | None = None) -> Celery:
     app = Celery("w2s", broker=broker, include=["worker.tasks", "worker.control", "worker.exports"])
     limit = settings.control_timeout_s
     app.conf.update(
-        task_routes={name: {"queue": CONTROL_QUEUE} for name in (PLAN_TASK, FINISH_TASK, EXPORT_TASK)},
+        task_routes={
+            PLAN_TASK: {"queue": CONTROL_QUEUE},
+            FINISH_TASK: {"queue": CONTROL_QUEUE},
+            EXPORT_TASK: {"queue": EXPORTS_QUEUE},
+        },
         # The soft limit raises inside the task, which fails the job; the hard limit kills a task
         # stuck where the soft one cannot reach (native code), and the dispatcher resends it.
         task_annotations={

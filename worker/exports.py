@@ -1,9 +1,11 @@
 """The export task: one succeeded job to MLflow or Weights & Biases (service/exports.py says when).
 
-It runs on the control queue, after the job has succeeded, so a tracking server that is down or slow
-only delays the export: each failed try waits longer (service.exports.export_failed) and the job's
-state never depends on it. What is sent is built by the library (w2s.tracking) from what the API
-serves: the spec, the results, the stages, their curves and the figures the dashboard draws.
+It runs on the exports queue (``w2s-service worker --queue exports``), after the job has succeeded,
+so a tracking server that is down or slow only delays exports: each request to it is bounded
+(``W2S_EXPORT_REQUEST_TIMEOUT_S``, ``W2S_EXPORT_REQUEST_RETRIES``), each failed try waits longer
+(service.exports.export_failed), and neither the job's state nor anyone's planning or finishing
+depends on it. What is sent is built by the library (w2s.tracking) from what the API serves: the
+spec, the results, the stages, their curves and the figures the dashboard draws.
 """
 
 from __future__ import annotations
@@ -18,7 +20,14 @@ from typing import Any
 from sqlalchemy.exc import DBAPIError
 
 from service.db import database_unreachable, session_scope
-from service.exports import Destination, current_export, destination, export_failed, export_succeeded
+from service.exports import (
+    Destination,
+    current_export,
+    destination,
+    export_failed,
+    export_succeeded,
+    reserved_env_reason,
+)
 from service.logs import log_context
 from service.metrics import job_series
 from service.models import Job, Sweep
@@ -29,9 +38,14 @@ from worker.celery_app import EXPORT_TASK, app
 
 logger = logging.getLogger(__name__)
 
-# MLflow's client retries each request 7 times with back-off (minutes against a server that is down);
-# the export's own retries are the patient ones, so each try fails fast unless the operator says not.
-MLFLOW_CLIENT_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+# The export workers' own MLflow credentials: sent to the deployment's server, never to a team's own.
+MLFLOW_CREDENTIALS = (
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_CLIENT_CERT_PATH",
+    "MLFLOW_TRACKING_AUTH",
+)
 
 
 @app.task(name=EXPORT_TASK)
@@ -50,6 +64,11 @@ def run_export(export_id: str, token: str, settings: Settings | None = None) -> 
             job = session.get(Job, export.job_id)
             assert job is not None
             where = destination(session, job, export.target, settings)  # type: ignore[arg-type]
+            refused = credential_refused(where)
+            if refused is not None:  # a row from before the check, or written around it
+                logger.warning("export %s refused: %s", export_id, refused)
+                export_failed(session, export_id, token, refused, settings, final=True)
+                return "refused"
             payload = job_payload(session, job)
     except DBAPIError as failure:
         if database_unreachable(failure):
@@ -134,8 +153,14 @@ def send(payload: dict[str, Any], where: Destination, settings: Settings) -> tup
         from w2s.export_mlflow import export_to_mlflow
 
         assert where.uri and where.experiment
-        with environment(_secret("MLFLOW_TRACKING_TOKEN", where.secret_env), defaults=MLFLOW_CLIENT_DEFAULTS):
-            exported = export_to_mlflow(export, where.uri, where.experiment)
+        with environment(mlflow_credentials(where)):
+            exported = export_to_mlflow(
+                export,
+                where.uri,
+                where.experiment,
+                request_timeout_s=settings.export_request_timeout_s,
+                request_retries=settings.export_request_retries,
+            )
     else:
         from w2s.export_wandb import export_to_wandb
 
@@ -148,15 +173,37 @@ def send(payload: dict[str, Any], where: Destination, settings: Settings) -> tup
             mode=settings.wandb_mode,
             directory=Path(settings.wandb_dir) / payload["job_id"],
             api_key=api_key,
+            request_timeout_s=settings.export_request_timeout_s,
+            request_retries=settings.export_request_retries,
         )
     return exported.run_id, exported.url
 
 
-def _secret(variable: str, source_env: str | None) -> dict[str, str]:
-    """The team's credential, read from the environment variable its settings name (never stored)."""
-    if source_env and os.environ.get(source_env):
-        return {variable: os.environ[source_env]}
-    return {}
+def credential_refused(where: Destination) -> str | None:
+    """Why this export may not read the variable its team names as its credential (one of the
+    service's own secrets: the export would send it to the team's server), or None."""
+    if not where.secret_env:
+        return None
+    reason = reserved_env_reason(where.secret_env)
+    if reason is None:
+        return None
+    flag = "--mlflow-token-env" if where.target == "mlflow" else "--wandb-key-env"
+    return (
+        f"refused: the team's {where.secret_field} names {where.secret_env}, and {reason}; an operator "
+        f"names a variable of the team's own (`w2s-service team-set TEAM {flag} TEAM_A_TOKEN`), then "
+        "exports again"
+    )
+
+
+def mlflow_credentials(where: Destination) -> dict[str, str | None]:
+    """MLflow's credential variables for this export (None: unset): the team's token, read from the
+    variable its settings name (never stored); on a team's own server none of the workers' own."""
+    values: dict[str, str | None] = {}
+    if not where.deployment_server:
+        values = dict.fromkeys(MLFLOW_CREDENTIALS)
+    if where.secret_env and os.environ.get(where.secret_env):
+        values["MLFLOW_TRACKING_TOKEN"] = os.environ[where.secret_env]
+    return values
 
 
 def describe(failure: BaseException, where: Destination) -> str:

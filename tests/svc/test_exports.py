@@ -178,7 +178,8 @@ def test_an_unreachable_tracking_server_delays_the_export_never_the_job(
 
     team = make_team()
     set_team(team.team_id, mlflow_tracking_uri="http://127.0.0.1:9")  # nothing listens on port 9
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("W2S_EXPORT_REQUEST_RETRIES", "0")
+    get_settings.cache_clear()
     job_id = submitted(client, team.headers)
     succeed(job_id)
     export_id = export_row(job_id).id
@@ -217,3 +218,139 @@ def test_the_job_page_shows_each_export_and_links_its_run(client: TestClient, ma
     page = client.get(f"/jobs/{job_id}").text
     assert 'href="http://mlflow.example:5000/#/runs/abc"' in page and "MLflow run" in page
     assert "W&amp;B export: try 1 failed" in page and "CommError" in page
+
+
+def test_one_team_holds_at_most_its_cap_of_exports_in_flight_and_the_others_go_ahead(
+    client: TestClient, make_team, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("W2S_EXPORTS_PER_TEAM", "2")
+    get_settings.cache_clear()
+    flooding, other = make_team(), make_team()
+    for team in (flooding, other):
+        set_team(team.team_id, mlflow_tracking_uri="http://mlflow.example:5000")
+    flood = [submitted(client, flooding.headers) for _ in range(5)]
+    for job_id in flood:
+        succeed(job_id)
+    latecomer = submitted(client, other.headers)
+    succeed(latecomer)  # due after the whole flood
+    ids = {job_id: export_row(job_id).id for job_id in [*flood, latecomer]}
+
+    first = lease()
+    assert set(dict(first)) == {
+        ids[flood[0]],
+        ids[flood[1]],
+        ids[latecomer],
+    }  # the oldest two, and the other team's
+    assert lease() == []  # the flooding team is at its cap; its three others wait
+    with session_scope() as session:  # one try ends: one more of that team may go
+        assert exports.export_failed(
+            session, ids[flood[0]], dict(first)[ids[flood[0]]], "timed out", get_settings()
+        )
+    assert [export_id for export_id, _ in lease()] == [ids[flood[2]]]
+    assert lease() == []
+    # A lapsed lease (its worker lost) holds no slot: that export is due again, and counts as one.
+    with session_scope() as session:
+        session.execute(
+            update(JobExport)
+            .where(JobExport.id == ids[flood[1]])
+            .values(lease_until=utcnow() - dt.timedelta(seconds=1))
+        )
+    assert [export_id for export_id, _ in lease()] == [ids[flood[1]]]
+
+
+SERVICE_SECRETS = (
+    "W2S_ADMIN_KEY",
+    "W2S_SESSION_SECRET",
+    "AWS_SECRET_ACCESS_KEY",
+    "DATABASE_URL",
+    "PGPASSWORD",
+    "REDIS_URL",
+    "CELERY_BROKER_URL",
+    "MLFLOW_TRACKING_TOKEN",
+    "HF_TOKEN",
+)
+
+
+@pytest.mark.parametrize("variable", SERVICE_SECRETS)
+def test_a_team_credential_may_not_name_the_services_own_secrets(
+    client: TestClient, make_team, variable: str
+) -> None:  # type: ignore[no-untyped-def]
+    team = make_team()
+    patch = lambda body: client.patch(f"/v1/admin/teams/{team.team_id}", json=body, headers=ADMIN)  # noqa: E731
+    for field in ("mlflow_token_env", "wandb_key_env"):
+        refused = patch({field: variable})
+        assert refused.status_code == 422, refused.text
+        assert field in refused.text and variable in refused.text and "service's own" in refused.text
+    with session_scope() as session:
+        row = session.get(Team, team.team_id)
+        assert row is not None and row.mlflow_token_env is None and row.wandb_key_env is None
+    assert patch({"mlflow_token_env": "TEAM_A_MLFLOW_TOKEN"}).status_code == 200
+
+
+def test_the_admin_cli_refuses_them_too(make_team, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    from w2s_service import cli
+
+    team = make_team()
+    with session_scope() as session:
+        name = session.get(Team, team.team_id).name  # type: ignore[union-attr]
+    assert cli.main(["team-set", name, "--mlflow-token-env", "W2S_ADMIN_KEY"]) == 2
+    error = capsys.readouterr().err
+    assert "mlflow_token_env" in error and "W2S_ADMIN_KEY" in error and "service's own" in error
+    assert cli.main(["team-set", name, "--wandb-key-env", "AWS_SECRET_ACCESS_KEY"]) == 2
+    with session_scope() as session:
+        row = session.get(Team, team.team_id)
+        assert row is not None and row.mlflow_token_env is None and row.wandb_key_env is None
+    assert cli.main(["team-set", name, "--mlflow-token-env", "TEAM_A_MLFLOW_TOKEN"]) == 0
+
+
+def test_an_export_sends_no_secret_of_the_service_to_a_teams_server(
+    client: TestClient, make_team, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    from export_support import recording_server
+    from worker.exports import run_export
+
+    monkeypatch.setenv("W2S_EXPORT_REQUEST_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "the-deployments-own-mlflow-token")
+    monkeypatch.setenv("TEAM_A_MLFLOW_TOKEN", "team-a-token")
+    get_settings.cache_clear()
+    team = make_team()
+    job_id = submitted(client, team.headers)
+    with recording_server() as (uri, seen):
+        # A row naming the admin key, written before the check existed: the export fails, saying why,
+        # and the server is never contacted.
+        set_team(team.team_id, mlflow_tracking_uri=uri, mlflow_token_env="W2S_ADMIN_KEY")
+        succeed(job_id)
+        export_id = export_row(job_id).id
+        assert run_export(export_id, dict(lease())[export_id]) == "refused"
+        row = export_row(job_id)
+        assert row.status == "failed" and seen == []
+        assert row.error and "W2S_ADMIN_KEY" in row.error and "--mlflow-token-env" in row.error
+        assert ADMIN_KEY not in row.error
+
+        # No credential named: the workers' own MLflow token stays home (it is for the deployment's server).
+        set_team(team.team_id, mlflow_token_env=None)
+        client.post(f"/v1/jobs/{job_id}/export", json={"to": "mlflow"}, headers=team.headers)
+        assert run_export(export_id, dict(lease())[export_id]) == "retry"  # the server answers 503
+        assert seen and all("authorization" not in headers for headers in seen)
+
+        # The team's own token, from the variable it names.
+        seen.clear()
+        set_team(team.team_id, mlflow_token_env="TEAM_A_MLFLOW_TOKEN")
+        client.post(f"/v1/jobs/{job_id}/export", json={"to": "mlflow"}, headers=team.headers)
+        assert run_export(export_id, dict(lease())[export_id]) == "retry"
+        assert seen and all(headers.get("authorization") == "Bearer team-a-token" for headers in seen)
+
+
+def test_exports_have_a_queue_and_worker_of_their_own_and_the_control_worker_still_runs_old_ones() -> None:
+    from w2s_service.cli import worker_argv
+    from worker.celery_app import CONTROL_QUEUE, EXPORT_TASK, EXPORTS_QUEUE, FINISH_TASK, PLAN_TASK, app
+
+    route = lambda task: app.amqp.router.route({}, task)["queue"].name  # noqa: E731
+    assert route(EXPORT_TASK) == EXPORTS_QUEUE
+    assert route(PLAN_TASK) == route(FINISH_TASK) == CONTROL_QUEUE
+    # Every worker knows every task: an export a dispatcher from before sent to the control queue runs
+    # on the control worker.
+    app.loader.import_default_modules()
+    assert {EXPORT_TASK, PLAN_TASK, FINISH_TASK} <= set(app.tasks)
+    argv = worker_argv(EXPORTS_QUEUE, embedded=False, export_concurrency=6)
+    assert argv[argv.index("--queues") + 1] == "exports" and argv[argv.index("--concurrency") + 1] == "6"

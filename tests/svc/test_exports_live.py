@@ -159,7 +159,8 @@ def test_a_job_and_a_sweep_appear_in_mlflow_with_curves_and_figures(
 def test_a_tracking_server_down_delays_the_export_and_the_next_try_lands(
     client: TestClient, make_team, tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("W2S_EXPORT_REQUEST_RETRIES", "0")
+    get_settings.cache_clear()
     port = free_port()
     team = make_team()
     set_team(team.team_id, mlflow_tracking_uri=f"http://127.0.0.1:{port}")  # nothing listens yet
