@@ -29,10 +29,15 @@ jobs here stay queued, which keeps their streams open). Two teams: a hostile one
    team's key (its rate limit raised): ``a: [[[...]]]`` 5,000 and 10,000 levels deep (10 and 20 KB)
    and a flat list of 1 MiB. Meanwhile ``/healthz`` and the reader's job list are read ten times a
    second. Goals: ``/healthz`` p99 < 100 ms during the attack, every refusal p99 < 100 ms, no 5xx.
+7. **"Already stored" on S3**, on an API of its own over an S3 store (moto's server, a process of
+   its own): ``--upload-pairs`` (20) times, beta uploads ``--upload-mb`` (40) MB; alpha then uploads
+   the same bytes and fresh bytes, in random order. Goal: alpha's two answer times overlap (an
+   upload that skipped writing bytes another team stored answered ~1 s per 40 MB sooner).
 
     python bench/abuse.py
     python bench/abuse.py --exports-only     # phase 5 alone
     python bench/abuse.py --yaml-only        # phase 6 alone
+    python bench/abuse.py --uploads-only     # phase 7 alone
     python bench/abuse.py --quick            # 100 streams, 1e5 steps, 8 s of reads
     python bench/abuse.py --json /tmp/abuse.json
 """
@@ -574,6 +579,115 @@ def run_hostile_yaml(base_url: str, reader: tuple[str, str], hostile: tuple[str,
 # -- the run ---------------------------------------------------------------------------------------
 
 
+# -- 7. "already stored" timing on S3 -----------------------------------------------------------
+
+
+def jsonl_of_size(megabytes: float, seed: int) -> bytes:
+    """A valid upload of about ``megabytes``: text rows that no two calls share."""
+    import random
+
+    rng = random.Random(seed)
+    words = [f"w{rng.randrange(10**6)}" for _ in range(2_000)]
+    rows, size = [], 0
+    while size < megabytes * 2**20:
+        row = json.dumps({"text": " ".join(rng.choices(words, k=60)), "label": rng.randint(0, 1)}) + "\n"
+        rows.append(row)
+        size += len(row)
+    return "".join(rows).encode()
+
+
+def upload_timing(data_dir: Path, pairs: int, megabytes: float) -> dict[str, Any]:
+    """On an S3 store (moto's server in a process of its own), beta uploads bytes; alpha then uploads
+    the same bytes ("stored": another team holds them) and fresh bytes ("fresh"), in random order,
+    ``pairs`` times. An upload that skips the write when the bytes are already there answers sooner
+    for "stored": the distributions would not overlap."""
+    import os
+    import random
+    import socket
+    import subprocess
+
+    import boto3
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    moto = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    credentials = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    os.environ.update(credentials)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(
+                    Bucket="w2s-abuse"
+                )
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        env = {
+            "W2S_API_WORKERS": "1",
+            "W2S_ARTIFACT_STORE": "s3://w2s-abuse/store",
+            "W2S_STORE_ENDPOINT_URL": endpoint,
+            "W2S_STORE_REGION": "us-east-1",
+            "W2S_MAX_UPLOADS": str(4 * pairs + 10),
+            "W2S_UPLOAD_QUOTA_MB": str(int(4 * pairs * megabytes) + 100),
+            "W2S_STORAGE_QUOTA_MB": str(int(4 * pairs * megabytes) + 100),
+            **credentials,
+        }
+        timings: dict[str, list[float]] = {"stored": [], "fresh": []}
+        rng = random.Random(0)
+        with ApiOnlyStack(data_dir=data_dir, extra_env=env) as stack:
+            teams = {name: make_team(name)[1] for name in ("alpha", "beta")}
+
+            def post(team: str, content: bytes) -> float:
+                started = time.perf_counter()
+                answer = httpx.post(
+                    f"{stack.base_url}/v1/datasets",
+                    files={"file": ("data.jsonl", content)},
+                    headers={"Authorization": f"Bearer {teams[team]}"},
+                    timeout=600,
+                )
+                answer.raise_for_status()
+                return time.perf_counter() - started
+
+            for pair in range(pairs):
+                shared, fresh = jsonl_of_size(megabytes, 2 * pair), jsonl_of_size(megabytes, 2 * pair + 1)
+                post("beta", shared)
+                order = [("stored", shared), ("fresh", fresh)]
+                rng.shuffle(order)
+                for kind, content in order:
+                    timings[kind].append(post("alpha", content))
+    finally:
+        moto.terminate()
+        moto.wait(timeout=20)
+    stored, fresh = timings["stored"], timings["fresh"]
+    return {
+        "pairs": pairs,
+        "megabytes": megabytes,
+        "stored_by_another_team": ms(stored) | {"min_ms": round(min(stored) * 1000, 1)},
+        "fresh": ms(fresh) | {"min_ms": round(min(fresh) * 1000, 1)},
+        "median_difference_ms": round((statistics.median(fresh) - statistics.median(stored)) * 1000, 1),
+        # The ranges overlap, and neither is faster in most pairs.
+        "overlap": min(fresh) <= max(stored) and min(stored) <= max(fresh),
+        "stored_faster_in_pairs": sum(s < f for s, f in zip(stored, fresh, strict=True)),
+    }
+
+
+def upload_timing_goals(timing: dict[str, Any]) -> dict[str, bool]:
+    faster = timing["stored_faster_in_pairs"]
+    return {
+        "uploads: another team's bytes give no faster answer (distributions overlap)": timing["overlap"]
+        and 0.2 * timing["pairs"] <= faster <= 0.8 * timing["pairs"],
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -592,6 +706,9 @@ def main() -> int:
         "--exports-only", action="store_true", help="run phase 5 (dead tracking server) alone"
     )
     parser.add_argument("--yaml-only", action="store_true", help="run phase 6 (hostile YAML) alone")
+    parser.add_argument("--upload-pairs", type=int, default=20, help="phase 7: upload pairs on S3")
+    parser.add_argument("--upload-mb", type=float, default=40.0, help="phase 7: each upload's size")
+    parser.add_argument("--uploads-only", action="store_true", help="run phase 7 (upload timing on S3) alone")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.quick:
@@ -604,6 +721,15 @@ def main() -> int:
     models = build_tiny_bert(folder / "models" / "tiny-bert")
     env = {"W2S_MODEL_ROOTS": json.dumps([str(folder / "models")]), "W2S_API_WORKERS": "1"}
     figures: dict[str, Any] = {"quick": args.quick}
+    if args.uploads_only:
+        print(f"7. {args.upload_pairs} pairs of {args.upload_mb:g} MB uploads on S3", flush=True)
+        figures["upload_timing"] = upload_timing(data_dir, args.upload_pairs, args.upload_mb)
+        print(f"    {json.dumps(figures['upload_timing'])}", flush=True)
+        figures["goals"] = upload_timing_goals(figures["upload_timing"])
+        print(json.dumps(figures["goals"], indent=2))
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=2))
+        return 0 if all(figures["goals"].values()) else 1
     if args.exports_only:
         print(f"5. {args.dead_exports} exports to a tracking server that never answers", flush=True)
         figures["dead_tracking_server"] = dead_tracking_server(models, data_dir, args.dead_exports)
@@ -689,6 +815,10 @@ def main() -> int:
     figures["dead_tracking_server"] = dead_tracking_server(models, data_dir, args.dead_exports)
     print(f"    {json.dumps(figures['dead_tracking_server'])}", flush=True)
 
+    print(f"7. {args.upload_pairs} pairs of {args.upload_mb:g} MB uploads on S3", flush=True)
+    figures["upload_timing"] = upload_timing(data_dir, args.upload_pairs, args.upload_mb)
+    print(f"    {json.dumps(figures['upload_timing'])}", flush=True)
+
     streams, keys = figures["streams"], figures["guessed_keys"]
     figures["goals"] = {
         "other teams' read p99 < 200 ms": streams["reader_all"]["p99_ms"] is not None
@@ -704,6 +834,7 @@ def main() -> int:
         "metric GET of a 1M-step stage < 100 ms": figures["metrics"]["get"]["p99_ms"] < 100,
         **yaml_goals(figures["hostile_yaml"]),
         **dead_server_goals(figures["dead_tracking_server"]),
+        **upload_timing_goals(figures["upload_timing"]),
     }
     print(json.dumps(figures["goals"], indent=2))
     if args.json:
