@@ -100,11 +100,14 @@ class Channel(filesystem.Channel):
             payload = loads(bytes_to_str(raw))
         except ValueError:  # JSONDecodeError and UnicodeDecodeError: a prefix of a message
             payload = None
-        if not isinstance(payload, dict):
-            self._put_back(name, claimed, len(raw))
-            return None
+        try:
+            if not isinstance(payload, dict):
+                self._put_back(name, claimed, len(raw))
+                return None
+            os.unlink(claimed)
+        except OSError as error:  # a filesystem fault, reported as kombu's own reader does
+            raise ChannelError(f"Cannot move {claimed!r}: {error}") from error
         self._torn_since.pop(name, None)
-        os.unlink(claimed)
         return payload
 
     def _put_back(self, name: str, claimed: str, size: int) -> None:
