@@ -33,11 +33,17 @@ jobs here stay queued, which keeps their streams open). Two teams: a hostile one
    its own): ``--upload-pairs`` (20) times, beta uploads ``--upload-mb`` (40) MB; alpha then uploads
    the same bytes and fresh bytes, in random order. Goal: alpha's two answer times overlap (an
    upload that skipped writing bytes another team stored answered ~1 s per 40 MB sooner).
+8. **A quadratic upload** (on phase 1's API, before phase 4): the hostile team uploads
+   ``--overlap-rows`` (200,000; 12 MB) rows that all share their longest word, which made the
+   overlap check compare every row with every other (issue 28, item 6), and submits a job on all of
+   them; it is planned in this process as the control worker plans it. Goal: planned within a tenth
+   of ``W2S_CONTROL_TIMEOUT_S``.
 
     python bench/abuse.py
     python bench/abuse.py --exports-only     # phase 5 alone
     python bench/abuse.py --yaml-only        # phase 6 alone
     python bench/abuse.py --uploads-only     # phase 7 alone
+    python bench/abuse.py --overlap-only     # phase 8 alone
     python bench/abuse.py --quick            # 100 streams, 1e5 steps, 8 s of reads
     python bench/abuse.py --json /tmp/abuse.json
 """
@@ -688,6 +694,68 @@ def upload_timing_goals(timing: dict[str, Any]) -> dict[str, bool]:
     }
 
 
+# -- 8. a quadratic upload -------------------------------------------------------------------------
+
+
+def run_quadratic_upload(base_url: str, models: Path, rows: int) -> dict[str, Any]:
+    """A team uploads ``rows`` rows whose longest word is the same ("incomprehensibilities film 7",
+    "... film 7 again") and submits a job on every row; the job is planned here, as the control
+    worker plans it (w2s.splits prepares the rows: the draw, token lengths, the overlap check)."""
+    from service.db import session_scope
+    from service.models import Job
+    from worker.control import plan_job_task
+
+    print(f"8. {rows:,} uploaded rows sharing their longest word, planned", flush=True)
+    _, key = make_team("quadratic")
+    lines = "".join(
+        json.dumps(
+            {
+                "text": f"incomprehensibilities film {i // 2}" + (" again" if i % 2 else ""),
+                "label": i // 2 % 2,
+            }
+        )
+        + "\n"
+        for i in range(rows)
+    ).encode()
+    with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=300) as client:
+        uploaded = client.post(
+            "/v1/datasets", files={"file": ("longest-word.jsonl", lines)}, data={"name": "longest-word"}
+        )
+        uploaded.raise_for_status()
+        body = {**tiny_job_body(models), "dataset": {"name": f"upload:{uploaded.json()['id']}"}}
+        submitted = client.post("/v1/jobs", json=body)
+        submitted.raise_for_status()
+    job_id = submitted.json()["id"]
+    started_at = time.perf_counter()
+    outcome = plan_job_task(job_id)
+    plan_s = time.perf_counter() - started_at
+    with session_scope() as session:
+        job = session.get_one(Job, job_id)
+        splits = (job.data_summary or {}).get("datasets", {}).get("0", {}).get("splits", {})
+        figures = {
+            "rows": rows,
+            "upload_mb": round(len(lines) / 1e6, 1),
+            "outcome": outcome,
+            "planned": job.planned,
+            "error": job.error,
+            "plan_s": round(plan_s, 1),
+            "control_timeout_s": _setting("control_timeout_s"),
+            "rows_used": {name: split["rows"] for name, split in splits.items()},
+            "overlap_removed": {name: split["overlap_removed"] for name, split in splits.items()},
+        }
+    print(f"    {json.dumps(figures)}", flush=True)
+    return figures
+
+
+def quadratic_upload_goals(upload: dict[str, Any]) -> dict[str, bool]:
+    return {
+        "an upload of rows sharing their longest word planned in < a tenth of the control limit": bool(
+            upload["planned"]
+        )
+        and upload["plan_s"] < upload["control_timeout_s"] / 10
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -709,6 +777,10 @@ def main() -> int:
     parser.add_argument("--upload-pairs", type=int, default=20, help="phase 7: upload pairs on S3")
     parser.add_argument("--upload-mb", type=float, default=40.0, help="phase 7: each upload's size")
     parser.add_argument("--uploads-only", action="store_true", help="run phase 7 (upload timing on S3) alone")
+    parser.add_argument(
+        "--overlap-rows", type=int, default=200_000, help="phase 8: rows sharing their longest word"
+    )
+    parser.add_argument("--overlap-only", action="store_true", help="run phase 8 (quadratic upload) alone")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.quick:
@@ -735,6 +807,14 @@ def main() -> int:
         figures["dead_tracking_server"] = dead_tracking_server(models, data_dir, args.dead_exports)
         print(f"    {json.dumps(figures['dead_tracking_server'])}", flush=True)
         figures["goals"] = dead_server_goals(figures["dead_tracking_server"])
+        print(json.dumps(figures["goals"], indent=2))
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=2))
+        return 0 if all(figures["goals"].values()) else 1
+    if args.overlap_only:
+        with ApiOnlyStack(data_dir=data_dir, extra_env=env) as stack:
+            figures["quadratic_upload"] = run_quadratic_upload(stack.base_url, models, args.overlap_rows)
+        figures["goals"] = quadratic_upload_goals(figures["quadratic_upload"])
         print(json.dumps(figures["goals"], indent=2))
         if args.json:
             args.json.write_text(json.dumps(figures, indent=2))
@@ -806,6 +886,8 @@ def main() -> int:
             stack.base_url, (reader_id, reader_key), (hostile_id, hostile_key), args.seconds
         )
 
+        figures["quadratic_upload"] = run_quadratic_upload(stack.base_url, models, args.overlap_rows)
+
         # Last: the throttle then refuses this address's made-up keys for a minute.
         print(f"4. {args.keys} made-up keys", flush=True)
         figures["guessed_keys"] = asyncio.run(guess_keys(stack.base_url, args.keys))
@@ -835,6 +917,7 @@ def main() -> int:
         **yaml_goals(figures["hostile_yaml"]),
         **dead_server_goals(figures["dead_tracking_server"]),
         **upload_timing_goals(figures["upload_timing"]),
+        **quadratic_upload_goals(figures["quadratic_upload"]),
     }
     print(json.dumps(figures["goals"], indent=2))
     if args.json:

@@ -1005,8 +1005,37 @@ def render_abuse(figures: Figures) -> list[str]:
         ],
         *_hostile_yaml_rows(figures.get("hostile_yaml")),
         *_dead_server_rows(figures.get("dead_tracking_server")),
+        *_quadratic_upload_rows(figures.get("quadratic_upload")),
     ]
     return table(["figure", "value"], rows)
+
+
+def _quadratic_upload_rows(upload: dict[str, Any] | None) -> list[list[str]]:
+    """Phase 8: an upload whose rows all share their longest word, planned."""
+    if not upload:
+        return []
+    removed = ", ".join(f"{name} {n:,}" for name, n in upload["overlap_removed"].items())
+    return [
+        [
+            f"{upload['rows']:,} uploaded rows sharing their longest word ({upload['upload_mb']} MB): "
+            "planned in",
+            f"{upload['plan_s']} s (control limit {num(upload['control_timeout_s'], 0)} s; "
+            f"{'planned' if upload['planned'] else 'not planned: ' + str(upload['error'])}; "
+            f"removed as overlap: {removed})",
+        ]
+    ]
+
+
+def _quadratic_upload_checks(upload: dict[str, Any] | None) -> list[Check]:
+    if not upload:
+        return []
+    return [
+        Check(
+            f"{upload['rows']:,} rows sharing their longest word planned < a tenth of the control limit",
+            f"{upload['plan_s']} s",
+            bool(upload["planned"]) and upload["plan_s"] < upload["control_timeout_s"] / 10,
+        )
+    ]
 
 
 def _dead_server_rows(dead: dict[str, Any] | None) -> list[list[str]]:
@@ -1112,6 +1141,7 @@ def abuse_checks(figures: Figures) -> list[Check]:
         ),
         *_hostile_yaml_checks(figures.get("hostile_yaml")),
         *_dead_server_checks(figures.get("dead_tracking_server")),
+        *_quadratic_upload_checks(figures.get("quadratic_upload")),
     ]
 
 
@@ -1253,6 +1283,73 @@ def preemption_latency_checks(figures: Figures) -> list[Check]:
             "not in the results" if worst is None else f"max {worst:.1f} s (goal {goal:.0f} s)",
             None if worst is None or goal is None else worst < goal,
         )
+    ]
+
+
+# -- The overlap check at scale ---------------------------------------------------------------------
+
+
+def _seconds(value: float | None, note: str | None) -> str:
+    return f"{num(value, 2)} s" if value is not None else (note or "—")
+
+
+def render_overlap_scale(figures: Figures) -> list[str]:
+    overlap_rows = [
+        [
+            row["shape"],
+            f"{row['rows']:,}",
+            f"{row['words']:,} ({row['mb']} MB)",
+            _seconds(row["new_s"], None),
+            f"{row['new_extra_mb']} MB",
+            _seconds(row["old_s"], row.get("old_note")),
+            num(row.get("same_rows", "—")),
+            f"{row.get('removed', 0):,}",
+        ]
+        for row in figures["overlap"]
+    ]
+    lines = [
+        "The overlap check (the three searches of one seed):",
+        "",
+        *table(
+            ["shape", "rows", "words", "new", "new: memory", "old", "same rows", "rows removed"],
+            overlap_rows,
+        ),
+    ]
+    prepare_rows = [
+        [
+            row["shape"],
+            f"{row['rows']:,}",
+            _seconds(row["new_s"], None),
+            _seconds(row["old_s"], row.get("old_note")),
+            num(row.get("same_rows", "—")),
+        ]
+        for row in figures["prepare"]
+    ]
+    lines += [
+        "`prepare_seed_data` (what planning computes per seed: the draw, token lengths, the overlap check):",
+        "",
+        *table(["shape", "rows", "new", "old", "same rows"], prepare_rows),
+    ]
+    growth = ", ".join(f"{shape} {exponent}" for shape, exponent in figures["growth_exponent"].items())
+    lines += [f"Growth of the new search between the two largest sizes (time ∝ rows^k): {growth}.", ""]
+    return lines
+
+
+def overlap_scale_checks(figures: Figures) -> list[Check]:
+    exponents = figures["growth_exponent"]
+    worst = max(exponents.items(), key=lambda item: item[1], default=None)
+    answers = [row["same_rows"] for row in figures["overlap"] + figures["prepare"] if "same_rows" in row]
+    return [
+        Check(
+            "overlap check near-linear in rows (time ∝ rows^k, k ≤ 1.3, every shape)",
+            "not in the results" if worst is None else f"k = {worst[1]} ({worst[0]}, the largest)",
+            None if worst is None else worst[1] <= 1.3,
+        ),
+        Check(
+            "new and old search remove the same rows",
+            f"{sum(answers)} of {len(answers)} comparisons",
+            bool(answers) and all(answers),
+        ),
     ]
 
 
@@ -1552,7 +1649,31 @@ BENCHMARKS.append(
         timeout_s=3600,
     )
 )
+BENCHMARKS.append(
+    Benchmark(
+        name="overlap_scale",
+        script="overlap_scale.py",
+        title="The train/test overlap check at scale: real and hostile uploads",
+        about=(
+            "`bench/overlap_scale.py`: the overlap check of one seed (`w2s.overlap`: train rows that contain "
+            "a test row, half-B rows inside a half-A row) on 10,000, 100,000 and 1,000,000 rows cut as an "
+            "upload is (a fifth held out as the test set, the rest halved): SST-2 and IMDB rows from "
+            "`../shared/data` (beyond the file, its rows again with their words shuffled; IMDB to 100,000 "
+            "rows), rows that all share their longest word (issue 28, item 6), rows that all contain one "
+            "another, and rows of twenty words out of four (the new search's own worst case: every row "
+            "passes its filter). Beside it, the search it replaced (`tests/overlap_reference.py`), stopped "
+            "after 60 s and not tried on larger sizes after that; where both finish, their answers are "
+            "compared. Then `prepare_seed_data` on JSONL files of two of the shapes with a tiny BERT "
+            "tokenizer. Each measurement runs in a fork of its own; memory is the fork's peak above its "
+            "start."
+        ),
+        render=render_overlap_scale,
+        timeout_s=3600,
+        quick_note="10,000 and 100,000 rows",
+    )
+)
 CHECKS: dict[str, Callable[[Figures], list[Check]]] = {
+    "overlap_scale": overlap_scale_checks,
     "checkpoint_overhead": checkpoint_overhead_checks,
     "preemption_latency": preemption_latency_checks,
     "embedded_pace": embedded_pace_checks,
@@ -1577,6 +1698,7 @@ UNMEASURED_TARGETS = {
         "metric GET of a 1,000,000-step stage < 100 ms",
         *HOSTILE_YAML_TARGETS,
         "another team's job planned < 5 s beside 50 exports to a dead server",
+        "200,000 rows sharing their longest word planned < a tenth of the control limit",
     ],
     "race_storm": [
         "stuck jobs = 0",
@@ -1594,6 +1716,10 @@ UNMEASURED_TARGETS = {
         "POST → first stage running < 2 s",
     ],
     "fuzz_api": ["schemathesis: zero server errors"],
+    "overlap_scale": [
+        "overlap check near-linear in rows (time ∝ rows^k, k ≤ 1.3, every shape)",
+        "new and old search remove the same rows",
+    ],
 }
 
 
