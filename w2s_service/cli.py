@@ -373,6 +373,7 @@ LIMIT_FLAGS = (
     "max_stages_per_job",
     "max_stages_per_sweep",
     "upload_quota_mb",
+    "max_uploads",
     "storage_quota_mb",
     "stage_time_limit_s",
     "requests_per_minute",
@@ -384,7 +385,6 @@ EXPORT_FLAGS = (
     ("--mlflow-uri", "mlflow_tracking_uri", "export its jobs to this MLflow tracking server"),
     ("--mlflow-token-env", "mlflow_token_env", "the workers' environment variable holding its MLflow token"),
     ("--wandb-project", "wandb_project", "export its jobs to this Weights & Biases project"),
-    "max_uploads",
     ("--wandb-entity", "wandb_entity", "the W&B entity of that project"),
     ("--wandb-key-env", "wandb_key_env", "the workers' environment variable holding its W&B API key"),
 )
