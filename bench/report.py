@@ -1006,8 +1006,44 @@ def render_abuse(figures: Figures) -> list[str]:
         *_hostile_yaml_rows(figures.get("hostile_yaml")),
         *_dead_server_rows(figures.get("dead_tracking_server")),
         *_quadratic_upload_rows(figures.get("quadratic_upload")),
+        *_upload_timing_rows(figures.get("upload_timing")),
     ]
     return table(["figure", "value"], rows)
+
+
+def _upload_timing_rows(timing: dict[str, Any] | None) -> list[list[str]]:
+    """Phase 7: on S3, alpha's upload of bytes another team stored, against fresh bytes."""
+    if not timing:
+        return []
+    stored, fresh = timing["stored_by_another_team"], timing["fresh"]
+    return [
+        [
+            f"{timing['megabytes']:g} MB uploads on S3, bytes another team stored: min / p50 / max",
+            f"{stored['min_ms']:,} / {stored['p50_ms']:,} / {stored['max_ms']:,} ms ({stored['n']} uploads)",
+        ],
+        [
+            "the same team's uploads of fresh bytes: min / p50 / max",
+            f"{fresh['min_ms']:,} / {fresh['p50_ms']:,} / {fresh['max_ms']:,} ms; the stored bytes answered "
+            f"sooner in {timing['stored_faster_in_pairs']} of {timing['pairs']} pairs",
+        ],
+    ]
+
+
+UPLOAD_TIMING_TARGET = "uploads: bytes another team stored answer no sooner (the two times overlap)"
+
+
+def _upload_timing_checks(timing: dict[str, Any] | None) -> list[Check]:
+    if not timing:
+        return []
+    faster = timing["stored_faster_in_pairs"]
+    return [
+        Check(
+            UPLOAD_TIMING_TARGET,
+            f"p50 {timing['stored_by_another_team']['p50_ms']:,} vs {timing['fresh']['p50_ms']:,} ms; "
+            f"sooner in {faster} of {timing['pairs']} pairs",
+            bool(timing["overlap"]) and 0.2 * timing["pairs"] <= faster <= 0.8 * timing["pairs"],
+        )
+    ]
 
 
 def _quadratic_upload_rows(upload: dict[str, Any] | None) -> list[list[str]]:
@@ -1142,6 +1178,7 @@ def abuse_checks(figures: Figures) -> list[Check]:
         *_hostile_yaml_checks(figures.get("hostile_yaml")),
         *_dead_server_checks(figures.get("dead_tracking_server")),
         *_quadratic_upload_checks(figures.get("quadratic_upload")),
+        *_upload_timing_checks(figures.get("upload_timing")),
     ]
 
 
@@ -1588,7 +1625,10 @@ BENCHMARKS.append(
             "never answers, 50 of its jobs (cached duplicates) finish, each with an export to it, and "
             "another team submits a new job; its time to planning and to its end, beside those exports "
             "and on the quiet stack before them, with the defaults (W2S_EXPORTS_PER_TEAM 2, "
-            "W2S_EXPORT_REQUEST_TIMEOUT_S 30)."
+            "W2S_EXPORT_REQUEST_TIMEOUT_S 30). Phase 7 (`--uploads-only` runs it alone) has an API of its "
+            "own over an S3 store (moto's server in a process of its own): 20 times, one team uploads 40 MB "
+            "of data and another then uploads the same bytes and fresh bytes of the same size, in random "
+            "order; the second team's answer times."
         ),
         render=render_abuse,
         timeout_s=1800,
@@ -1699,6 +1739,7 @@ UNMEASURED_TARGETS = {
         *HOSTILE_YAML_TARGETS,
         "another team's job planned < 5 s beside 50 exports to a dead server",
         "200,000 rows sharing their longest word planned < a tenth of the control limit",
+        UPLOAD_TIMING_TARGET,
     ],
     "race_storm": [
         "stuck jobs = 0",
