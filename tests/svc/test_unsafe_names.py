@@ -172,3 +172,17 @@ def test_watch_lines_escape_a_stage_error(capsys: pytest.CaptureFixture[str]) ->
     out = capsys.readouterr().out
     assert_no_raw_controls(out)
     assert "RED" in out
+
+
+def test_the_dashboard_isolates_an_old_unsafe_name(client, make_team) -> None:  # type: ignore[no-untyped-def]
+    """The dashboard escapes HTML already; a bidi override in an old name is kept inside a <bdi>
+    element, so it cannot reverse the status badge or the text around it."""
+    from svc_support import login
+
+    job_id, key = job_with_an_old_unsafe_name(client, make_team)
+    login(client, key)
+    page = client.get(f"/jobs/{job_id}").text
+    heading = page[page.index("<h1") : page.index("</h1>")]
+    assert "<bdi>\u202e" in heading and heading.index("</bdi>") < heading.index("badge")
+    listing = client.get("/").text
+    assert "<bdi>\u202e" in listing and "<bdi>t\u202e" in listing  # the job list and the team's name
