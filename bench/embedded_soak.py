@@ -15,6 +15,7 @@ had created it but not written it yet); the bar is 10,000 stages with no crash.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import itertools
 import json
@@ -23,6 +24,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -101,12 +103,17 @@ def job_spec(model: Path, losses: int, seeds: list[int]) -> dict[str, Any]:
     }
 
 
-def finish_times(stages: list[dict[str, Any]]) -> list[dt.datetime]:
-    return [
-        dt.datetime.fromisoformat(stage["finished_at"].replace("Z", "+00:00"))
-        for stage in stages
-        if stage["status"] == "succeeded" and stage["finished_at"]
-    ]
+def tally(database: Path) -> dict[str, Any]:
+    """What ran, read from the embedded database itself: exact even when dev died mid-job."""
+    with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+        stages = dict(db.execute("SELECT status, count(*) FROM stages GROUP BY status").fetchall())
+        jobs = dict(db.execute("SELECT status, count(*) FROM jobs GROUP BY status").fetchall())
+        retried = db.execute("SELECT count(*) FROM stages WHERE attempts > 1").fetchone()[0]
+        finished = db.execute(
+            "SELECT finished_at FROM stages WHERE status = 'succeeded' ORDER BY finished_at"
+        ).fetchall()
+    finishes = [dt.datetime.fromisoformat(at) for (at,) in finished]
+    return {"stages": stages, "jobs": jobs, "retried": retried, "finishes": finishes}
 
 
 def crash_lines(log: str) -> dict[str, list[str]]:
@@ -138,56 +145,59 @@ def main() -> int:
     print(f"dev running; state in {work / 'state'}; log {work / 'dev.log'}", flush=True)
     started = time.monotonic()
     open_jobs: list[str] = []
-    done: list[dict[str, Any]] = []
-    submitted = next_seed = 0
+    submitted = next_seed = ran = 0
     last_report = 0
     timed_out = False
     try:
         while True:
+            if dev.poll() is not None:
+                print("dev exited", flush=True)
+                break
             out_of_time = time.monotonic() - started > args.time_limit_s
             timed_out = timed_out or out_of_time
-            while len(open_jobs) < OPEN_JOBS and submitted < args.stages and not out_of_time:
-                seeds = min(SEEDS_PER_JOB, math.ceil((args.stages - submitted) / per_seed))
-                spec = job_spec(model, args.losses, list(range(next_seed, next_seed + seeds)))
-                answer = httpx.post(f"{api}/v1/jobs", json=spec, headers=headers, timeout=60)
-                answer.raise_for_status()
-                open_jobs.append(answer.json()["id"])
-                next_seed += seeds
-                submitted += seeds * per_seed
-            for job_id in list(open_jobs):
-                job = httpx.get(f"{api}/v1/jobs/{job_id}", headers=headers, timeout=60).json()
-                if job["status"] in TERMINAL:
-                    open_jobs.remove(job_id)
-                    done.append(job)
+            try:
+                while len(open_jobs) < OPEN_JOBS and submitted < args.stages and not out_of_time:
+                    seeds = min(SEEDS_PER_JOB, math.ceil((args.stages - submitted) / per_seed))
+                    spec = job_spec(model, args.losses, list(range(next_seed, next_seed + seeds)))
+                    answer = httpx.post(f"{api}/v1/jobs", json=spec, headers=headers, timeout=60)
+                    answer.raise_for_status()
+                    open_jobs.append(answer.json()["id"])
+                    next_seed += seeds
+                    submitted += seeds * per_seed
+                for job_id in list(open_jobs):
+                    job = httpx.get(f"{api}/v1/jobs/{job_id}", headers=headers, timeout=60).json()
+                    if job["status"] in TERMINAL:
+                        open_jobs.remove(job_id)
+                        ran += sum(stage["status"] == "succeeded" for stage in job["stages"])
+            except httpx.TransportError:  # the API went away: dev is stopping (checked above)
+                time.sleep(2)
+                continue
             if not open_jobs:
                 break
-            ran = sum(len(finish_times(job["stages"])) for job in done)
             if ran - last_report >= 500:
                 last_report = ran
                 elapsed = time.monotonic() - started
                 print(f"{elapsed:7.0f} s: {ran} stages run, {ran / elapsed:.2f}/s", flush=True)
-            if dev.poll() is not None:
-                print("dev exited", flush=True)
-                break
             time.sleep(2)
         wall = time.monotonic() - started
-        stages = [stage for job in done for stage in job["stages"]]
-        finishes = sorted(finish_times(stages))
+        ran_what = tally(work / "state" / "service.db")
+        stages, jobs, finishes = ran_what["stages"], ran_what["jobs"], ran_what["finishes"]
         gaps = sorted((b - a).total_seconds() for a, b in itertools.pairwise(finishes))
         crashes = crash_lines((work / "dev.log").read_text())
         set_aside = list((work / "state" / "broker" / "broken").glob("*"))
         figures = {
             "stages_asked": args.stages,
             "stages_run": len(finishes),
-            "stages_cached": sum(stage["status"] == "cached" for stage in stages),
-            "stages_failed": sum(stage["status"] == "failed" for stage in stages),
-            "stages_attempted_twice": sum(stage["attempts"] > 1 for stage in stages),
-            "jobs": len(done),
-            "jobs_succeeded": sum(job["status"] == "succeeded" for job in done),
+            "stages_cached": stages.get("cached", 0),
+            "stages_failed": stages.get("failed", 0),
+            "stages_not_run": sum(n for status, n in stages.items() if status not in ("succeeded", "cached")),
+            "stages_attempted_twice": ran_what["retried"],
+            "jobs": sum(jobs.values()),
+            "jobs_succeeded": jobs.get("succeeded", 0),
             "child_restarts": len(crashes["restarts"]),
             "unrecoverable_errors": len(crashes["unrecoverable"]),
-            "messages_set_aside": len(set_aside) + len(crashes["set_aside"]),
-            "crash_lines": [*crashes["restarts"], *crashes["unrecoverable"]][:10],
+            "messages_set_aside": len(set_aside),
+            "crash_lines": [*crashes["restarts"], *crashes["unrecoverable"], *crashes["set_aside"]][:10],
             "dev_alive": dev.poll() is None,
             "stopped_at_time_limit": timed_out,
             "wall_s": round(wall, 1),
@@ -203,7 +213,7 @@ def main() -> int:
         healthy = (
             figures["stages_run"] >= args.stages
             and figures["child_restarts"] == figures["unrecoverable_errors"] == 0
-            and figures["stages_failed"] == 0
+            and figures["stages_failed"] == figures["stages_not_run"] == 0
             and figures["dev_alive"]
         )
         return 0 if healthy else 1
