@@ -218,7 +218,8 @@ def main() -> int:
         )
         return 0 if healthy else 1
     finally:
-        os.killpg(dev.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # none left when dev stopped them all itself
+            os.killpg(dev.pid, signal.SIGTERM)
         try:
             dev.wait(timeout=60)
         except subprocess.TimeoutExpired:
