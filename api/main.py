@@ -70,7 +70,10 @@ async def _lifespan(_: FastAPI) -> AsyncIterator[None]:
             "W2S_SESSION_SECRET is not set: the dashboard's session cookie needs a secret of your own "
             "(or W2S_ENVIRONMENT=development for the published development secret)"
         )
-    await run_in_threadpool(importlib.import_module, "w2s.losses")
+    losses = await run_in_threadpool(importlib.import_module, "w2s.losses")
+    # The losses of your own too (W2S_LOSS_MODULES, entry points): one that cannot be loaded stops
+    # the API here, naming it, rather than refusing every job that names it.
+    await run_in_threadpool(losses.load_plugins)
     # torch and transformers leave millions of long-lived objects; a full garbage collection walked
     # them all (~130 ms) every few large responses (a curve of thousands of points). Frozen, they are
     # never scanned again.

@@ -67,7 +67,22 @@ def library_spec(
             "label": upload.label_column,
             "format": upload.format,
         }
+    require_losses(raw)
     return JobSpec.model_validate(raw)
+
+
+def require_losses(raw: dict[str, Any]) -> None:
+    """Fail, naming the loss, this host and the fix, if the job names a loss of your own that this
+    host lacks: the API had it (it accepted the job), so its plug-in is missing here."""
+    from w2s.stages import StageError, require_loss
+
+    for index, loss in enumerate(raw.get("losses") or []):
+        name = loss.get("name") if isinstance(loss, dict) else loss
+        if isinstance(name, str):
+            try:
+                require_loss(name, f"losses[{index}]")
+            except StageError as missing:
+                raise PlanningError(str(missing)) from None
 
 
 @functools.lru_cache(maxsize=64)

@@ -342,14 +342,15 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 
 def cmd_losses(args: argparse.Namespace) -> int:
-    from w2s.losses import describe_loss, loss_names, loss_params
+    from w2s.losses import describe_loss, loss_module, loss_names, loss_params
 
     table = Table(title="student losses")
-    for column in ("name", "parameters (defaults)", "description"):
+    for column in ("name", "parameters (defaults)", "description", "from"):
         table.add_column(column)
     for name in loss_names():
         params = ", ".join(f"{k}={v}" for k, v in loss_params(name).items()) or "-"
-        table.add_row(name, params, describe_loss(name))
+        module = loss_module(name)  # a plug-in's module (W2S_LOSS_MODULES or an entry point)
+        table.add_row(name, params, describe_loss(name), "built in" if module == "w2s.losses" else module)
     Console().print(table)
     return 0
 

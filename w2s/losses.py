@@ -32,30 +32,56 @@ Sources of the definitions:
   ``kl_divergence_loss``), adapted from training steps to ``step_frac`` and from 1-D to ``(batch, 2)``
   labels.
 
-Custom losses::
+Your own loss. A loss of your own is a class like the ones below, registered under a name. It
+reaches every process that looks losses up (``w2s run``, the service's API, its control and stage
+workers, and the fresh process each full or LoRA stage runs in) by one of two plug-in routes, both
+loaded the first time a process looks up a loss it has not registered, or lists them
+(:func:`load_plugins`):
+
+* an entry point in the group ``w2s.losses`` of an installed package: ``name = "pkg.mod:Class"``
+  registers ``Class`` as ``name``; ``name = "pkg.mod"`` imports a module whose ``@register_loss``
+  decorators register its losses;
+* the setting ``W2S_LOSS_MODULES`` (``pkg.mod,other``): modules imported for their registrations.
+
+So the package or module must be importable on every host that runs the API, ``w2s run`` or a
+worker (examples/custom_loss/ is a complete one; README, "Your own loss")::
 
     @register_loss("mine")
     @dataclass(frozen=True)
     class MyLoss:
         \"\"\"One-line description shown by `w2s losses`.\"\"\"
 
-        scale: float = 1.0
+        scale: float = 1.0  # a parameter: {"name": "mine", "scale": 2.0} in a spec
 
         def __call__(self, logits, labels, step_frac):
-            ...
+            return self.scale * F.cross_entropy(logits.float(), labels.float())
 
     loss = build_loss("mine", {"scale": 2.0})
 
-A plug-in class's source is part of the stage key of every student trained with it, so editing the
-loss recomputes those students instead of serving their old numbers.
+The contract, as the built-ins keep it: a (frozen) dataclass whose fields, typed ``float``, ``int``,
+``bool`` or ``str``, are its parameters (checked against those types; range checks go in
+``__post_init__`` and raise ValueError naming the field); ``__call__`` returns the batch mean,
+differentiable in ``logits``, and is exact under gradient accumulation: a mean of per-example terms,
+or whole-batch statistics declared with ``batch_statistics`` as above (a loss that is neither is
+refused when a spec accumulates). A loss that keeps state across steps saves it for resume
+checkpoints with ``state_dict()`` / ``load_state_dict(state)`` (w2s.resume).
+
+The stage key of every student trained with a plug-in hashes the source file of the module that
+defines its class, as it was when the class was registered (:func:`loss_source`): editing that file
+recomputes those students instead of serving their old numbers. Code it imports from other modules
+is not hashed: keep what computes the loss in that file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.metadata
 import inspect
 import math
+import sys
 import typing
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -64,19 +90,25 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
     "EntropyLoss",
     "KLLoss",
     "LogConfLoss",
     "Loss",
+    "LossPluginError",
     "ProductLoss",
+    "UnknownLoss",
     "WindowLoss",
     "XentLoss",
     "batch_statistics",
     "build_loss",
     "check_minibatch_invariance",
     "describe_loss",
+    "load_plugins",
+    "loss_module",
     "loss_names",
     "loss_params",
+    "loss_source",
     "minibatch_loss",
     "register_loss",
 ]
@@ -146,7 +178,7 @@ def check_minibatch_invariance(loss: Loss, *, batch: int = 12) -> None:
                 name = _registered_name(type(loss)) or type(loss).__qualname__
                 raise ValueError(
                     f"loss {name!r} changes when a batch is split into minibatches (whole batch "
-                    f"{float(expected):.6f}, minibatches of {sizes[0]}: {float(total):.6f}): it uses "
+                    f"{expected.item():.6f}, minibatches of {sizes[0]}: {total.item():.6f}): it uses "
                     "statistics of the whole batch; declare them with batch_statistics(logits, labels, "
                     "step_frac) and accept stats= in __call__ (see w2s.losses)"
                 )
@@ -160,7 +192,30 @@ def _registered_name(cls: type) -> str | None:
 # Registry
 # ----------------------------------------------------------------------------------------------------------
 
+# Installed packages offer losses of their own under this entry-point group (see the module docstring).
+ENTRY_POINT_GROUP = "w2s.losses"
+PLUGIN_HOW_TO = (
+    "a loss of your own must be importable on every host that runs the API, `w2s run` or a worker: "
+    f"install its package (an entry point in the group {ENTRY_POINT_GROUP}) or list its module in "
+    "W2S_LOSS_MODULES (README, 'Your own loss')"
+)
+
 _REGISTRY: dict[str, type] = {}
+# What a plug-in's stage keys hash of its code, captured when it was registered (see loss_source).
+_SOURCES: weakref.WeakKeyDictionary[type, bytes] = weakref.WeakKeyDictionary()
+_plugins_loaded = False  # load_plugins ran to the end in this process
+_plugins_loading = False  # ... or is running: a plug-in that looks a loss up while it is imported
+
+
+class UnknownLoss(ValueError):
+    """No loss of this name is registered in this process, even after loading the plug-ins; ``loss``
+    is the name asked for."""
+
+    loss: object = None
+
+
+class LossPluginError(ValueError):
+    """A loss plug-in that W2S_LOSS_MODULES or an installed entry point names cannot be loaded."""
 
 
 def register_loss(name: str) -> Callable[[type], type]:
@@ -168,6 +223,7 @@ def register_loss(name: str) -> Callable[[type], type]:
 
     The class should be a (frozen) dataclass whose fields are its parameters; a plain class taking no
     constructor arguments also works (it then has no parameters). Registering a name twice is an error.
+    A plug-in's source is captured now (:func:`loss_source`).
     """
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"loss name must be a non-empty string, got {name!r}")
@@ -177,22 +233,113 @@ def register_loss(name: str) -> Callable[[type], type]:
             raise TypeError(f"register_loss({name!r}) decorates a class, got {cls!r}")
         if name in _REGISTRY:
             raise ValueError(f"loss {name!r} is already registered (by {_REGISTRY[name].__qualname__})")
+        if cls.__module__ != __name__:
+            _SOURCES[cls] = _plugin_source(cls)
         _REGISTRY[name] = cls
         return cls
 
     return decorator
 
 
+def _plugin_source(cls: type) -> bytes:
+    """The source of the module that defines a plug-in loss (its helpers with it), or where there is
+    no source file (a class defined in a notebook or a REPL) the compiled code of its methods."""
+    header = f"{cls.__module__}:{cls.__qualname__}\n".encode()
+    module = sys.modules.get(cls.__module__)
+    try:
+        return header + inspect.getsource(module if module is not None else cls).encode()
+    except (OSError, TypeError):
+        parts = [header]
+        for attribute, member in sorted(vars(cls).items()):
+            code = getattr(member, "__code__", None)
+            if code is not None:
+                parts += [attribute.encode(), code.co_code, repr(code.co_consts).encode()]
+        return b"\0".join(parts)
+
+
+def loss_source(name: str) -> bytes | None:
+    """What the stage keys of students trained with loss ``name`` hash of its code: for a plug-in,
+    the source of the module defining it as it was when it was registered, so that a key describes
+    the code this process runs even if the file has changed since; None for a built-in loss (the
+    library's own code hash covers those)."""
+    cls = _lookup(name)
+    if cls.__module__ == __name__:
+        return None
+    return _SOURCES.get(cls) or _plugin_source(cls)  # put in _REGISTRY by hand: read it now
+
+
+def load_plugins() -> None:
+    """Import the losses of your own, once per process: the modules ``W2S_LOSS_MODULES`` names and
+    the ``w2s.losses`` entry points of installed packages. Called by a lookup of a name not
+    registered yet, by every listing, and by the API as it starts.
+
+    Raises LossPluginError naming the module or entry point that cannot be loaded and the fix (it
+    is tried again on the next lookup)."""
+    global _plugins_loaded, _plugins_loading
+    if _plugins_loaded or _plugins_loading:
+        return
+    from w2s.settings import LibrarySettings
+
+    _plugins_loading = True
+    try:
+        # The environment now, not a cached settings object: a stage's own process loads its
+        # plug-ins after taking on its worker's environment.
+        for module in LibrarySettings().loss_modules:
+            try:
+                importlib.import_module(module)
+            except Exception as error:
+                raise LossPluginError(
+                    f"W2S_LOSS_MODULES names {module!r}, which fails to import on this host "
+                    f"({type(error).__name__}: {error}); {PLUGIN_HOW_TO}"
+                ) from error
+        for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            _load_entry_point(entry)
+        _plugins_loaded = True
+    finally:
+        _plugins_loading = False
+
+
+def _load_entry_point(entry: importlib.metadata.EntryPoint) -> None:
+    package = f" of the package {entry.dist.name}" if entry.dist is not None else ""
+    where = f"the {ENTRY_POINT_GROUP} entry point {entry.name} = {entry.value!r}{package}"
+    try:
+        loaded = entry.load()
+    except Exception as error:
+        raise LossPluginError(
+            f"{where} fails to load ({type(error).__name__}: {error}); reinstall or uninstall that package"
+        ) from error
+    if inspect.ismodule(loaded):
+        return  # imported for its @register_loss decorators
+    if not inspect.isclass(loaded):
+        raise LossPluginError(f"{where} names a {type(loaded).__name__}, not a loss class or a module")
+    if _REGISTRY.get(entry.name) is not loaded:  # its module may have registered it already
+        try:
+            register_loss(entry.name)(loaded)
+        except ValueError as error:
+            raise LossPluginError(f"{where}: {error}") from None
+
+
 def loss_names() -> list[str]:
-    """Sorted names of all registered losses."""
+    """Sorted names of all registered losses, the plug-ins included."""
+    load_plugins()
     return sorted(_REGISTRY)
 
 
 def _lookup(name: str) -> type:
+    # The plug-ins load only for a name not registered yet: importing the library (which validates
+    # its default loss, xent) loads none, nor does a stage's fork server as it preloads the library.
+    if not (isinstance(name, str) and name in _REGISTRY):
+        load_plugins()
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown loss {name!r}; choose one of: {', '.join(loss_names())}") from None
+        pass
+    error = UnknownLoss(
+        f"unknown loss {name!r}; choose one of: {', '.join(loss_names())} (a loss of your own: see "
+        "'Your own loss' in the README)"
+    )
+    error.loss = name  # an attribute, not an argument: the error pickles to a stage's parent process
+    raise error
 
 
 def _fields(cls: type) -> tuple[dataclasses.Field[Any], ...]:
@@ -211,6 +358,11 @@ def loss_params(name: str) -> dict[str, Any]:
         else:
             params[f.name] = None  # required parameter without a default
     return params
+
+
+def loss_module(name: str) -> str:
+    """The module that defines loss ``name`` (``w2s.losses`` for the built-in ones)."""
+    return _lookup(name).__module__
 
 
 def describe_loss(name: str) -> str:

@@ -5,12 +5,14 @@ The service's settings extend this class, so every component reads the same vari
 
 from __future__ import annotations
 
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def project_root() -> Path | None:
@@ -66,6 +68,30 @@ class LibrarySettings(BaseSettings):
         description="how long a store call is tried again while the store does not answer (back-off "
         "with jitter) before the work waits for storage: an outage costs time, not a result",
     )
+    loss_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="modules imported when the loss registry first loads, whose import registers "
+        "losses of your own (w2s.losses.register_loss): `my_pkg.losses,other_losses` or a JSON list. "
+        "Every host that runs the API, `w2s run` or a worker needs them importable",
+    )
+
+    @field_validator("loss_modules", mode="before")
+    @classmethod
+    def _module_list(cls, value: Any) -> Any:
+        # Comma-separated, as a shell variable is usually written; a JSON list works too.
+        if isinstance(value, str):
+            text = value.strip()
+            value = json.loads(text) if text.startswith("[") else text.split(",")
+        if isinstance(value, list):
+            value = [item.strip() if isinstance(item, str) else item for item in value]
+            value = [item for item in value if item != ""]
+            for item in value:
+                if not isinstance(item, str) or not all(part.isidentifier() for part in item.split(".")):
+                    raise ValueError(
+                        f"W2S_LOSS_MODULES: {item!r} is not a module name; give importable dotted "
+                        "names, e.g. my_pkg.losses,other_losses"
+                    )
+        return value
 
 
 @lru_cache

@@ -11,8 +11,8 @@ What the key hashes, so that a stored result is never served for a different com
 model's weights (a content hash, or hub id and revision), the resolved training config (with the
 concrete precision the stage runs in), the device kind, the exact rows (texts and labels), the loss
 and its parameters, library versions, and the source code that produces the numbers: the w2s modules
-a stage runs and, for a plug-in loss, its class's source. Editing any of them recomputes instead of
-reusing.
+a stage runs and, for a plug-in loss, the source of the module defining it. Editing any of them
+recomputes instead of reusing.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import dataclasses
 import functools
 import hashlib
 import importlib.util
-import inspect
 import io
 import json
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -35,7 +35,7 @@ import torch
 
 from w2s import metrics
 from w2s.datasets import LabeledTexts
-from w2s.losses import _lookup, build_loss
+from w2s.losses import PLUGIN_HOW_TO, UnknownLoss, build_loss, loss_names, loss_source
 from w2s.models import ProbeHead, load_classifier, load_tokenizer, model_fingerprint
 from w2s.resume import CheckpointPolicy, StoreCheckpoints
 from w2s.spec import JobSpec, LossSpec, ModelSpec, TrainConfig, chain_role, resolved_models
@@ -146,25 +146,11 @@ def library_code_hash() -> str:
     return digest.hexdigest()
 
 
-def class_source_hash(cls: type) -> str:
-    """SHA-256 of a class's source, or of its methods' code where no source file exists (a class
-    defined in a notebook or a REPL)."""
-    try:
-        text = inspect.getsource(cls).encode()
-    except (OSError, TypeError):
-        parts = [cls.__module__.encode(), cls.__qualname__.encode()]
-        for name, member in sorted(vars(cls).items()):
-            code = getattr(member, "__code__", None)
-            if code is not None:
-                parts += [name.encode(), code.co_code, repr(code.co_consts).encode()]
-        text = b"\0".join(parts)
-    return hashlib.sha256(text).hexdigest()
-
-
 def loss_code_hash(loss: LossSpec) -> str | None:
-    """A plug-in loss's source hash; None for the built-in losses, which the library hash covers."""
-    cls = _lookup(loss.name)
-    return None if cls.__module__ == "w2s.losses" else class_source_hash(cls)
+    """A plug-in loss's source hash (the module defining it, as this process imported it:
+    w2s.losses.loss_source); None for the built-in losses, which the library hash covers."""
+    source = loss_source(loss.name)
+    return None if source is None else hashlib.sha256(source).hexdigest()
 
 
 def resolve_precision(dtype: str, device_kind: str) -> str:
@@ -288,7 +274,9 @@ class PlanMismatch(StageError):
 
 def plan_from_record(record: dict[str, Any], store: ArtifactStore) -> StagePlan:
     """The stored plan as the planner made it. A worker whose code, library versions or model files
-    differ from the planner's computes another key: it refuses to run, naming both keys."""
+    differ from the planner's computes another key: it refuses to run, naming both keys. A worker
+    without the plan's plug-in loss fails it, naming the loss and how to install it."""
+    require_loss(record["loss"]["name"], f"{record['kind']} seed {record['seed']}")
     plan = StagePlan(
         kind=record["kind"],
         seed=record["seed"],
@@ -308,10 +296,23 @@ def plan_from_record(record: dict[str, Any], store: ArtifactStore) -> StagePlan:
         raise PlanMismatch(
             f"{plan.kind} seed {plan.seed}: this worker computes stage key {plan.key[:16]} for the stored "
             f"plan, the planner computed {record['key'][:16]}: its w2s code, library versions "
-            f"({', '.join(f'{k} {v}' for k, v in library_versions().items())}) or model files differ "
-            "from the planner's; run the same version everywhere"
+            f"({', '.join(f'{k} {v}' for k, v in library_versions().items())}), model files or the "
+            "source of its plug-in loss differ from the planner's; run the same version everywhere"
         )
     return plan
+
+
+def require_loss(name: str, where: str) -> None:
+    """Raise StageError unless loss ``name`` is registered here. A job the API accepted names losses
+    the API has: a worker without one lacks a plug-in the API's host has installed."""
+    try:
+        loss_source(name)
+    except UnknownLoss:
+        raise StageError(
+            f"{where}: loss {name!r} is not installed on this worker's host ({socket.gethostname()}), "
+            f"though the API accepted the job with it; {PLUGIN_HOW_TO}. Then restart the workers and "
+            f"retry the job. Losses here: {', '.join(loss_names())}"
+        ) from None
 
 
 @dataclass(frozen=True)

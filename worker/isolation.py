@@ -27,10 +27,12 @@ import logging
 import multiprocessing
 import os
 import pickle
+import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -94,13 +96,29 @@ def stop_fork_server() -> None:
     _context = None
 
 
-def plug_in_losses(plan: Any) -> dict[str, type]:
-    """The plan's loss class when it is a plug-in registered in this process: the child is a fresh
-    interpreter, which knows only the built-in losses and what importing the class's module registers."""
-    from w2s.losses import _lookup
+@dataclass(frozen=True)
+class PlugInLoss:
+    """A plug-in loss as a stage's own process finds it: by name, by class, and its source hash."""
 
+    name: str
+    module: str
+    qualname: str
+    code_hash: str
+
+
+def plug_in_loss(plan: Any) -> PlugInLoss | None:
+    """The plan's loss when it is a plug-in (None: built in). The child is a fresh interpreter: it
+    loads the plug-ins its settings and entry points name, as every process does; this also names
+    the class of one registered otherwise (by a test, or a script calling register_loss), and the
+    hash of its source here, which the child must compute too."""
+    from w2s.losses import _lookup
+    from w2s.stages import loss_code_hash
+
+    code_hash = loss_code_hash(plan.loss)
+    if code_hash is None:
+        return None
     cls = _lookup(plan.loss.name)
-    return {} if cls.__module__ == "w2s.losses" else {plan.loss.name: cls}
+    return PlugInLoss(plan.loss.name, cls.__module__, cls.__qualname__, code_hash)
 
 
 def run_isolated(
@@ -120,14 +138,7 @@ def run_isolated(
     from w2s.resume import YIELD
 
     context = fork_server()
-    losses = plug_in_losses(plan)
-    try:
-        pickle.dumps(losses)
-    except Exception as error:  # defined in __main__ or a function: the child cannot import it
-        raise ValueError(
-            f"loss {plan.loss.name!r}: its class must be importable by module and name to run in a "
-            f"stage's own process ({error})"
-        ) from None
+    loss = plug_in_loss(plan)
     _use_stdlib_authkey()
     ours, theirs = context.Pipe()
     process = context.Process(
@@ -136,8 +147,9 @@ def run_isolated(
             theirs,
             plan,
             store_uri,
-            losses,
+            loss,
             dict(os.environ),
+            list(sys.path),
             logging.getLogger().getEffectiveLevel(),
             checkpoint_policy,
         ),
@@ -236,8 +248,9 @@ def child_main(
     conn: Connection,
     plan: Any,
     store_uri: str,
-    losses: dict[str, type],
+    loss: PlugInLoss | None,
     environ: dict[str, str],
+    path: list[str],
     log_level: int,
     checkpoint_policy: Any = None,
 ) -> None:
@@ -246,18 +259,16 @@ def child_main(
     _exit_with_parent()
     os.environ.clear()
     os.environ.update(environ)  # the worker's settings now, not the fork server's when it started
+    sys.path[:] = path  # ... and what it can import (a plug-in loss's module, say)
     logging.basicConfig(
         level=log_level, format=f"[%(asctime)s: %(levelname)s/stage-{os.getpid()}] %(name)s: %(message)s"
     )
     try:
-        from w2s.losses import _REGISTRY, register_loss
         from w2s.stages import run_stage
         from w2s.store import ArtifactStore
 
-        for name, cls in losses.items():
-            if _REGISTRY.get(name) is not cls:
-                _REGISTRY.pop(name, None)
-                register_loss(name)(cls)
+        if loss is not None:
+            use_plug_in_loss(loss, plan)
         if plan.device_kind == "cuda":
             import torch
 
@@ -284,6 +295,47 @@ def child_main(
         conn.send(("error", (portable(error), traceback.format_exc())))
     finally:
         conn.close()
+
+
+def use_plug_in_loss(loss: PlugInLoss, plan: Any) -> None:
+    """Register the parent's plug-in loss in this process unless its plug-ins did, and refuse to run
+    if its code here is not the code the parent (and the stage key) has: the file was edited since
+    the worker loaded it."""
+    import importlib
+
+    from w2s.losses import _REGISTRY, register_loss
+    from w2s.stages import StageError, loss_code_hash
+
+    registered = _registered_class(loss.name)
+    if registered is None or (registered.__module__, registered.__qualname__) != (loss.module, loss.qualname):
+        try:
+            found: Any = importlib.import_module(loss.module)
+            for part in loss.qualname.split("."):
+                found = getattr(found, part)
+        except Exception as error:
+            raise StageError(
+                f"loss {loss.name!r}: its class {loss.module}.{loss.qualname} cannot be imported in the "
+                f"stage's own process ({type(error).__name__}: {error}); define it in an importable "
+                "module (README, 'Your own loss')"
+            ) from None
+        if _REGISTRY.get(loss.name) is not found:
+            _REGISTRY.pop(loss.name, None)  # a same-named plug-in of this host's: the parent's wins
+            register_loss(loss.name)(found)
+    if loss_code_hash(plan.loss) != loss.code_hash:
+        raise StageError(
+            f"loss {loss.name!r}: its source ({loss.module}) changed on this host since the worker "
+            "loaded it, and the stage key hashes the code that runs; restart the API and the workers "
+            "so that all run the same loss code, then retry the job"
+        )
+
+
+def _registered_class(name: str) -> type | None:
+    from w2s.losses import UnknownLoss, _lookup
+
+    try:
+        return _lookup(name)
+    except UnknownLoss:
+        return None
 
 
 def portable(error: BaseException) -> BaseException:
