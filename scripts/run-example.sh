@@ -119,7 +119,21 @@ echo "team $TEAM; its API key (kept in runs/api-key): $KEY"
 
 w2s-service dev --port "$PORT" > runs/service.log 2>&1 &
 STACK=$!
-trap 'echo "stopping the service (a few seconds)"; kill $STACK 2>/dev/null; wait $STACK 2>/dev/null' EXIT
+stop_stack() {  # dev stops its processes on SIGTERM; a busy machine takes a while, said every 10 s
+  echo "stopping the service (a few seconds)"
+  kill "$STACK" 2>/dev/null || return 0
+  local since=$SECONDS tick=10
+  # Until it exits (a zombie has exited: `wait` below reaps it).
+  while case "$(ps -o stat= -p "$STACK" 2>/dev/null)" in "" | Z*) false ;; *) true ;; esac; do
+    sleep 1
+    if [ $((SECONDS - since)) -ge $tick ]; then
+      echo "    ... still stopping: $((SECONDS - since)) s so far (each process finishes what it was doing)"
+      tick=$((tick + 10))
+    fi
+  done
+  wait "$STACK" 2>/dev/null || true
+}
+trap stop_stack EXIT
 
 fail() {  # the reason, then the end of the stack's log, where the cause is
   echo "error: $1" >&2
@@ -289,9 +303,7 @@ if [ "$MODE" = record ]; then
 fi
 
 trap - EXIT
-echo "stopping the service (a few seconds)"
-kill "$STACK" 2>/dev/null || true
-wait "$STACK" 2>/dev/null || true
+stop_stack
 # The command that brings it back names the settings this run was given (and the port it used).
 SERVE="bash $(printf %q "$INVOKED_AS") --serve"
 [ "$PORT" = 8000 ] || SERVE="W2S_PORT=$PORT $SERVE"
