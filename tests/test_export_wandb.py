@@ -7,6 +7,7 @@ the API key is written nowhere."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -152,6 +153,40 @@ def test_w2s_run_writes_offline_wandb_runs(
     assert (
         "student.xent.accuracy" in by_type["results"].summary and "results.json" in by_type["results"].files
     )
+
+
+def wandb_core_children() -> list[int]:
+    """The wandb-core service processes this process started and that still run."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, rest = stat.read_text().split(" (", 1)
+        except OSError:  # it ended meanwhile
+            continue
+        command, fields = rest.rsplit(") ", 1)
+        if command == "wandb-core" and int(fields.split()[1]) == os.getpid():
+            found.append(int(pid))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads processes from /proc (Linux)")
+def test_every_run_is_written_out_when_the_export_returns(tmp_path: Path) -> None:
+    """wandb-core writes a run's file (its transaction log) out only as it closes the run's stream,
+    which happens after ``run.finish()`` has returned: read at once, `w2s run`'s last run once held no
+    records under load (``run`` None). The export waits for W&B's service to close every stream and
+    exit, so each folder it returns is complete whatever the machine's load."""
+    exported = export_to_wandb(
+        fixture.build_job(None),
+        project="w2s-test",
+        entity=None,
+        mode="offline",
+        directory=tmp_path,
+        api_key=None,
+    )
+    assert wandb_core_children() == [], "W&B's service still runs: the runs' files may not be written yet"
+    for folder in exported.run_dirs:
+        run = read_run(folder)
+        assert run.run is not None and run.exit_code is not None, f"{folder.name}: incomplete"
 
 
 def test_online_requests_and_a_runs_end_are_bounded() -> None:

@@ -48,7 +48,7 @@ def export_to_wandb(
 ) -> ExportedRun:
     """Send one job to W&B ``entity``/``project`` as one run per stage and a results run, grouped by
     the job; returns the results run's id and link (online) and every run's folder under
-    ``directory`` (offline: what ``wandb sync`` uploads).
+    ``directory`` (offline: what ``wandb sync`` uploads), each complete once this returns.
 
     With a job id, run ids are derived from it, so exporting the job again online resumes the same
     runs (W&B keeps history steps it already has, and config and summary take the new values)
@@ -57,6 +57,15 @@ def export_to_wandb(
     ``request_retries`` bound each request to W&B (GraphQL, file stream, file uploads) and a run's
     start and end, so a server that never answers fails this call in bounded time instead of
     holding it (W&B's own defaults retry for many minutes, and a run's end waits for its uploads).
+
+    W&B's process-wide state (its settings and its wandb-core service process) is set up for the
+    export and torn down after it: wandb-core writes a run's transaction log (the ``.wandb`` file
+    that ``wandb sync`` reads) out only when it closes the run's stream, which happens after
+    ``run.finish()`` has returned, and teardown waits until every stream is closed. Without it the
+    last run's file could still be empty when this returned (seen under load), and W&B's own
+    teardown at exit is unreliable under multiprocessing (Celery's pool), W&B says. Each export also
+    starts from its own settings (mode) instead of the first export's in this process. So this is
+    not for a process with W&B runs of its own open: the teardown would finish them.
     """
     try:
         import wandb
@@ -66,10 +75,47 @@ def export_to_wandb(
         ) from error
     if mode not in ("online", "offline"):
         raise ValueError(f"mode must be online or offline, not {mode!r}")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     # Process-wide settings, read by W&B's own telemetry: offline, it must not probe the server.
     wandb.setup(settings=wandb.Settings(mode=mode, silent=True))
+    try:
+        return _export_runs(
+            wandb,
+            export,
+            project=project,
+            entity=entity,
+            mode=mode,
+            directory=Path(directory),
+            api_key=api_key,
+            request_timeout_s=request_timeout_s,
+            request_retries=request_retries,
+        )
+    finally:
+        _teardown(wandb)
+
+
+def _teardown(wandb: Any) -> None:
+    """Wait for wandb-core to write out and close every run's files, then stop it."""
+    try:
+        wandb.teardown()
+    except SystemExit as exit_:  # W&B exits the process when its service ended badly: fail the export
+        raise RuntimeError(
+            f"W&B's service process exited with code {exit_.code}: the runs' files may be incomplete"
+        ) from None
+
+
+def _export_runs(
+    wandb: Any,
+    export: JobExport,
+    *,
+    project: str,
+    entity: str | None,
+    mode: Literal["online", "offline"],
+    directory: Path,
+    api_key: str | None,
+    request_timeout_s: float | None,
+    request_retries: int | None,
+) -> ExportedRun:
+    directory.mkdir(parents=True, exist_ok=True)
     bounds = request_bounds(request_timeout_s, request_retries) if mode == "online" else {}
 
     config = _nested(export.params)
